@@ -1,0 +1,181 @@
+//! Everything that makes `dsu` exit non-zero, and the exit code of each (`docs/cli.md`).
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dsu_agent::control::ControlError;
+use dsu_agent::report::{Outcome, PROTOCOL_VERSION};
+
+/// Exit codes, as documented in `docs/cli.md`. Clap exits with 2 on its own for usage errors.
+pub mod exit {
+    pub const REFUSED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const TIMED_OUT: u8 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    // Exit 2: the command line names something unusable; nothing was sent.
+    #[error("cannot read patch {}: {source}", .path.display())]
+    ReadPatch {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} is not an ELF file (it does not start with \\x7fELF); a patch is an object file as \
+         `cc -c -fPIC` or `rustc --emit=obj` writes it",
+        .path.display()
+    )]
+    NotElf { path: PathBuf },
+    #[error("patch {} is over the limit of {limit} bytes", .path.display())]
+    PatchTooLarge { path: PathBuf, limit: u64 },
+
+    // Exit 3: the process or its agent cannot be reached.
+    #[error("no such process {pid}")]
+    NoProcess { pid: u32 },
+    #[error("cannot read {}: {source}{hint}", .path.display())]
+    Proc {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+        /// Advice for a permission error, empty otherwise.
+        hint: &'static str,
+    },
+    #[error("cannot understand {}: {reason}", .path.display())]
+    ProcFormat { path: PathBuf, reason: String },
+    #[error(
+        "process {pid} has no dsu agent (no {}); link dsu-agent or start it with \
+         LD_PRELOAD=libdsu_agent.so, or pass --control-dir if its agent uses another directory",
+        .path.display()
+    )]
+    NoAgent { pid: u32, path: PathBuf },
+    #[error(transparent)]
+    ControlDir(#[from] ControlError),
+    #[error("{} is malformed: {reason}", .path.display())]
+    BadAgentInfo { path: PathBuf, reason: String },
+    #[error(
+        "agent of process {pid} speaks control protocol {found}, this dsu speaks \
+         {PROTOCOL_VERSION}; use the dsu that matches its dsu-agent"
+    )]
+    Protocol { pid: u32, found: u32 },
+    #[error(
+        "{} names process {found}, not {pid}: it is stale or belongs to another process; \
+         remove it or pass the right --control-dir",
+        .path.display()
+    )]
+    OtherProcess { path: PathBuf, found: u32, pid: u32 },
+    #[error(
+        "{} was written by an earlier process that also had pid {pid}; process {pid} has no \
+         dsu agent of its own",
+        .path.display()
+    )]
+    EarlierProcess { path: PathBuf, pid: u32 },
+    #[error(
+        "process {pid} neither handles nor ignores signal {signal}: sending it would kill the \
+         process, so nothing was sent; is its dsu agent installed?"
+    )]
+    SignalUnhandled { pid: u32, signal: i32 },
+    #[error("cannot signal process {pid}: {source}")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("process {pid} exited before its agent answered")]
+    Exited { pid: u32 },
+
+    // Exit 1: the agent answered, and not with "applied".
+    #[error("{}", agent_message(.outcome))]
+    Agent { outcome: Box<Outcome> },
+
+    // Exit 4: no answer in time.
+    #[error(
+        "timed out after {:.1}s waiting for process {pid} to answer; {}",
+        .waited.as_secs_f64(),
+        if *.withdrawn {
+            "the request was withdrawn before the agent took it: nothing changed"
+        } else {
+            "the agent took the request and may still act on it: check `dsu status`"
+        }
+    )]
+    TimedOut {
+        pid: u32,
+        waited: Duration,
+        withdrawn: bool,
+    },
+    #[error("timed out waiting for another dsu command that holds {}", .path.display())]
+    LockTimedOut { path: PathBuf },
+
+    #[error("inspect is not implemented yet")]
+    NotImplemented,
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::ReadPatch { .. }
+            | CliError::NotElf { .. }
+            | CliError::PatchTooLarge { .. } => exit::USAGE,
+            CliError::NoProcess { .. }
+            | CliError::Proc { .. }
+            | CliError::ProcFormat { .. }
+            | CliError::NoAgent { .. }
+            | CliError::ControlDir(_)
+            | CliError::BadAgentInfo { .. }
+            | CliError::Protocol { .. }
+            | CliError::OtherProcess { .. }
+            | CliError::EarlierProcess { .. }
+            | CliError::SignalUnhandled { .. }
+            | CliError::Signal { .. }
+            | CliError::Exited { .. } => exit::UNREACHABLE,
+            CliError::Agent { .. } | CliError::NotImplemented => exit::REFUSED,
+            CliError::TimedOut { .. } | CliError::LockTimedOut { .. } => exit::TIMED_OUT,
+        }
+    }
+
+    /// The one line `dsu` prints on stderr, after `dsu: `.
+    pub fn one_line(&self) -> String {
+        one_line(&self.to_string())
+    }
+
+    /// A `/proc` read error, with advice when it is a permission problem.
+    pub fn proc(path: PathBuf, source: io::Error) -> CliError {
+        let hint = if source.kind() == io::ErrorKind::PermissionDenied {
+            "; run dsu as the process's user or as root"
+        } else {
+            ""
+        };
+        CliError::Proc { path, source, hint }
+    }
+}
+
+fn agent_message(outcome: &Outcome) -> String {
+    match &outcome.error {
+        Some(error) => format!("{}: {error}", outcome.outcome.as_str()),
+        None => format!("{} {} by the agent", outcome.op, outcome.outcome.as_str()),
+    }
+}
+
+/// Folds a message onto one line: the agent's errors are text we did not write.
+pub fn one_line(text: &str) -> String {
+    text.trim()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_line_messages_become_one_line() {
+        assert_eq!(one_line("a\n  b\n\nc\n"), "a; b; c");
+        assert_eq!(one_line("single"), "single");
+    }
+}

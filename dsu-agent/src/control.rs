@@ -1,0 +1,1057 @@
+//! The control directory: where the agent and the `dsu` command meet.
+//!
+//! Everything an operator does reaches the agent through files in one directory per process
+//! (protocol version 1, `docs/control-protocol.md`):
+//!
+//! - `agent.json`, written at install ([`ControlDir::write_agent_info`]), says an agent listens;
+//! - a raw trigger is a file `patch` plus the trigger signal;
+//! - `dsu` writes `request.json` (a [`RequestFile`]) next to the patch, then signals;
+//! - the agent answers every request in `result.json` ([`ControlDir::write_result`]).
+//!
+//! The directory is the only authentication there is: whoever can write into it can make the
+//! process run code. So it must belong to the process's user and be writable by nobody else,
+//! and its parent must not let anyone else replace it; [`verify_dir`] checks that before each
+//! request, the way tmux checks its socket directory.
+//!
+//! Each input is claimed with a `rename(2)` into `consumed/` before it is read: a rename either
+//! moves the file or finds it gone, so a repeated signal can never apply the same patch twice,
+//! and what is read is exactly what was claimed.
+//!
+//! This module does file I/O only and runs on the agent thread, never while threads are
+//! stopped. The `dsu` command reuses its path rules, checks and wire types.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::report::{AgentInfo, Outcome, PROTOCOL_VERSION, Status};
+
+/// Written by the agent at install.
+pub const AGENT_FILE: &str = "agent.json";
+/// The raw-trigger patch file, and the file `dsu apply` writes the patch to.
+pub const PATCH_FILE: &str = "patch";
+/// A request from `dsu`.
+pub const REQUEST_FILE: &str = "request.json";
+/// The agent's answer to the last request.
+pub const RESULT_FILE: &str = "result.json";
+/// `flock`ed by `dsu` to serialise concurrent commands; the agent never touches it.
+pub const LOCK_FILE: &str = "lock";
+/// Where claimed inputs are kept: `<seq>.patch` and `<seq>.request.json`.
+pub const CONSUMED_DIR: &str = "consumed";
+
+/// Largest patch the agent (and `dsu`) accepts. Far above any real patch; it bounds the
+/// memory a stray file can make the agent allocate.
+pub const MAX_PATCH_SIZE: u64 = 64 << 20;
+/// Largest `request.json` accepted.
+pub const MAX_REQUEST_SIZE: u64 = 64 << 10;
+
+/// Names a request may not use as its patch `file`: moving them into `consumed/` would break
+/// the directory.
+const RESERVED: [&str; 5] = [AGENT_FILE, REQUEST_FILE, RESULT_FILE, LOCK_FILE, CONSUMED_DIR];
+
+/// Directory mode bits that let group or others create, rename or delete entries.
+const GROUP_OTHER_WRITE: u32 = 0o022;
+const STICKY: u32 = 0o1000;
+
+/// Why the control directory or a request in it was refused.
+///
+/// The first group (directory errors) means the directory cannot be trusted: the agent
+/// reports them in its log, never in the directory. The rest concern one request and are
+/// answered in `result.json`; [`ControlError::outcome`] builds that answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create control directory {}: {source}", .path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot inspect control directory {}: {source}", .path.display())]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "control directory {} is a {found}, not a directory; remove it or set DSU_CONTROL_DIR \
+         to another path",
+        .path.display()
+    )]
+    NotADirectory { path: PathBuf, found: &'static str },
+    #[error(
+        "control directory {} is owned by uid {found}, not uid {expected}; remove it, or set \
+         DSU_CONTROL_DIR to a directory uid {expected} owns",
+        .path.display()
+    )]
+    WrongOwner {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error(
+        "control directory {p} has mode {mode:04o}: group or others can write it and so make \
+         the process run their code; run `chmod 700 {p}`",
+        p = .path.display()
+    )]
+    InsecureMode { path: PathBuf, mode: u32 },
+    #[error(
+        "control directory {} is inside {} (owner uid {owner}, mode {mode:04o}), which others \
+         can write without the sticky bit, so they could replace it; choose a directory whose \
+         parent only its owner or root can write (set DSU_CONTROL_DIR)",
+        .path.display(), .parent.display()
+    )]
+    InsecureParent {
+        path: PathBuf,
+        parent: PathBuf,
+        owner: u32,
+        mode: u32,
+    },
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("malformed request {}: {reason}", .path.display())]
+    MalformedRequest {
+        path: PathBuf,
+        /// The request's `id` if it could be read, so the answer still reaches `dsu`.
+        request: Option<String>,
+        /// The request's `op` if it could be read.
+        op: Option<String>,
+        reason: String,
+    },
+    #[error("patch file {} does not exist; write the patch there before signalling", .path.display())]
+    MissingPatch {
+        path: PathBuf,
+        request: Option<String>,
+    },
+    #[error("{} is {size} bytes, over the limit of {limit} bytes", .path.display())]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+        request: Option<String>,
+    },
+    #[error("cannot read patch {}: {source}", .path.display())]
+    ReadPatch {
+        path: PathBuf,
+        request: Option<String>,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ControlError {
+    /// The `id` of the request this error answers, if it is known.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            ControlError::MalformedRequest { request, .. }
+            | ControlError::MissingPatch { request, .. }
+            | ControlError::TooLarge { request, .. }
+            | ControlError::ReadPatch { request, .. } => request.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The operation the failed request asked for, `"unknown"` when it could not be read.
+    pub fn op(&self) -> &str {
+        match self {
+            ControlError::MalformedRequest { op: Some(op), .. } => op,
+            ControlError::MissingPatch { .. }
+            | ControlError::TooLarge { .. }
+            | ControlError::ReadPatch { .. } => "apply",
+            _ => "unknown",
+        }
+    }
+
+    /// The `result.json` answer to this error for request number `seq`, or `None` for a
+    /// directory error: an untrusted directory gets no answer written into it.
+    pub fn outcome(&self, seq: u64) -> Option<Outcome> {
+        let status = match self {
+            ControlError::Create { .. }
+            | ControlError::Inspect { .. }
+            | ControlError::NotADirectory { .. }
+            | ControlError::WrongOwner { .. }
+            | ControlError::InsecureMode { .. }
+            | ControlError::InsecureParent { .. } => return None,
+            ControlError::MalformedRequest { .. }
+            | ControlError::MissingPatch { .. }
+            | ControlError::TooLarge { .. } => Status::Refused,
+            ControlError::Io { .. } | ControlError::ReadPatch { .. } => Status::Failed,
+        };
+        Some(Outcome {
+            seq,
+            request: self.request_id().map(str::to_owned),
+            op: self.op().to_owned(),
+            outcome: status,
+            error: Some(self.to_string()),
+            attempts: 0,
+            elapsed_us: 0,
+            functions: Vec::new(),
+        })
+    }
+}
+
+/// `request.json` as `dsu` writes it. `timeout_ms` applies to any operation; the others are in
+/// [`RequestOp`], flattened so the file reads `{"id":..,"op":"apply","file":..}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFile {
+    /// Unique per request; echoed as `request` in `result.json`.
+    pub id: String,
+    #[serde(flatten)]
+    pub op: RequestOp,
+    /// How long the agent may keep retrying; absent means the agent's default policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The operation part of a [`RequestFile`], tagged by `"op"`. New operations are new variants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum RequestOp {
+    /// Apply the patch in `file`, a plain file name in the control directory.
+    Apply { file: String },
+    /// Revert patch `patch_id` (a `seq`), or the newest one when `null`.
+    Revert {
+        #[serde(default)]
+        patch_id: Option<u64>,
+    },
+    /// Report what is applied.
+    Status,
+}
+
+/// A request claimed from the directory, ready for the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `id` from `request.json`; `None` for a raw trigger.
+    pub id: Option<String>,
+    pub op: Op,
+}
+
+/// What a [`Request`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Apply {
+        /// The patch file's contents.
+        bytes: Vec<u8>,
+        /// Where the patch file now lies: `consumed/<seq>.patch`.
+        file: PathBuf,
+        /// From `timeout_ms`; `None` means the default policy (always so for a raw trigger).
+        timeout: Option<Duration>,
+    },
+    Revert {
+        patch_id: Option<u64>,
+        timeout: Option<Duration>,
+    },
+    Status,
+}
+
+impl Op {
+    /// The name used for `op` in `result.json`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Apply { .. } => "apply",
+            Op::Revert { .. } => "revert",
+            Op::Status => "status",
+        }
+    }
+}
+
+/// A verified control directory owned by this process's user.
+#[derive(Debug, Clone)]
+pub struct ControlDir {
+    path: PathBuf,
+    owner: u32,
+}
+
+impl ControlDir {
+    /// The control directory for process `pid` by this process's environment and effective
+    /// uid (see [`ControlDir::resolve_with`]), made absolute against the current directory so
+    /// a relative `DSU_CONTROL_DIR` keeps meaning the same place after a `chdir`.
+    pub fn resolve(pid: u32) -> PathBuf {
+        let path = Self::resolve_with(|name| std::env::var_os(name), pid, effective_uid());
+        std::path::absolute(&path).unwrap_or(path)
+    }
+
+    /// The control directory rule, with the environment given as a lookup function so that
+    /// `dsu` can apply it to another process's environment:
+    /// `$DSU_CONTROL_DIR` if set, else `$XDG_RUNTIME_DIR/dsu/<pid>`, else `/tmp/dsu-<uid>/<pid>`.
+    /// Empty values count as unset, and a relative `XDG_RUNTIME_DIR` is ignored, as the XDG
+    /// base directory specification asks.
+    pub fn resolve_with(env: impl Fn(&str) -> Option<OsString>, pid: u32, uid: u32) -> PathBuf {
+        let var = |name| env(name).filter(|value: &OsString| !value.is_empty());
+        if let Some(dir) = var("DSU_CONTROL_DIR") {
+            return PathBuf::from(dir);
+        }
+        if let Some(runtime) = var("XDG_RUNTIME_DIR").map(PathBuf::from)
+            && runtime.is_absolute()
+        {
+            return runtime.join("dsu").join(pid.to_string());
+        }
+        PathBuf::from(format!("/tmp/dsu-{uid}")).join(pid.to_string())
+    }
+
+    /// Creates `path` (and missing parents) with mode 0700, or opens it if it exists, then
+    /// checks it with [`verify_dir`] against this process's effective uid.
+    pub fn open_or_create(path: impl Into<PathBuf>) -> Result<ControlDir, ControlError> {
+        let path = path.into();
+        let owner = effective_uid();
+        if let Err(source) = fs::DirBuilder::new().recursive(true).mode(0o700).create(&path) {
+            // Something already there that is not a directory gets the precise refusal
+            // from verify_dir; anything else is a creation failure.
+            if fs::symlink_metadata(&path).is_err() {
+                return Err(ControlError::Create { path, source });
+            }
+        }
+        verify_dir(&path, owner)?;
+        let consumed = path.join(CONSUMED_DIR);
+        match fs::DirBuilder::new().mode(0o700).create(&consumed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(ControlError::Create { path: consumed, source }),
+        }
+        Ok(ControlDir { path, owner })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks owner and mode again. [`ControlDir::take_request`] does so itself; this is for
+    /// callers that want to check at other times.
+    pub fn recheck(&self) -> Result<(), ControlError> {
+        verify_dir(&self.path, self.owner)
+    }
+
+    /// Writes `agent.json` for this process with trigger signal `signal`. Called once at
+    /// install; it first removes a `request.json` and `result.json` that a previous process
+    /// with the same pid (or the same `DSU_CONTROL_DIR`) left, so that neither is mistaken
+    /// for this agent's.
+    pub fn write_agent_info(&self, signal: i32) -> Result<(), ControlError> {
+        for stale in [REQUEST_FILE, RESULT_FILE] {
+            remove_if_exists(&self.path.join(stale))?;
+        }
+        let info = AgentInfo {
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            signal,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            start_time: fs::read_to_string("/proc/self/stat")
+                .ok()
+                .and_then(|stat| parse_start_time(&stat)),
+        };
+        write_json(&self.path, AGENT_FILE, &info, None)
+    }
+
+    /// Claims the next request, if any, as request number `seq` (use a new `seq` after each
+    /// `Ok(Some(_))` or `Err(_)`; it names the files in `consumed/`).
+    ///
+    /// `request.json` comes first; without one, a `patch` file is a raw apply request. The
+    /// input is renamed into `consumed/` before it is read, so calling this again (say, for a
+    /// repeated signal) returns `Ok(None)` instead of the same request.
+    pub fn take_request(&self, seq: u64) -> Result<Option<Request>, ControlError> {
+        self.recheck()?;
+        let request_path = self.path.join(REQUEST_FILE);
+        let claimed = self.consumed(seq, "request.json");
+        match fs::rename(&request_path, &claimed) {
+            Ok(()) => self.read_request(&claimed, seq).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A raw trigger: no id, and the engine's default policy.
+                match self.claim_patch(PATCH_FILE, seq, None, None) {
+                    Err(ControlError::MissingPatch { .. }) => Ok(None),
+                    other => other.map(Some),
+                }
+            }
+            Err(source) => Err(ControlError::Io {
+                action: "claim request",
+                path: request_path,
+                source,
+            }),
+        }
+    }
+
+    /// Writes `result.json` atomically: `dsu` never sees a half-written answer.
+    pub fn write_result(&self, outcome: &Outcome) -> Result<(), ControlError> {
+        write_json(&self.path, RESULT_FILE, outcome, None)
+    }
+
+    fn consumed(&self, seq: u64, suffix: &str) -> PathBuf {
+        self.path.join(CONSUMED_DIR).join(format!("{seq}.{suffix}"))
+    }
+
+    fn read_request(&self, claimed: &Path, seq: u64) -> Result<Request, ControlError> {
+        let bytes = read_limited(claimed, MAX_REQUEST_SIZE).map_err(|e| match e {
+            Limited::TooLarge(size) => ControlError::TooLarge {
+                path: claimed.to_owned(),
+                size,
+                limit: MAX_REQUEST_SIZE,
+                request: None,
+            },
+            Limited::Io(source) => ControlError::Io {
+                action: "read request",
+                path: claimed.to_owned(),
+                source,
+            },
+        })?;
+        let request: RequestFile = serde_json::from_slice(&bytes).map_err(|e| {
+            // Recover id and op if the document is JSON at all, so the refusal reaches the
+            // `dsu` waiting for it instead of leaving it to time out.
+            let loose: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+            let field = |name: &str| {
+                loose
+                    .as_ref()
+                    .and_then(|v| v.get(name))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            };
+            ControlError::MalformedRequest {
+                path: claimed.to_owned(),
+                request: field("id"),
+                op: field("op"),
+                reason: e.to_string(),
+            }
+        })?;
+        let timeout = request.timeout_ms.map(Duration::from_millis);
+        let op = match request.op {
+            RequestOp::Apply { file } => {
+                return self.claim_patch(&file, seq, Some(request.id), timeout);
+            }
+            RequestOp::Revert { patch_id } => Op::Revert { patch_id, timeout },
+            RequestOp::Status => Op::Status,
+        };
+        Ok(Request {
+            id: Some(request.id),
+            op,
+        })
+    }
+
+    /// Moves patch `file` to `consumed/<seq>.patch` and reads it from there.
+    fn claim_patch(
+        &self,
+        file: &str,
+        seq: u64,
+        id: Option<String>,
+        timeout: Option<Duration>,
+    ) -> Result<Request, ControlError> {
+        if !is_plain_name(file) {
+            return Err(ControlError::MalformedRequest {
+                path: self.path.join(REQUEST_FILE),
+                request: id,
+                op: Some("apply".to_owned()),
+                reason: format!(
+                    "\"file\" is {file:?}; it must be a plain file name in the control directory \
+                     other than {RESERVED:?}"
+                ),
+            });
+        }
+        let source = self.path.join(file);
+        let claimed = self.consumed(seq, "patch");
+        if let Err(e) = fs::rename(&source, &claimed) {
+            return Err(if e.kind() == io::ErrorKind::NotFound {
+                ControlError::MissingPatch {
+                    path: source,
+                    request: id,
+                }
+            } else {
+                ControlError::ReadPatch {
+                    path: source,
+                    request: id,
+                    source: e,
+                }
+            });
+        }
+        let bytes = match read_limited(&claimed, MAX_PATCH_SIZE) {
+            Ok(bytes) => bytes,
+            Err(Limited::TooLarge(size)) => {
+                return Err(ControlError::TooLarge {
+                    path: claimed,
+                    size,
+                    limit: MAX_PATCH_SIZE,
+                    request: id,
+                });
+            }
+            Err(Limited::Io(source)) => {
+                return Err(ControlError::ReadPatch {
+                    path: claimed,
+                    request: id,
+                    source,
+                });
+            }
+        };
+        Ok(Request {
+            id,
+            op: Op::Apply {
+                bytes,
+                file: claimed,
+                timeout,
+            },
+        })
+    }
+}
+
+/// Checks that `path` is a directory owned by `owner`, not writable by group or others, in a
+/// parent that nobody but its owner (`owner` or root) can rename entries of. The last
+/// condition allows `/tmp` (sticky) and refuses a world-writable parent without the sticky
+/// bit, where anyone could swap the directory for their own.
+///
+/// `path` itself is not followed if it is a symbolic link (refused as not a directory);
+/// its parent is, so that `/var/run -> /run` style links keep working.
+pub fn verify_dir(path: &Path, owner: u32) -> Result<(), ControlError> {
+    let meta = fs::symlink_metadata(path).map_err(|source| ControlError::Inspect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file_type = meta.file_type();
+    if !file_type.is_dir() {
+        let found = if file_type.is_symlink() {
+            "symbolic link"
+        } else {
+            "file"
+        };
+        return Err(ControlError::NotADirectory {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    if meta.uid() != owner {
+        return Err(ControlError::WrongOwner {
+            path: path.to_owned(),
+            found: meta.uid(),
+            expected: owner,
+        });
+    }
+    if meta.mode() & GROUP_OTHER_WRITE != 0 {
+        return Err(ControlError::InsecureMode {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let parent_meta = fs::metadata(parent).map_err(|source| ControlError::Inspect {
+        path: parent.to_owned(),
+        source,
+    })?;
+    let parent_mode = parent_meta.mode();
+    let trusted_owner = parent_meta.uid() == owner || parent_meta.uid() == 0;
+    let others_can_swap = parent_mode & GROUP_OTHER_WRITE != 0 && parent_mode & STICKY == 0;
+    if !trusted_owner || others_can_swap {
+        return Err(ControlError::InsecureParent {
+            path: path.to_owned(),
+            parent: parent.to_owned(),
+            owner: parent_meta.uid(),
+            mode: parent_mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Writes `dir/name` atomically: to a new temporary file (mode 0600, refusing to follow or
+/// reuse anything already there) that is then renamed over `name`. With `chown`, the file is
+/// given to that (uid, gid) first: `dsu` run as root uses it so that files it leaves stay
+/// readable by the target process's user.
+pub fn write_atomic(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    chown: Option<(u32, u32)>,
+) -> Result<(), ControlError> {
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let target = dir.join(name);
+    let io_error = |action, path: &Path| {
+        let path = path.to_owned();
+        move |source| ControlError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    remove_if_exists(&temp)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .map_err(io_error("create", &temp))?;
+    let written = file.write_all(bytes).and_then(|()| match chown {
+        Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid)),
+        None => Ok(()),
+    });
+    drop(file);
+    if let Err(e) = written.and_then(|()| fs::rename(&temp, &target)) {
+        let _ = fs::remove_file(&temp);
+        return Err(io_error("write", &target)(e));
+    }
+    Ok(())
+}
+
+/// [`write_atomic`] of `value` as pretty JSON with a final newline.
+pub fn write_json<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+    chown: Option<(u32, u32)>,
+) -> Result<(), ControlError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| ControlError::Io {
+        action: "serialise",
+        path: dir.join(name),
+        source: e.into(),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(dir, name, &bytes, chown)
+}
+
+/// The start time (clock ticks since boot) from the text of a `/proc/<pid>/stat` file: field
+/// 22, counted after the `)` that closes the command name, which may itself hold spaces and
+/// parentheses.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Fields after the name start with field 3 (state); field 22 is the 20th of them.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True for a single normal path component that names no file the protocol itself uses.
+fn is_plain_name(file: &str) -> bool {
+    let mut components = Path::new(file).components();
+    matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(_)), None)
+    ) && !file.contains('/')
+        && !RESERVED.contains(&file)
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), ControlError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ControlError::Io {
+            action: "remove",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+enum Limited {
+    TooLarge(u64),
+    Io(io::Error),
+}
+
+/// Reads a regular file of at most `limit` bytes, without following a symbolic link.
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, Limited> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(Limited::Io)?;
+    let size = file.metadata().map_err(Limited::Io)?.len();
+    if size > limit {
+        return Err(Limited::TooLarge(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    // `take` bounds the read even if the file grew after the size check.
+    File::take(file, limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Limited::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(Limited::TooLarge(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Scratch {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "dsu-control-test-{}-{n}",
+                std::process::id()
+            ));
+            let _ = fs::remove_dir_all(&path);
+            fs::DirBuilder::new().mode(0o700).create(&path).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn open(scratch: &Scratch) -> ControlDir {
+        ControlDir::open_or_create(scratch.0.join("ctl")).unwrap()
+    }
+
+    #[test]
+    fn resolve_with_prefers_dsu_control_dir_then_xdg_then_tmp() {
+        let all = env(&[("DSU_CONTROL_DIR", "/srv/ctl"), ("XDG_RUNTIME_DIR", "/run/user/7")]);
+        assert_eq!(ControlDir::resolve_with(all, 42, 7), Path::new("/srv/ctl"));
+        let xdg = env(&[("XDG_RUNTIME_DIR", "/run/user/7")]);
+        assert_eq!(
+            ControlDir::resolve_with(xdg, 42, 7),
+            Path::new("/run/user/7/dsu/42")
+        );
+        assert_eq!(
+            ControlDir::resolve_with(env(&[]), 42, 7),
+            Path::new("/tmp/dsu-7/42")
+        );
+    }
+
+    #[test]
+    fn resolve_with_ignores_empty_values_and_relative_xdg() {
+        let empty = env(&[("DSU_CONTROL_DIR", ""), ("XDG_RUNTIME_DIR", "")]);
+        assert_eq!(
+            ControlDir::resolve_with(empty, 1, 0),
+            Path::new("/tmp/dsu-0/1")
+        );
+        let relative = env(&[("XDG_RUNTIME_DIR", "run")]);
+        assert_eq!(
+            ControlDir::resolve_with(relative, 1, 0),
+            Path::new("/tmp/dsu-0/1")
+        );
+    }
+
+    #[test]
+    fn open_or_create_makes_the_directory_and_parents_0700() {
+        let scratch = Scratch::new();
+        let path = scratch.0.join("dsu-1000").join("42");
+        let dir = ControlDir::open_or_create(&path).unwrap();
+        assert_eq!(dir.path(), path);
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&scratch.0.join("dsu-1000")), 0o700);
+        assert_eq!(mode(&path.join(CONSUMED_DIR)), 0o700);
+        // Opening again is fine.
+        ControlDir::open_or_create(&path).unwrap();
+    }
+
+    #[test]
+    fn a_directory_writable_by_group_or_others_is_refused() {
+        let scratch = Scratch::new();
+        let path = scratch.0.join("ctl");
+        for bad in [0o777, 0o720, 0o702] {
+            fs::DirBuilder::new().mode(0o700).create(&path).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(bad)).unwrap();
+            let err = ControlDir::open_or_create(&path).unwrap_err();
+            assert!(
+                matches!(err, ControlError::InsecureMode { mode, .. } if mode == bad),
+                "{err}"
+            );
+            let message = err.to_string();
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert!(message.contains("chmod 700"), "{message}");
+            assert!(err.outcome(1).is_none());
+            fs::remove_dir(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_directory_that_turns_insecure_is_refused_at_the_next_request() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        fs::write(dir.path().join(PATCH_FILE), b"\x7fELF").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            dir.take_request(1),
+            Err(ControlError::InsecureMode { .. })
+        ));
+        // Nothing was claimed.
+        assert!(dir.path().join(PATCH_FILE).exists());
+    }
+
+    #[test]
+    fn a_world_writable_parent_without_sticky_bit_is_refused() {
+        let scratch = Scratch::new();
+        let parent = scratch.0.join("shared");
+        fs::DirBuilder::new().mode(0o700).create(&parent).unwrap();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ControlDir::open_or_create(parent.join("ctl")).unwrap_err();
+        assert!(
+            matches!(err, ControlError::InsecureParent { .. }),
+            "{err}"
+        );
+        // With the sticky bit, as /tmp has it, others cannot rename our entry: accepted.
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o1777)).unwrap();
+        ControlDir::open_or_create(parent.join("ctl")).unwrap();
+    }
+
+    #[test]
+    fn wrong_owner_and_non_directories_are_refused() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        let uid = effective_uid();
+        let err = verify_dir(dir.path(), uid + 1).unwrap_err();
+        assert!(
+            matches!(err, ControlError::WrongOwner { found, expected, .. }
+                if found == uid && expected == uid + 1),
+            "{err}"
+        );
+        let file = scratch.0.join("file");
+        fs::write(&file, b"").unwrap();
+        assert!(matches!(
+            ControlDir::open_or_create(&file),
+            Err(ControlError::NotADirectory { found: "file", .. })
+        ));
+        let link = scratch.0.join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(matches!(
+            ControlDir::open_or_create(&link),
+            Err(ControlError::NotADirectory {
+                found: "symbolic link",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn agent_info_is_written_0600_and_clears_stale_answers() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        fs::write(dir.path().join(RESULT_FILE), b"{}").unwrap();
+        fs::write(dir.path().join(REQUEST_FILE), b"{}").unwrap();
+        dir.write_agent_info(12).unwrap();
+        let path = dir.path().join(AGENT_FILE);
+        assert_eq!(mode(&path), 0o600);
+        let info: AgentInfo = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(info.protocol, 1);
+        assert_eq!(info.pid, std::process::id());
+        assert_eq!(info.signal, 12);
+        assert!(info.start_time.is_some());
+        assert!(!dir.path().join(RESULT_FILE).exists());
+        assert!(!dir.path().join(REQUEST_FILE).exists());
+    }
+
+    #[test]
+    fn a_raw_patch_is_consumed_once() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        assert_eq!(dir.take_request(1).unwrap(), None);
+        fs::write(dir.path().join(PATCH_FILE), b"\x7fELF raw").unwrap();
+        let request = dir.take_request(1).unwrap().unwrap();
+        let consumed = dir.path().join("consumed/1.patch");
+        assert_eq!(
+            request,
+            Request {
+                id: None,
+                op: Op::Apply {
+                    bytes: b"\x7fELF raw".to_vec(),
+                    file: consumed.clone(),
+                    timeout: None,
+                },
+            }
+        );
+        assert!(consumed.exists());
+        assert!(!dir.path().join(PATCH_FILE).exists());
+        // A repeated signal finds nothing to do.
+        assert_eq!(dir.take_request(2).unwrap(), None);
+    }
+
+    fn write_request(dir: &ControlDir, request: &RequestFile) {
+        write_json(dir.path(), REQUEST_FILE, request, None).unwrap();
+    }
+
+    #[test]
+    fn an_apply_request_returns_its_id_bytes_and_timeout() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        write_atomic(dir.path(), PATCH_FILE, b"\x7fELF req", None).unwrap();
+        let file = RequestFile {
+            id: "abc".into(),
+            op: RequestOp::Apply {
+                file: PATCH_FILE.into(),
+            },
+            timeout_ms: Some(1500),
+        };
+        write_request(&dir, &file);
+        let json = fs::read_to_string(dir.path().join(REQUEST_FILE)).unwrap();
+        assert!(json.contains(r#""op": "apply""#), "{json}");
+        let request = dir.take_request(5).unwrap().unwrap();
+        assert_eq!(request.id.as_deref(), Some("abc"));
+        assert_eq!(request.op.name(), "apply");
+        let Op::Apply {
+            bytes,
+            file,
+            timeout,
+        } = request.op
+        else {
+            unreachable!()
+        };
+        assert_eq!(bytes, b"\x7fELF req");
+        assert_eq!(file, dir.path().join("consumed/5.patch"));
+        assert_eq!(timeout, Some(Duration::from_millis(1500)));
+        assert!(dir.path().join("consumed/5.request.json").exists());
+        assert_eq!(dir.take_request(6).unwrap(), None);
+    }
+
+    #[test]
+    fn revert_and_status_requests_parse() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        fs::write(
+            dir.path().join(REQUEST_FILE),
+            r#"{"id":"r","op":"revert","patch_id":null}"#,
+        )
+        .unwrap();
+        let request = dir.take_request(1).unwrap().unwrap();
+        assert_eq!(
+            request.op,
+            Op::Revert {
+                patch_id: None,
+                timeout: None
+            }
+        );
+        fs::write(
+            dir.path().join(REQUEST_FILE),
+            r#"{"id":"s","op":"status","timeout_ms":5}"#,
+        )
+        .unwrap();
+        assert_eq!(dir.take_request(2).unwrap().unwrap().op, Op::Status);
+    }
+
+    #[test]
+    fn a_malformed_request_is_an_error_that_keeps_the_id_when_it_can() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        let cases: [(&str, Option<&str>, &str); 4] = [
+            ("not json", None, "unknown"),
+            (r#"{"id":"x1","op":"frobnicate"}"#, Some("x1"), "frobnicate"),
+            (r#"{"id":"x2","op":"apply"}"#, Some("x2"), "apply"),
+            (r#"{"id":"x3","op":"apply","file":"../etc/passwd"}"#, Some("x3"), "apply"),
+        ];
+        for (seq, (text, id, op)) in (1..).zip(cases) {
+            fs::write(dir.path().join(REQUEST_FILE), text).unwrap();
+            let err = dir.take_request(seq).unwrap_err();
+            assert!(
+                matches!(err, ControlError::MalformedRequest { .. }),
+                "{text}: {err}"
+            );
+            assert_eq!(err.request_id(), id, "{text}");
+            let outcome = err.outcome(seq).unwrap();
+            assert_eq!(outcome.outcome, Status::Refused);
+            assert_eq!(outcome.op, op);
+            assert_eq!(outcome.request.as_deref(), id);
+            // The bad request is gone: the next signal does not report it again.
+            assert!(!dir.path().join(REQUEST_FILE).exists());
+        }
+    }
+
+    #[test]
+    fn reserved_and_nested_file_names_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "/etc/passwd",
+            AGENT_FILE,
+            LOCK_FILE,
+            CONSUMED_DIR,
+        ] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
+        assert!(is_plain_name(PATCH_FILE));
+        assert!(is_plain_name("fix-1.o"));
+    }
+
+    #[test]
+    fn an_apply_request_without_its_patch_names_the_missing_file() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        fs::write(
+            dir.path().join(REQUEST_FILE),
+            r#"{"id":"m","op":"apply","file":"patch"}"#,
+        )
+        .unwrap();
+        let err = dir.take_request(1).unwrap_err();
+        assert!(matches!(err, ControlError::MissingPatch { .. }), "{err}");
+        assert_eq!(err.request_id(), Some("m"));
+        assert_eq!(err.outcome(1).unwrap().op, "apply");
+    }
+
+    #[test]
+    fn an_oversized_patch_is_refused() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        let patch = File::create(dir.path().join(PATCH_FILE)).unwrap();
+        patch.set_len(MAX_PATCH_SIZE + 1).unwrap();
+        let err = dir.take_request(1).unwrap_err();
+        assert!(
+            matches!(err, ControlError::TooLarge { size, .. } if size == MAX_PATCH_SIZE + 1),
+            "{err}"
+        );
+        assert_eq!(err.outcome(1).unwrap().outcome, Status::Refused);
+    }
+
+    #[test]
+    fn results_are_written_atomically_with_mode_0600() {
+        let scratch = Scratch::new();
+        let dir = open(&scratch);
+        let outcome = Outcome {
+            seq: 1,
+            request: Some("id".into()),
+            op: "apply".into(),
+            outcome: Status::Applied,
+            error: None,
+            attempts: 1,
+            elapsed_us: 10,
+            functions: Vec::new(),
+        };
+        dir.write_result(&outcome).unwrap();
+        let path = dir.path().join(RESULT_FILE);
+        assert_eq!(mode(&path), 0o600);
+        let back: Outcome = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, outcome);
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")));
+    }
+
+    #[test]
+    fn start_time_is_field_22_even_with_odd_command_names() {
+        let stat = "1234 (a) b (c)) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 987654 20 21";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("1234 (x) S 1"), None);
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+}

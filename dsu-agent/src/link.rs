@@ -1,0 +1,357 @@
+//! Link: load -> resolve -> place -> relocate, giving new code and data that sit in the
+//! process, fully relocated against it, but that no caller reaches yet.
+//!
+//! [`link_in_process`] is the in-process entry point: tests and programs can call the linked
+//! functions directly, without switching any caller to them.
+
+use std::collections::HashMap;
+
+use dsu_sys::code::CodeWriter;
+use dsu_sys::mem::Mapping;
+use dsu_sys::x86;
+use thiserror::Error;
+
+use crate::load::{self, Definition, LoadError, PatchObject, SectionKind};
+use crate::place::{self, Layout, PlaceError, STUB_LEN};
+use crate::relocate::{self, Form, Inputs, RelocError, RelocProblem};
+use crate::resolve::{self, Resolution, ResolveError, SymbolIndex, Target};
+
+/// Why a patch could not be linked into the process. Nothing of it remains mapped.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    #[error("invalid patch: {0}")]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Relocation(#[from] RelocError),
+    #[error(transparent)]
+    Place(#[from] PlaceError),
+    #[error("cannot write code into the process: {0}")]
+    CodeWriter(std::io::Error),
+}
+
+/// A replaced function and where its new version lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedTarget {
+    pub target: Target,
+    pub new_address: usize,
+    pub new_size: u64,
+}
+
+/// A function of the linked patch, for profilers and debuggers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedFunction {
+    pub name: String,
+    pub address: usize,
+    pub size: u64,
+}
+
+/// A patch mapped and relocated in this process. Dropping it unmaps the image: only drop it
+/// while nothing can run or reference its code (the engine keeps applied patches forever, or
+/// until reverted).
+#[derive(Debug)]
+pub struct LinkedPatch {
+    mapping: Mapping,
+    pub layout: Layout,
+    pub targets: Vec<LinkedTarget>,
+    /// Global functions of the patch that replace nothing.
+    pub added: Vec<String>,
+    pub functions: Vec<LinkedFunction>,
+    /// `.eh_frame` sections of the image: (address, length).
+    pub eh_frames: Vec<(usize, usize)>,
+    symbols: HashMap<String, usize>,
+}
+
+impl LinkedPatch {
+    /// Address of a named symbol defined by the patch.
+    pub fn symbol(&self, name: &str) -> Option<usize> {
+        self.symbols.get(name).copied()
+    }
+
+    /// The image's address range.
+    pub fn image(&self) -> (usize, usize) {
+        (self.mapping.addr(), self.mapping.len())
+    }
+
+    /// The code part's address range.
+    pub fn code_range(&self) -> (usize, usize) {
+        (self.mapping.addr(), self.mapping.addr() + self.layout.exec_end)
+    }
+
+    /// Gives up ownership of the image, which then stays mapped; returns its range.
+    pub fn into_raw(self) -> (usize, usize) {
+        self.mapping.leak()
+    }
+}
+
+/// Links `bytes` against this process, building the symbol index and code writer itself.
+pub fn link_in_process(bytes: &[u8]) -> Result<LinkedPatch, LinkError> {
+    let index = SymbolIndex::of_process()?;
+    let writer = CodeWriter::open().map_err(LinkError::CodeWriter)?;
+    link(bytes, &index, &writer)
+}
+
+/// Links `bytes` against the process described by `index`.
+pub fn link(
+    bytes: &[u8],
+    index: &SymbolIndex,
+    writer: &CodeWriter,
+) -> Result<LinkedPatch, LinkError> {
+    let patch = load::parse(bytes)?;
+    let resolution = resolve::resolve(&patch, index)?;
+    let plan = Plan::new(&patch, &resolution)?;
+
+    let page = dsu_sys::mem::page_size();
+    let layout = place::layout(&patch, plan.got.len(), plan.stubs.len(), page);
+    let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
+    let mapping = place::map_image(&layout, anchor, reach)?;
+    let base = mapping.addr();
+
+    let addresses = symbol_addresses(&patch, &resolution, &layout, base);
+    let mut image = vec![0u8; layout.size];
+    for s in &patch.sections {
+        if s.kind != SectionKind::Bss {
+            let at = layout.sections[&s.index];
+            image[at..at + s.data.len()].copy_from_slice(&s.data);
+        }
+    }
+    plan.write_got_and_stubs(&mut image, &layout, base, &addresses);
+    relocate_all(&patch, &plan, &layout, base, &addresses, &mut image)?;
+    place::publish(&mapping, &layout, &image, writer)?;
+
+    Ok(finish(patch, resolution, mapping, layout, &addresses))
+}
+
+/// Which symbols need GOT slots and call stubs.
+struct Plan {
+    /// Patch symbol index -> GOT slot number.
+    got: HashMap<usize, usize>,
+    /// Patch symbol index -> stub number (each stub reads the symbol's GOT slot).
+    stubs: HashMap<usize, usize>,
+    /// Imports reached by a pc-relative data reference: the image must be near them.
+    pc_relative_imports: Vec<usize>,
+}
+
+impl Plan {
+    fn new(patch: &PatchObject, resolution: &Resolution) -> Result<Plan, RelocError> {
+        let mut plan = Plan {
+            got: HashMap::new(),
+            stubs: HashMap::new(),
+            pc_relative_imports: Vec::new(),
+        };
+        for r in &patch.relocations {
+            let error = |reason| reloc_error(patch, r, reason);
+            let form = Form::of(r.r_type).ok_or_else(|| error(RelocProblem::Unsupported))?;
+            let sym = &patch.symbols[r.symbol];
+            if sym.kind == load::SymbolType::ThreadLocal {
+                return Err(error(RelocProblem::ThreadLocal));
+            }
+            let import = resolution.imports.contains_key(&r.symbol);
+            match form {
+                Form::GotPcRel => plan.slot(r.symbol),
+                Form::Plt32 if import => {
+                    plan.slot(r.symbol);
+                    let n = plan.stubs.len();
+                    plan.stubs.entry(r.symbol).or_insert(n);
+                }
+                Form::Pc32 if import => plan.pc_relative_imports.push(r.symbol),
+                _ => {}
+            }
+        }
+        Ok(plan)
+    }
+
+    fn slot(&mut self, symbol: usize) {
+        let n = self.got.len();
+        self.got.entry(symbol).or_insert(n);
+    }
+
+    /// Addresses every byte of the image must reach with a rel32.
+    fn near_points(&self, resolution: &Resolution) -> Vec<usize> {
+        let mut points: Vec<usize> = resolution
+            .targets
+            .iter()
+            .flat_map(|t| [t.address, t.address + t.size as usize])
+            .collect();
+        points.extend(
+            self.pc_relative_imports
+                .iter()
+                .map(|s| resolution.imports[s]),
+        );
+        points
+    }
+
+    fn write_got_and_stubs(
+        &self,
+        image: &mut [u8],
+        layout: &Layout,
+        base: usize,
+        addresses: &[Option<usize>],
+    ) {
+        for (&symbol, &n) in &self.got {
+            let at = layout.got_slot(n);
+            let value = addresses[symbol].unwrap_or(0) as u64;
+            image[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        for (&symbol, &n) in &self.stubs {
+            let at = layout.stub(n);
+            let slot = base + layout.got_slot(self.got[&symbol]);
+            // The GOT follows the code in one mapping far smaller than 2 GiB.
+            let jump = x86::jmp_indirect_rip(base + at, slot).expect("GOT within rel32 of stubs");
+            image[at..at + jump.len()].copy_from_slice(&jump);
+            image[at + jump.len()..at + STUB_LEN].fill(0xcc);
+        }
+    }
+}
+
+fn reloc_error(patch: &PatchObject, r: &load::Relocation, reason: RelocProblem) -> RelocError {
+    RelocError {
+        r_type: relocate::type_name(r.r_type),
+        symbol: patch.symbol_label(r.symbol),
+        section: patch
+            .section(r.section)
+            .map_or_else(|| format!("section #{}", r.section), |s| s.name.clone()),
+        offset: r.offset,
+        reason,
+    }
+}
+
+/// Run-time address of every patch symbol (`None` for symbols in unloaded sections).
+fn symbol_addresses(
+    patch: &PatchObject,
+    resolution: &Resolution,
+    layout: &Layout,
+    base: usize,
+) -> Vec<Option<usize>> {
+    patch
+        .symbols
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match s.definition {
+            Definition::Section { section, offset } => layout
+                .sections
+                .get(&section)
+                .map(|at| base + at + offset as usize),
+            Definition::Common { .. } => layout.commons.get(&i).map(|at| base + at),
+            Definition::Absolute(v) => Some(v as usize),
+            Definition::Undefined if s.name == resolve::GOT_SYMBOL => Some(base + layout.got),
+            Definition::Undefined => resolution.imports.get(&i).copied(),
+            Definition::NotLoaded => None,
+        })
+        .collect()
+}
+
+fn relocate_all(
+    patch: &PatchObject,
+    plan: &Plan,
+    layout: &Layout,
+    base: usize,
+    addresses: &[Option<usize>],
+    image: &mut [u8],
+) -> Result<(), RelocError> {
+    for r in &patch.relocations {
+        let error = |reason| reloc_error(patch, r, reason);
+        let form = Form::of(r.r_type).ok_or_else(|| error(RelocProblem::Unsupported))?;
+        let section = patch
+            .section(r.section)
+            .ok_or_else(|| error(RelocProblem::SymbolNotLoaded))?;
+        let section_at = layout.sections[&r.section];
+        let place = (base + section_at) as u64 + r.offset;
+        let symbol = if r.symbol == 0 {
+            0
+        } else {
+            addresses[r.symbol].ok_or_else(|| error(RelocProblem::SymbolNotLoaded))?
+        };
+        let got_slot = plan
+            .got
+            .get(&r.symbol)
+            .map_or(0, |&n| base + layout.got_slot(n));
+        let mut target = symbol;
+        if form == Form::Plt32 {
+            // A call out of reach (libc, far from the executable) goes through its stub.
+            let direct = relocate::compute(
+                form,
+                Inputs {
+                    symbol: symbol as u64,
+                    addend: r.addend,
+                    place,
+                    got_slot: 0,
+                    got: 0,
+                },
+            );
+            if let (Err(_), Some(&n)) = (direct, plan.stubs.get(&r.symbol)) {
+                target = base + layout.stub(n);
+            }
+        }
+        let inputs = Inputs {
+            symbol: target as u64,
+            addend: r.addend,
+            place,
+            got_slot: got_slot as u64,
+            got: (base + layout.got) as u64,
+        };
+        let value = relocate::compute(form, inputs).map_err(error)?;
+        let bytes = &mut image[section_at..section_at + section.size as usize];
+        relocate::store(bytes, r.offset, value).map_err(error)?;
+    }
+    Ok(())
+}
+
+fn finish(
+    patch: PatchObject,
+    resolution: Resolution,
+    mapping: Mapping,
+    layout: Layout,
+    addresses: &[Option<usize>],
+) -> LinkedPatch {
+    let targets = resolution
+        .targets
+        .iter()
+        .map(|t| LinkedTarget {
+            target: t.clone(),
+            new_address: addresses[t.patch_symbol].unwrap_or(0),
+            new_size: patch.symbols[t.patch_symbol].size,
+        })
+        .collect();
+    let mut symbols = HashMap::new();
+    let mut functions = Vec::new();
+    for (s, address) in patch.symbols.iter().zip(addresses) {
+        let (Some(address), false) = (address, s.name.is_empty()) else {
+            continue;
+        };
+        if !matches!(
+            s.definition,
+            Definition::Section { .. } | Definition::Common { .. }
+        ) {
+            continue;
+        }
+        if s.kind == load::SymbolType::Function {
+            functions.push(LinkedFunction {
+                name: s.name.clone(),
+                address: *address,
+                size: s.size,
+            });
+        }
+        // A global wins over a local of the same name.
+        if s.binding != load::Binding::Local || !symbols.contains_key(&s.name) {
+            symbols.insert(s.name.clone(), *address);
+        }
+    }
+    let base = mapping.addr();
+    let eh_frames = patch
+        .sections
+        .iter()
+        .filter(|s| s.kind == SectionKind::EhFrame)
+        .map(|s| (base + layout.sections[&s.index], s.size as usize))
+        .collect();
+    LinkedPatch {
+        mapping,
+        layout,
+        targets,
+        added: resolution.added,
+        functions,
+        eh_frames,
+        symbols,
+    }
+}

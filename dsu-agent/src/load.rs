@@ -1,0 +1,437 @@
+//! Load: parse a patch file (an ELF64 x86_64 relocatable object) into owned sections, symbols
+//! and relocations, refusing anything else with a precise reason.
+//!
+//! Pure: no syscalls, so it can be fuzzed. Nothing here decides addresses; `place` and
+//! `relocate` do.
+
+use object::elf;
+use object::read::elf::{FileHeader, Rela as _, SectionHeader, Sym};
+use object::{Endianness, SectionIndex};
+use thiserror::Error;
+
+/// Why a patch file was refused before anything was mapped.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    #[error("not an ELF file (the file starts with {found:02x?}, expected 7f 45 4c 46)")]
+    NotElf { found: Vec<u8> },
+    #[error("32-bit ELF object; dsu patches must be ELF64 x86_64 (build with a 64-bit compiler)")]
+    Elf32,
+    #[error("big-endian ELF object; dsu patches must be little-endian x86_64")]
+    BigEndian,
+    #[error("ELF object for {machine} (e_machine {code}); dsu patches must be x86_64")]
+    WrongMachine { machine: &'static str, code: u16 },
+    #[error(
+        "ELF file is {kind}, not a relocatable object; build the patch with `cc -c -fPIC` or `rustc --emit=obj`"
+    )]
+    NotRelocatable { kind: &'static str },
+    #[error("malformed ELF object: {0}")]
+    Malformed(String),
+    #[error("section {section} is truncated or out of the file's bounds")]
+    Truncated { section: String },
+    #[error("section {section} is compressed; build the patch without compressed sections")]
+    Compressed { section: String },
+    #[error(
+        "section {section} defines thread-local storage; a patch cannot add thread-local variables"
+    )]
+    ThreadLocalSection { section: String },
+    #[error("section {section} uses REL relocations; x86_64 objects use RELA")]
+    RelRelocations { section: String },
+    #[error("the object has no symbol table")]
+    NoSymbolTable,
+    #[error("the object defines no function")]
+    NoFunctions,
+}
+
+/// What a loaded section holds, which decides where it is placed and its final protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectionKind {
+    /// Instructions: ends read+execute.
+    Code,
+    /// Constants and strings: ends read-only.
+    ReadOnly,
+    /// Data that needs relocating but is read-only afterwards (`.data.rel.ro*`).
+    RelRo,
+    /// Unwind tables: read-only, and registered for unwinding.
+    EhFrame,
+    /// Writable data.
+    Data,
+    /// Zero-initialised writable data (`SHT_NOBITS`).
+    Bss,
+}
+
+impl SectionKind {
+    /// Whether the final protection is read-only (not writable, not executable).
+    pub fn is_read_only(self) -> bool {
+        matches!(self, Self::ReadOnly | Self::RelRo | Self::EhFrame)
+    }
+}
+
+/// One section of the patch that occupies memory at run time.
+#[derive(Debug, Clone)]
+pub struct Section {
+    /// ELF section index.
+    pub index: usize,
+    pub name: String,
+    pub kind: SectionKind,
+    pub align: u64,
+    pub size: u64,
+    /// Contents; empty for `Bss`.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    Local,
+    Global,
+    Weak,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolType {
+    Function,
+    Object,
+    Section,
+    ThreadLocal,
+    Other,
+}
+
+/// Where a patch symbol is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Definition {
+    /// Resolved against the running process.
+    Undefined,
+    /// In a loaded section, at an offset from its start.
+    Section { section: usize, offset: u64 },
+    /// In a section that is not loaded (debug info, say): usable only by non-loaded sections.
+    NotLoaded,
+    Absolute(u64),
+    /// A common symbol (`-fcommon`): allocated in the patch's zeroed data.
+    Common { size: u64, align: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Symbol {
+    pub name: String,
+    pub definition: Definition,
+    pub kind: SymbolType,
+    pub binding: Binding,
+    /// Default or protected visibility: seen outside the object.
+    pub exported: bool,
+    pub size: u64,
+}
+
+impl Symbol {
+    /// A function that replaces the process's function of the same name, if it has one: global
+    /// binding, default or protected visibility, defined in code (BRIEF §4). Weak and hidden
+    /// functions are private to the patch.
+    pub fn is_replacement_candidate(&self) -> bool {
+        self.kind == SymbolType::Function
+            && self.binding == Binding::Global
+            && self.exported
+            && matches!(self.definition, Definition::Section { .. })
+    }
+}
+
+/// One relocation to apply inside a loaded section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relocation {
+    /// ELF index of the section being patched.
+    pub section: usize,
+    pub offset: u64,
+    pub r_type: u32,
+    /// Index into `PatchObject::symbols` (0 is the null symbol).
+    pub symbol: usize,
+    pub addend: i64,
+}
+
+/// A parsed patch, all data owned.
+#[derive(Debug, Clone)]
+pub struct PatchObject {
+    pub sections: Vec<Section>,
+    pub symbols: Vec<Symbol>,
+    pub relocations: Vec<Relocation>,
+}
+
+impl PatchObject {
+    pub fn section(&self, index: usize) -> Option<&Section> {
+        self.sections.iter().find(|s| s.index == index)
+    }
+
+    /// Name for messages: the symbol's name, or its section's name for section symbols.
+    pub fn symbol_label(&self, symbol: usize) -> String {
+        match self.symbols.get(symbol) {
+            Some(s) if !s.name.is_empty() => s.name.clone(),
+            Some(Symbol {
+                definition: Definition::Section { section, .. },
+                ..
+            }) => self
+                .section(*section)
+                .map_or_else(|| format!("section #{section}"), |s| s.name.clone()),
+            _ => format!("symbol #{symbol}"),
+        }
+    }
+
+    /// Functions of the patch that may replace process functions.
+    pub fn replacement_candidates(&self) -> impl Iterator<Item = (usize, &Symbol)> {
+        self.symbols
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_replacement_candidate())
+    }
+}
+
+type Elf = elf::FileHeader64<Endianness>;
+
+/// Parses and validates a patch file.
+pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
+    check_ident(data)?;
+    let header = Elf::parse(data).map_err(malformed)?;
+    let endian = header.endian().map_err(malformed)?;
+    check_header(header, endian)?;
+    let table = header.sections(endian, data).map_err(malformed)?;
+
+    let mut sections = Vec::new();
+    for (index, shdr) in table.enumerate() {
+        let name = section_name(&table, endian, shdr);
+        if let Some(section) = load_section(index, name, shdr, endian, data)? {
+            sections.push(section);
+        }
+    }
+    if !sections.iter().any(|s| s.kind == SectionKind::Code) {
+        return Err(LoadError::NoFunctions);
+    }
+
+    let symtab = table
+        .symbols(endian, data, elf::SHT_SYMTAB)
+        .map_err(malformed)?;
+    if symtab.is_empty() {
+        return Err(LoadError::NoSymbolTable);
+    }
+    let loaded = |i: usize| sections.iter().any(|s| s.index == i);
+    let mut symbols = Vec::with_capacity(symtab.len());
+    for (index, sym) in symtab.enumerate() {
+        let name = symtab.symbol_name(endian, sym).map_err(malformed)?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        let section = symtab.symbol_section(endian, sym, index).map_err(malformed)?;
+        symbols.push(convert_symbol(name, sym, section, endian, &loaded));
+    }
+
+    let mut relocations = Vec::new();
+    for shdr in table.iter() {
+        let sh_type = shdr.sh_type(endian);
+        if sh_type != elf::SHT_RELA && sh_type != elf::SHT_REL {
+            continue;
+        }
+        let target = shdr.sh_info(endian) as usize;
+        if !loaded(target) {
+            continue; // relocations of debug info and other unloaded sections
+        }
+        let name = section_name(&table, endian, shdr);
+        if sh_type == elf::SHT_REL {
+            return Err(LoadError::RelRelocations { section: name });
+        }
+        let Some((relas, _)) = shdr.rela(endian, data).map_err(malformed)? else {
+            continue;
+        };
+        for rela in relas {
+            if rela.r_type(endian, false).0 == elf::R_X86_64_NONE.0 {
+                continue;
+            }
+            let symbol = rela.r_sym(endian, false) as usize;
+            if symbol >= symbols.len() {
+                return Err(LoadError::Malformed(format!(
+                    "relocation in {name} refers to symbol #{symbol}, beyond the symbol table"
+                )));
+            }
+            relocations.push(Relocation {
+                section: target,
+                offset: rela.r_offset(endian),
+                r_type: rela.r_type(endian, false).0,
+                symbol,
+                addend: rela.r_addend(endian),
+            });
+        }
+    }
+
+    Ok(PatchObject {
+        sections,
+        symbols,
+        relocations,
+    })
+}
+
+fn malformed(e: object::read::Error) -> LoadError {
+    LoadError::Malformed(e.to_string())
+}
+
+/// Checks the identification bytes before anything else, so each refusal is specific.
+fn check_ident(data: &[u8]) -> Result<(), LoadError> {
+    if data.len() < 4 || data[..4] != elf::ELFMAG {
+        return Err(LoadError::NotElf {
+            found: data.iter().take(4).copied().collect(),
+        });
+    }
+    // e_ident: magic (4), class (1), data encoding (1).
+    match data.get(4).copied() {
+        Some(c) if c == elf::ELFCLASS64.0 => {}
+        Some(c) if c == elf::ELFCLASS32.0 => return Err(LoadError::Elf32),
+        _ => return Err(LoadError::Malformed("unknown ELF class".into())),
+    }
+    match data.get(5).copied() {
+        Some(d) if d == elf::ELFDATA2LSB.0 => Ok(()),
+        Some(d) if d == elf::ELFDATA2MSB.0 => Err(LoadError::BigEndian),
+        _ => Err(LoadError::Malformed("unknown ELF data encoding".into())),
+    }
+}
+
+fn check_header(header: &Elf, endian: Endianness) -> Result<(), LoadError> {
+    let machine = header.e_machine(endian);
+    if machine != elf::EM_X86_64 {
+        return Err(LoadError::WrongMachine {
+            machine: machine_name(machine),
+            code: machine.0,
+        });
+    }
+    match header.e_type(endian) {
+        elf::ET_REL => Ok(()),
+        elf::ET_EXEC => Err(LoadError::NotRelocatable { kind: "an executable" }),
+        elf::ET_DYN => Err(LoadError::NotRelocatable {
+            kind: "a shared object or PIE executable",
+        }),
+        elf::ET_CORE => Err(LoadError::NotRelocatable { kind: "a core dump" }),
+        _ => Err(LoadError::NotRelocatable {
+            kind: "of an unknown type",
+        }),
+    }
+}
+
+fn machine_name(machine: elf::Machine) -> &'static str {
+    match machine {
+        elf::EM_386 => "i386",
+        elf::EM_ARM => "ARM",
+        elf::EM_AARCH64 => "AArch64",
+        elf::EM_RISCV => "RISC-V",
+        elf::EM_PPC64 => "PowerPC64",
+        elf::EM_S390 => "s390",
+        elf::EM_LOONGARCH => "LoongArch",
+        _ => "another architecture",
+    }
+}
+
+fn section_name(
+    table: &object::read::elf::SectionTable<'_, Elf>,
+    endian: Endianness,
+    shdr: &<Elf as FileHeader>::SectionHeader,
+) -> String {
+    table.section_name(endian, shdr).map_or_else(
+        |_| "<unnamed>".to_string(),
+        |n| String::from_utf8_lossy(n).into_owned(),
+    )
+}
+
+fn load_section(
+    index: SectionIndex,
+    name: String,
+    shdr: &<Elf as FileHeader>::SectionHeader,
+    endian: Endianness,
+    data: &[u8],
+) -> Result<Option<Section>, LoadError> {
+    let flags = shdr.sh_flags(endian);
+    let sh_type = shdr.sh_type(endian);
+    let size = shdr.sh_size(endian);
+    if !flags.contains(elf::SHF_ALLOC) || size == 0 {
+        return Ok(None);
+    }
+    if flags.contains(elf::SHF_TLS) {
+        return Err(LoadError::ThreadLocalSection { section: name });
+    }
+    if flags.contains(elf::SHF_COMPRESSED) {
+        return Err(LoadError::Compressed { section: name });
+    }
+    let kind = if sh_type == elf::SHT_NOBITS {
+        SectionKind::Bss
+    } else if flags.contains(elf::SHF_EXECINSTR) {
+        SectionKind::Code
+    } else if sh_type == elf::SHT_X86_64_UNWIND || name == ".eh_frame" {
+        SectionKind::EhFrame
+    } else if name.starts_with(".data.rel.ro") {
+        SectionKind::RelRo
+    } else if flags.contains(elf::SHF_WRITE) {
+        SectionKind::Data
+    } else {
+        SectionKind::ReadOnly
+    };
+    let bytes = if kind == SectionKind::Bss {
+        Vec::new()
+    } else {
+        let bytes = shdr
+            .data(endian, data)
+            .map_err(|_| LoadError::Truncated {
+                section: name.clone(),
+            })?;
+        if bytes.len() as u64 != size {
+            return Err(LoadError::Truncated { section: name });
+        }
+        bytes.to_vec()
+    };
+    let align = shdr.sh_addralign(endian).max(1);
+    if !align.is_power_of_two() || align > 1 << 16 {
+        return Err(LoadError::Malformed(format!(
+            "section {name} has an invalid alignment {align}"
+        )));
+    }
+    Ok(Some(Section {
+        index: index.0,
+        name,
+        kind,
+        align,
+        size,
+        data: bytes,
+    }))
+}
+
+fn convert_symbol(
+    name: String,
+    sym: &<Elf as FileHeader>::Sym,
+    section: Option<SectionIndex>,
+    endian: Endianness,
+    loaded: &impl Fn(usize) -> bool,
+) -> Symbol {
+    let shndx = sym.st_shndx(endian);
+    let value = sym.st_value(endian);
+    let size = sym.st_size(endian);
+    let definition = match (shndx, section) {
+        (elf::SHN_UNDEF, None) => Definition::Undefined,
+        (elf::SHN_ABS, _) => Definition::Absolute(value),
+        (elf::SHN_COMMON, _) => Definition::Common {
+            size,
+            align: value.max(1),
+        },
+        (_, Some(index)) if loaded(index.0) => Definition::Section {
+            section: index.0,
+            offset: value,
+        },
+        _ => Definition::NotLoaded,
+    };
+    let kind = match sym.st_type() {
+        elf::STT_FUNC | elf::STT_GNU_IFUNC => SymbolType::Function,
+        elf::STT_OBJECT => SymbolType::Object,
+        elf::STT_SECTION => SymbolType::Section,
+        elf::STT_TLS => SymbolType::ThreadLocal,
+        _ => SymbolType::Other,
+    };
+    let binding = match sym.st_bind() {
+        elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => Binding::Global,
+        elf::STB_WEAK => Binding::Weak,
+        _ => Binding::Local,
+    };
+    let visibility = sym.st_other().visibility();
+    Symbol {
+        name,
+        definition,
+        kind,
+        binding,
+        exported: visibility == elf::STV_DEFAULT || visibility == elf::STV_PROTECTED,
+        size,
+    }
+}

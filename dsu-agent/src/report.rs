@@ -1,0 +1,150 @@
+//! The JSON documents the agent writes into its control directory.
+//!
+//! These types are the wire format of protocol version 1 (`docs/control-protocol.md`): the
+//! agent serialises them and the `dsu` command reads them back, so both sides share one
+//! definition. Fields added later must be optional (`#[serde(default)]`) so that a `dsu` of
+//! one version can read what an agent of a neighbouring version wrote.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol written into `agent.json`. Bump it only for changes an
+/// older `dsu` could misread; adding an optional field is not such a change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// `agent.json`: written once at install, tells `dsu` that an agent listens and how to wake it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// [`PROTOCOL_VERSION`] of the agent that wrote the file.
+    pub protocol: u32,
+    /// Process id of the agent's process. A control directory left behind by a process that
+    /// has exited may be found again by a new process with the same pid; `dsu` compares this
+    /// and `start_time` with the live process before it sends any signal.
+    pub pid: u32,
+    /// Signal number that triggers the agent (`SIGUSR2` = 12 by default).
+    pub signal: i32,
+    /// Version of the `dsu-agent` crate.
+    pub version: String,
+    /// Start time of the process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+    /// Together with `pid` it names one process for its whole life, even after pid reuse.
+    /// Optional because a hand-written `agent.json` may leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The operation took effect.
+    Applied,
+    /// The agent declined (bad input, activeness timeout, verification failure); the process
+    /// is unchanged.
+    Refused,
+    /// Something went wrong while carrying the operation out (an I/O or system error); the
+    /// process is unchanged as well, since an update never half-happens.
+    Failed,
+}
+
+impl Status {
+    /// The word used on the wire and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Applied => "applied",
+            Status::Refused => "refused",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// `result.json`: the outcome of the last request, raw trigger or `dsu` request alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Sequence number of the request in this process (1, 2, ...); also the patch id that
+    /// `dsu revert` names, and the `consumed/<seq>.patch` file name.
+    pub seq: u64,
+    /// The `id` of the `request.json` this answers; `None` for a raw trigger. `dsu` waits for
+    /// the result whose `request` equals the id it sent.
+    pub request: Option<String>,
+    /// `"apply"`, `"revert"`, `"status"`, or `"unknown"` when the request could not be parsed.
+    pub op: String,
+    /// How it ended.
+    pub outcome: Status,
+    /// One-line reason when refused or failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// How many times the activeness check ran (retries with backoff while a function was
+    /// active); 0 when the request ended before the check.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Time from trigger to outcome, in microseconds.
+    #[serde(default)]
+    pub elapsed_us: u64,
+    /// One entry per function replaced (or restored, for a revert).
+    #[serde(default)]
+    pub functions: Vec<FunctionReport>,
+}
+
+/// What happened to one function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionReport {
+    /// Symbol name as in the symbol table (mangled for Rust).
+    pub name: String,
+    /// Path of the module (executable or shared library) that holds the old function.
+    pub module: String,
+    /// Address of the old function, `"0x..."` hex.
+    pub old_address: String,
+    /// Address of the new code, `"0x..."` hex.
+    pub new_address: String,
+    /// `"redirect"` (entry jump to new code) or `"in-place"` (new code overwrote the old).
+    pub strategy: String,
+    /// Direct call sites rewritten to call the new code.
+    #[serde(default)]
+    pub call_sites: u32,
+}
+
+impl FunctionReport {
+    /// Formats an address the way the report carries it.
+    pub fn hex(address: u64) -> String {
+        format!("{address:#x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_round_trips_with_the_documented_field_names() {
+        let outcome = Outcome {
+            seq: 3,
+            request: Some("r1".into()),
+            op: "apply".into(),
+            outcome: Status::Refused,
+            error: Some("price is active".into()),
+            attempts: 7,
+            elapsed_us: 1200,
+            functions: vec![FunctionReport {
+                name: "price".into(),
+                module: "/usr/bin/app".into(),
+                old_address: FunctionReport::hex(0x5555_0000_1234),
+                new_address: FunctionReport::hex(0x7f00_0000_0000),
+                strategy: "redirect".into(),
+                call_sites: 2,
+            }],
+        };
+        let json = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(json["outcome"], "refused");
+        assert_eq!(json["functions"][0]["old_address"], "0x555500001234");
+        let back: Outcome = serde_json::from_value(json).unwrap();
+        assert_eq!(back, outcome);
+    }
+
+    #[test]
+    fn agent_info_reads_a_minimal_hand_written_file() {
+        let info: AgentInfo =
+            serde_json::from_str(r#"{"protocol":1,"pid":42,"signal":12,"version":"0.1.0"}"#)
+                .unwrap();
+        assert_eq!(info.pid, 42);
+        assert_eq!(info.start_time, None);
+    }
+}

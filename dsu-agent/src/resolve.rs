@@ -1,0 +1,394 @@
+//! Resolve: the running process's symbols, and the patch's names bound to them.
+//!
+//! The index is read from the files of the loaded modules (the executable through
+//! `/proc/self/exe`, so a binary replaced on disk is never read by mistake), `.symtab` and
+//! `.dynsym`, with each module's load bias. It is built before any thread is stopped.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use object::elf;
+use object::read::ReadCache;
+use object::read::elf::{FileHeader, SectionHeader as _, Sym as _};
+use object::{Endianness, ReadRef};
+use thiserror::Error;
+
+use crate::load::{Definition, PatchObject};
+
+/// Why names could not be bound to the running process.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("cannot read symbols of {module}: {reason}")]
+    Module { module: String, reason: String },
+    #[error("undefined symbol{} not found in the process: {}", plural(.names.len()), .names.join(", "))]
+    Unresolved { names: Vec<String> },
+    #[error("symbol {name} is ambiguous in the process; candidates: {}", .candidates.join(", "))]
+    Ambiguous {
+        name: String,
+        candidates: Vec<String>,
+    },
+    #[error("{name} is an indirect function (IFUNC) in {module}; it cannot be replaced")]
+    IndirectTarget { name: String, module: String },
+    #[error("cannot resolve indirect function {name} in {module}")]
+    IndirectUnresolved { name: String, module: String },
+    #[error(
+        "the patch replaces no function of the process; its global functions ({}) match no process function",
+        .functions.join(", ")
+    )]
+    NothingToReplace { functions: Vec<String> },
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolKind {
+    Function,
+    /// `STT_GNU_IFUNC`: the address is the resolver's.
+    IndirectFunction,
+    Object,
+    /// `STT_TLS`: the address is an offset in the module's TLS block.
+    ThreadLocal,
+    Other,
+}
+
+/// A symbol definition of the running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSymbol {
+    /// Index into `SymbolIndex::modules`.
+    pub module: usize,
+    /// Run-time address (bias applied), or TLS offset for `ThreadLocal`.
+    pub address: usize,
+    pub size: u64,
+    pub kind: SymbolKind,
+    /// Global or weak binding (not `static`).
+    pub global: bool,
+}
+
+/// A module as the index knows it.
+#[derive(Debug, Clone)]
+pub struct ModuleInfo {
+    /// Name for messages: the file path.
+    pub name: String,
+    pub path: PathBuf,
+    pub bias: usize,
+    pub is_main: bool,
+    pub tls_modid: usize,
+}
+
+/// All named definitions of the process, by name.
+#[derive(Debug, Default)]
+pub struct SymbolIndex {
+    modules: Vec<ModuleInfo>,
+    by_name: HashMap<Box<str>, Vec<ProcessSymbol>>,
+}
+
+impl SymbolIndex {
+    /// Indexes every loaded module with a file (the vDSO has none and is skipped).
+    pub fn of_process() -> Result<SymbolIndex, ResolveError> {
+        let mut index = SymbolIndex::default();
+        for m in dsu_sys::modules::loaded() {
+            let Some(path) = m.path.clone() else { continue };
+            let info = ModuleInfo {
+                name: path.display().to_string(),
+                path: if m.is_main {
+                    PathBuf::from("/proc/self/exe")
+                } else {
+                    path
+                },
+                bias: m.bias,
+                is_main: m.is_main,
+                tls_modid: m.tls_modid,
+            };
+            index.add_module(info)?;
+        }
+        Ok(index)
+    }
+
+    pub fn modules(&self) -> &[ModuleInfo] {
+        &self.modules
+    }
+
+    /// Reads one module's `.symtab` and `.dynsym`.
+    pub fn add_module(&mut self, info: ModuleInfo) -> Result<(), ResolveError> {
+        let module = self.modules.len();
+        let err = |reason: String| ResolveError::Module {
+            module: info.name.clone(),
+            reason,
+        };
+        let file = File::open(&info.path).map_err(|e| err(e.to_string()))?;
+        let cache = ReadCache::new(file);
+        read_symbols(&cache, info.bias, |name, sym| {
+            self.insert(name, ProcessSymbol { module, ..sym })
+        })
+        .map_err(err)?;
+        self.modules.push(info);
+        Ok(())
+    }
+
+    fn insert(&mut self, name: &[u8], symbol: ProcessSymbol) {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return;
+        };
+        let entries = self.by_name.entry(name.into()).or_default();
+        // `.symtab` and `.dynsym` list exported symbols twice.
+        if !entries
+            .iter()
+            .any(|e| e.module == symbol.module && e.address == symbol.address)
+        {
+            entries.push(symbol);
+        }
+    }
+
+    /// All definitions of `name`.
+    pub fn definitions(&self, name: &str) -> &[ProcessSymbol] {
+        self.by_name.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// The process function a patch function named `name` replaces: exactly one function of
+    /// that name, exported or static, in any module.
+    pub fn replacement_target(&self, name: &str) -> Result<Option<ProcessSymbol>, ResolveError> {
+        let found: Vec<&ProcessSymbol> = self
+            .definitions(name)
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.kind,
+                    SymbolKind::Function | SymbolKind::IndirectFunction
+                )
+            })
+            .collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] if one.kind == SymbolKind::IndirectFunction => {
+                Err(ResolveError::IndirectTarget {
+                    name: name.to_string(),
+                    module: self.modules[one.module].name.clone(),
+                })
+            }
+            [one] => Ok(Some((*one).clone())),
+            many => Err(self.ambiguous(name, many)),
+        }
+    }
+
+    /// Binds an undefined patch symbol as the dynamic linker would: the first global
+    /// definition in load order (the executable first); failing that, the only `static`
+    /// definition of that name.
+    pub fn resolve(&self, name: &str) -> Result<Option<ProcessSymbol>, ResolveError> {
+        let defs = self.definitions(name);
+        let global = self
+            .modules
+            .iter()
+            .enumerate()
+            .find_map(|(m, _)| defs.iter().find(|d| d.global && d.module == m));
+        if let Some(found) = global {
+            return self.materialise(name, found).map(Some);
+        }
+        let locals: Vec<&ProcessSymbol> = defs.iter().collect();
+        match locals.as_slice() {
+            [] => Ok(None),
+            [one] => self.materialise(name, one).map(Some),
+            many => Err(self.ambiguous(name, many)),
+        }
+    }
+
+    /// An IFUNC resolves to the implementation the dynamic linker picks for this CPU.
+    fn materialise(&self, name: &str, s: &ProcessSymbol) -> Result<ProcessSymbol, ResolveError> {
+        if s.kind != SymbolKind::IndirectFunction {
+            return Ok(s.clone());
+        }
+        let module = &self.modules[s.module];
+        let unresolved = || ResolveError::IndirectUnresolved {
+            name: name.to_string(),
+            module: module.name.clone(),
+        };
+        let address = dsu_sys::dl::dlsym_in(module.is_main, &module.path, name)
+            .ok_or_else(unresolved)?;
+        Ok(ProcessSymbol {
+            address,
+            kind: SymbolKind::Function,
+            ..s.clone()
+        })
+    }
+
+    fn ambiguous(&self, name: &str, many: &[&ProcessSymbol]) -> ResolveError {
+        ResolveError::Ambiguous {
+            name: name.to_string(),
+            candidates: many
+                .iter()
+                .map(|s| format!("{:#x} in {}", s.address, self.modules[s.module].name))
+                .collect(),
+        }
+    }
+
+    pub fn module_name(&self, module: usize) -> &str {
+        self.modules.get(module).map_or("?", |m| m.name.as_str())
+    }
+}
+
+/// Calls `add` for every defined, named symbol of the ELF file, address biased.
+fn read_symbols<'a, R: ReadRef<'a>>(
+    data: R,
+    bias: usize,
+    mut add: impl FnMut(&[u8], ProcessSymbol),
+) -> Result<(), String> {
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let sections = header
+        .sections(endian, data)
+        .map_err(|e| e.to_string())?;
+    for sh_type in [elf::SHT_SYMTAB, elf::SHT_DYNSYM] {
+        let table = sections
+            .symbols(endian, data, sh_type)
+            .map_err(|e| e.to_string())?;
+        if table.is_empty() {
+            continue;
+        }
+        let versym = if sh_type == elf::SHT_DYNSYM {
+            sections
+                .iter()
+                .find_map(|s| s.gnu_versym(endian, data).ok().flatten())
+                .map(|(v, _)| v)
+        } else {
+            None
+        };
+        for (i, sym) in table.enumerate() {
+            if sym.is_undefined(endian) || sym.st_shndx(endian) == elf::SHN_ABS {
+                continue;
+            }
+            // A hidden version (`memcpy@GLIBC_2.2.5`) is not what a new reference binds to.
+            if let Some(v) = versym.and_then(|v| v.get(i.0))
+                && v.0.get(endian).is_hidden()
+            {
+                continue;
+            }
+            let kind = match sym.st_type() {
+                elf::STT_FUNC => SymbolKind::Function,
+                elf::STT_GNU_IFUNC => SymbolKind::IndirectFunction,
+                elf::STT_OBJECT | elf::STT_COMMON => SymbolKind::Object,
+                elf::STT_TLS => SymbolKind::ThreadLocal,
+                elf::STT_NOTYPE => SymbolKind::Other,
+                _ => continue, // sections and files
+            };
+            let Ok(name) = table.symbol_name(endian, sym) else {
+                continue;
+            };
+            if name.is_empty() {
+                continue;
+            }
+            let value = sym.st_value(endian) as usize;
+            let address = if kind == SymbolKind::ThreadLocal {
+                value
+            } else {
+                value.wrapping_add(bias)
+            };
+            let global = matches!(
+                sym.st_bind(),
+                elf::STB_GLOBAL | elf::STB_WEAK | elf::STB_GNU_UNIQUE
+            );
+            add(
+                name,
+                ProcessSymbol {
+                    module: 0,
+                    address,
+                    size: sym.st_size(endian),
+                    kind,
+                    global,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A process function that a patch function replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Index of the replacing function in `PatchObject::symbols`.
+    pub patch_symbol: usize,
+    pub name: String,
+    pub module: String,
+    pub address: usize,
+    pub size: u64,
+}
+
+/// Where each undefined symbol of a patch lives in the process.
+#[derive(Debug, Clone, Default)]
+pub struct Resolution {
+    pub targets: Vec<Target>,
+    /// New functions of the patch (replacing nothing).
+    pub added: Vec<String>,
+    /// Patch symbol index -> process address, for every undefined symbol a relocation uses.
+    pub imports: HashMap<usize, usize>,
+    /// Names of those imports, for messages.
+    pub import_names: HashMap<usize, String>,
+}
+
+/// Name the linker gives the GOT; a patch may refer to it and gets its own GOT.
+pub const GOT_SYMBOL: &str = "_GLOBAL_OFFSET_TABLE_";
+
+/// Binds the patch's replacement functions and undefined symbols to the process.
+pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, ResolveError> {
+    let mut out = Resolution::default();
+    for (i, sym) in patch.replacement_candidates() {
+        match index.replacement_target(&sym.name)? {
+            Some(t) => out.targets.push(Target {
+                patch_symbol: i,
+                name: sym.name.clone(),
+                module: index.module_name(t.module).to_string(),
+                address: t.address,
+                size: t.size,
+            }),
+            None => out.added.push(sym.name.clone()),
+        }
+    }
+    if out.targets.is_empty() {
+        return Err(ResolveError::NothingToReplace {
+            functions: out.added.clone(),
+        });
+    }
+
+    let mut missing = Vec::new();
+    let mut used: Vec<usize> = patch.relocations.iter().map(|r| r.symbol).collect();
+    used.sort_unstable();
+    used.dedup();
+    for i in used {
+        let sym = &patch.symbols[i];
+        if i == 0 || sym.definition != Definition::Undefined || sym.name == GOT_SYMBOL {
+            continue;
+        }
+        match index.resolve(&sym.name)? {
+            Some(found) => {
+                out.imports.insert(i, found.address);
+                out.import_names.insert(i, sym.name.clone());
+            }
+            // An unresolved weak reference is null, as with the static linker.
+            None if sym.binding == crate::load::Binding::Weak => {
+                out.imports.insert(i, 0);
+                out.import_names.insert(i, sym.name.clone());
+            }
+            None => missing.push(sym.name.clone()),
+        }
+    }
+    if !missing.is_empty() {
+        missing.sort();
+        missing.dedup();
+        return Err(ResolveError::Unresolved { names: missing });
+    }
+    Ok(out)
+}
+
+/// Indexes a single ELF file as if loaded at `bias` (used by `inspect --against BINARY`).
+pub fn index_file(path: &Path, bias: usize) -> Result<SymbolIndex, ResolveError> {
+    let mut index = SymbolIndex::default();
+    index.add_module(ModuleInfo {
+        name: path.display().to_string(),
+        path: path.to_path_buf(),
+        bias,
+        is_main: true,
+        tls_modid: 0,
+    })?;
+    Ok(index)
+}
