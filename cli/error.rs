@@ -55,7 +55,7 @@ pub enum CliError {
     #[error(transparent)]
     ControlDir(#[from] ControlError),
     #[error("{} is malformed: {reason}", .path.display())]
-    BadAgentInfo { path: PathBuf, reason: String },
+    Malformed { path: PathBuf, reason: String },
     #[error(
         "agent of process {pid} speaks control protocol {found}, this dsu speaks \
          {PROTOCOL_VERSION}; use the dsu that matches its dsu-agent"
@@ -124,7 +124,7 @@ impl CliError {
             | CliError::ProcFormat { .. }
             | CliError::NoAgent { .. }
             | CliError::ControlDir(_)
-            | CliError::BadAgentInfo { .. }
+            | CliError::Malformed { .. }
             | CliError::Protocol { .. }
             | CliError::OtherProcess { .. }
             | CliError::EarlierProcess { .. }

@@ -1,1 +1,201 @@
-fn main() {}
+//! `dsu`: apply, revert and inspect live patches of a running process through its agent.
+//!
+//! The commands talk to the agent through its control directory (`docs/control-protocol.md`);
+//! exit codes and output are documented in `docs/cli.md`.
+
+mod error;
+mod inspect;
+mod output;
+mod patch;
+mod request;
+mod sys;
+mod target;
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dsu_agent::control::{RESULT_FILE, RequestOp};
+use dsu_agent::report::{Outcome, Status};
+
+use crate::error::CliError;
+use crate::target::Target;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dsu",
+    version,
+    about = "Live-patch functions of a running Linux process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply a patch to a running process and wait until it is applied.
+    Apply(ApplyArgs),
+    /// Revert a patch (the newest by default).
+    Revert(RevertArgs),
+    /// Show the agent and the answer to its last request.
+    Status(StatusArgs),
+    /// Show what a patch replaces, adds and needs.
+    Inspect(inspect::InspectArgs),
+}
+
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// Process id of the target.
+    #[arg(short, long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
+    pid: u32,
+    /// The target's control directory, when its agent was configured with one its
+    /// environment does not name.
+    #[arg(long, value_name = "DIR")]
+    control_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ApplyArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The patch: an ELF relocatable object (`cc -c -fPIC`, `rustc --emit=obj`).
+    #[arg(value_name = "PATCH")]
+    patch: PathBuf,
+    /// Seconds the agent may keep retrying while a function to replace is active.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct RevertArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Patch id (the `seq` of its apply, as `dsu status` shows); the newest if omitted.
+    #[arg(value_name = "ID")]
+    id: Option<u64>,
+    /// Seconds the agent may keep retrying while a function to restore is active.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Print the agent's last answer as it wrote it (JSON, `null` if none).
+    #[arg(long)]
+    json: bool,
+}
+
+/// A positive number of seconds, fractions allowed, at most a day.
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    let secs: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{value} is not between 0 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Apply(args) => apply(args),
+        Command::Revert(args) => revert(args),
+        Command::Status(args) => status(args),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dsu: {}", e.one_line());
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn apply(args: &ApplyArgs) -> Result<(), CliError> {
+    // Local checks first: a bad file is refused before the process is touched.
+    let bytes = patch::read_patch(&args.patch)?;
+    let target = locate(&args.target)?;
+    let op = RequestOp::Apply {
+        file: dsu_agent::control::PATCH_FILE.to_owned(),
+    };
+    let outcome = request::exchange(&target, op, Some(&bytes), args.timeout)?;
+    report(target.pid, outcome)
+}
+
+fn revert(args: &RevertArgs) -> Result<(), CliError> {
+    let target = locate(&args.target)?;
+    let op = RequestOp::Revert { patch_id: args.id };
+    let outcome = request::exchange(&target, op, None, args.timeout)?;
+    report(target.pid, outcome)
+}
+
+fn status(args: &StatusArgs) -> Result<(), CliError> {
+    let target = locate(&args.target)?;
+    let path = target.dir.join(RESULT_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(CliError::proc(path, e)),
+    };
+    if args.json {
+        println!("{}", text.as_deref().map_or("null", str::trim_end));
+        return Ok(());
+    }
+    let last = text
+        .as_deref()
+        .map(serde_json::from_str::<Outcome>)
+        .transpose()
+        .map_err(|e| CliError::Malformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    for line in output::status_lines(target.pid, &target.agent, last.as_ref()) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn locate(args: &TargetArgs) -> Result<Target, CliError> {
+    Target::locate(args.pid, args.control_dir.as_deref())
+}
+
+/// Prints an applied outcome, or turns any other into the error `dsu` exits with.
+fn report(pid: u32, outcome: Outcome) -> Result<(), CliError> {
+    if outcome.outcome != Status::Applied {
+        return Err(CliError::Agent {
+            outcome: Box::new(outcome),
+        });
+    }
+    for function in &outcome.functions {
+        println!("{}", output::function_line(function));
+    }
+    println!("{}", output::summary_line(pid, &outcome));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timeouts_accept_fractions_and_refuse_nonsense() {
+        assert_eq!(parse_timeout("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["0", "-1", "nan", "inf", "abc", "100000"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
+}

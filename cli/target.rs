@@ -58,7 +58,7 @@ impl Target {
         let agent = read_agent_info(&agent_path).map_err(|e| match e {
             AgentInfoError::Missing => no_agent(),
             AgentInfoError::Io(source) => CliError::proc(agent_path.clone(), source),
-            AgentInfoError::Malformed(reason) => CliError::BadAgentInfo {
+            AgentInfoError::Malformed(reason) => CliError::Malformed {
                 path: agent_path.clone(),
                 reason,
             },
@@ -105,10 +105,6 @@ impl Process {
             }
             Err(_) => Err(CliError::NoProcess { pid }),
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid
     }
 
     pub fn signal(&self, signal: i32) -> Result<(), CliError> {
@@ -174,7 +170,7 @@ fn check_agent_matches(pid: u32, agent: &AgentInfo, path: &Path) -> Result<(), C
         });
     }
     if !(1..=64).contains(&agent.signal) {
-        return Err(CliError::BadAgentInfo {
+        return Err(CliError::Malformed {
             path: path.to_owned(),
             reason: format!("{} is not a signal number", agent.signal),
         });

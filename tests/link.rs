@@ -226,7 +226,12 @@ long dsu_test_libc(const char *s) {
 
 fn valid_object() -> Vec<u8> {
     let dir = support::scratch("valid");
-    let obj = support::cc_object(&dir, "v", "long dsu_test_price(long x) { return x; }\n", &[]);
+    let obj = support::cc_object(
+        &dir,
+        "v",
+        "long dsu_test_price(long x) { return x; }\n",
+        &[],
+    );
     std::fs::read(obj).unwrap()
 }
 
@@ -345,7 +350,11 @@ fn refuses_a_patch_that_replaces_nothing() {
 #[test]
 fn ambiguous_static_symbols_are_refused_with_candidates() {
     let dir = support::scratch("ambiguous");
-    let helper = |n: i32| format!("static int helper(int x) {{ return x + {n}; }}\nint use{n}(int x) {{ return helper(x); }}\n");
+    let helper = |n: i32| {
+        format!(
+            "static int helper(int x) {{ return x + {n}; }}\nint use{n}(int x) {{ return helper(x); }}\n"
+        )
+    };
     let exe = support::cc_program(
         &dir,
         "prog",

@@ -1,1 +1,33 @@
-//! TODO
+//! The C API (`include/dsu.h`) and the `LD_PRELOAD` entry point.
+
+use std::ffi::c_int;
+
+/// Installs the agent with the default configuration. Returns 0, or a negative errno-style
+/// code (`-EACCES` for a control directory problem, `-EPERM` for an insecure one, ...).
+/// Idempotent.
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_install() -> c_int {
+    match std::panic::catch_unwind(crate::install) {
+        Ok(Ok(_)) => 0,
+        Ok(Err(e)) => {
+            eprintln!("dsu: install failed: {e}");
+            e.errno()
+        }
+        Err(_) => -libc::EIO,
+    }
+}
+
+/// Runs when `libdsu_agent.so` is loaded. It installs the agent only when the library was
+/// brought in by `LD_PRELOAD` (an unmodified program), so a program that links the library
+/// and calls `dsu_install()` itself keeps control of when that happens.
+extern "C" fn preload_constructor() {
+    let preloaded = std::env::var_os("LD_PRELOAD")
+        .is_some_and(|v| v.to_string_lossy().contains("libdsu_agent"));
+    if preloaded {
+        dsu_install();
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static PRELOAD_CONSTRUCTOR: extern "C" fn() = preload_constructor;

@@ -1,1 +1,351 @@
-//! TODO
+//! Activeness check: is any stopped thread executing, or returning into, a function that is
+//! about to be replaced?
+//!
+//! For each parked thread the [`Checker`] first unwinds precisely (see [`crate::unwind`]): the
+//! interrupted program counter, then every return address, crossing signal frames. Where the
+//! unwind cannot go on, it falls back to a conservative scan of every 8-byte word from that
+//! frame's stack pointer to the end of the stack, treating any word inside a range as a return
+//! address (and following the interrupted context of any signal frame it meets). The scan may
+//! report a function active that is not (a stale word); it never reports one inactive that is.
+//!
+//! Everything is allocated by [`Checker::new`] and [`Ranges`] before threads are stopped;
+//! [`Checker::find_active`] allocates nothing.
+//!
+//! The calling thread (the agent) is never checked: it is not in the stop's thread list and
+//! does not run code being replaced.
+
+use std::ops::ControlFlow;
+
+use dsu_sys::modules::LoadedModule;
+
+use crate::stop::{ParkedThread, Stopped};
+use crate::unwind::{CfiTables, FrameKind, StackMemory, StackRegion, Unwinder, WalkEnd};
+
+/// Address ranges `[start, end)` of the function versions being replaced, each labelled with
+/// the index of its target (the function it is a version of).
+#[derive(Debug, Clone, Default)]
+pub struct Ranges {
+    /// Sorted by start.
+    items: Vec<(usize, usize, usize)>,
+    /// `max_end[i]`: the largest end among `items[..=i]` (ranges may overlap).
+    max_end: Vec<usize>,
+}
+
+impl Ranges {
+    pub fn new() -> Ranges {
+        Ranges::default()
+    }
+
+    /// Adds `[start, end)` for `target`. Empty ranges are ignored. Allocates.
+    pub fn push(&mut self, start: usize, end: usize, target: usize) {
+        if start >= end {
+            return;
+        }
+        self.items.push((start, end, target));
+        self.items.sort_unstable();
+        self.max_end.clear();
+        let mut m = 0;
+        for &(_, e, _) in &self.items {
+            m = m.max(e);
+            self.max_end.push(m);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The ranges as `(start, end, target)`, sorted by start.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.items.iter().copied()
+    }
+
+    /// The target of a range containing `addr`.
+    pub fn find(&self, addr: usize) -> Option<usize> {
+        let mut i = self.items.partition_point(|&(s, _, _)| s <= addr);
+        while i > 0 && self.max_end[i - 1] > addr {
+            i -= 1;
+            let (s, e, t) = self.items[i];
+            if addr >= s && addr < e {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// The target of a range a return address `ra` returns into: the call is at `ra - 1`; `ra`
+    /// itself is also accepted (conservative, for a call ending a function).
+    pub fn find_return(&self, ra: usize) -> Option<usize> {
+        self.find(ra.wrapping_sub(1)).or_else(|| self.find(ra))
+    }
+}
+
+impl FromIterator<(usize, usize, usize)> for Ranges {
+    fn from_iter<I: IntoIterator<Item = (usize, usize, usize)>>(iter: I) -> Ranges {
+        let mut r = Ranges::new();
+        for (s, e, t) in iter {
+            r.push(s, e, t);
+        }
+        r
+    }
+}
+
+/// How a thread was found in a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// Its interrupted program counter.
+    Pc,
+    /// A return address found by precise unwinding, `depth` frames out.
+    ReturnAddress { depth: usize },
+    /// The program counter of a context interrupted by a signal whose handler is still on the
+    /// stack, `depth` frames out.
+    Interrupted { depth: usize },
+    /// A word of the stack at address `at`, found by the conservative scan.
+    StackScan { at: usize },
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            How::Pc => write!(f, "executing it"),
+            How::ReturnAddress { depth } => write!(f, "returns into it ({depth} frames up)"),
+            How::Interrupted { depth } => {
+                write!(f, "interrupted in it by a signal ({depth} frames up)")
+            }
+            How::StackScan { at } => write!(f, "a return address into it on the stack at {at:#x}"),
+        }
+    }
+}
+
+/// A thread active in a function being replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// Index of the target (as given to [`Ranges::push`]).
+    pub target: usize,
+    pub tid: i32,
+    /// The program counter or return address inside the range.
+    pub pc: u64,
+    pub how: How,
+}
+
+/// Errors of the activeness check.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(
+        "thread {tid}: stack pointer {sp:#x} is in no readable mapping, so the functions it \
+         returns into cannot be verified; retry later"
+    )]
+    NoStack { tid: i32, sp: u64 },
+    #[error(
+        "thread {tid}: more than {MAX_SCAN_REGIONS} nested signal stacks to scan, so it \
+         cannot be proven inactive; retry later"
+    )]
+    TooManySignalFrames { tid: i32 },
+    #[error("unwind information of a patch (.eh_frame at {start:#x}, {len} bytes): {source}")]
+    EhFrame {
+        start: usize,
+        len: usize,
+        source: gimli::Error,
+    },
+}
+
+/// Signal frames the scan follows from one thread (nested signals).
+const MAX_SCAN_REGIONS: usize = 8;
+
+/// Checks stopped threads against [`Ranges`]. Build it before stopping (it allocates), use it
+/// while stopped (it does not).
+#[derive(Debug)]
+pub struct Checker {
+    tables: CfiTables,
+    unwinder: Unwinder,
+    last_end: Option<WalkEnd>,
+}
+
+impl Checker {
+    /// A checker for every module loaded now (`dsu_sys::modules::loaded`). Takes the loader's
+    /// lock: call it before stopping threads. A module unloaded (`dlclose`) while the checker
+    /// lives must not be unwound through: build a new checker for each update.
+    pub fn for_loaded_modules() -> Checker {
+        let modules = dsu_sys::modules::loaded();
+        // SAFETY: the records come straight from the dynamic loader and describe modules loaded
+        // now; the agent does not unload modules (documented above).
+        unsafe { Checker::new(&modules) }
+    }
+
+    /// A checker for `modules`.
+    ///
+    /// # Safety
+    /// As [`CfiTables::from_modules`]: the records describe loaded modules at their run-time
+    /// addresses, which stay loaded while the checker is used.
+    pub unsafe fn new(modules: &[LoadedModule]) -> Checker {
+        Checker {
+            // SAFETY: forwarded from this function's contract.
+            tables: unsafe { CfiTables::from_modules(modules) },
+            unwinder: Unwinder::new(),
+            last_end: None,
+        }
+    }
+
+    /// Registers the `.eh_frame` of loaded patch code, so threads are unwound through it.
+    /// Returns the number of functions it describes.
+    ///
+    /// # Safety
+    /// As [`CfiTables::add_eh_frame`]: `[start, start + len)` is a `.eh_frame` linked at
+    /// `start`, mapped while the checker is used, and the code it describes is mapped.
+    pub unsafe fn add_eh_frame(&mut self, start: usize, len: usize) -> Result<usize, CheckError> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.tables.add_eh_frame(start, len) }.map_err(|source| CheckError::EhFrame {
+            start,
+            len,
+            source,
+        })
+    }
+
+    /// The unwind tables (for diagnostics: which modules were skipped).
+    pub fn tables(&self) -> &CfiTables {
+        &self.tables
+    }
+
+    /// How the precise walk of the last [`find_active`](Self::find_active) ended (`None` when
+    /// it found the thread active on the way, or there were no ranges).
+    pub fn last_walk(&self) -> Option<WalkEnd> {
+        self.last_end
+    }
+
+    /// The first of `stopped`'s threads active in `ranges`, if any. Allocates nothing.
+    pub fn find_any_active(
+        &mut self,
+        stopped: &Stopped<'_>,
+        ranges: &Ranges,
+    ) -> Result<Option<Activity>, CheckError> {
+        for t in stopped.threads() {
+            if let Some(a) = self.find_active(stopped, t, ranges)? {
+                return Ok(Some(a));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `thread`, parked in `stopped`, executes or returns into a range. Allocates
+    /// nothing. An error means the thread cannot be proven inactive.
+    ///
+    /// Takes the [`Stopped`] world rather than the thread alone: its memory map, read while
+    /// every thread was held, bounds every stack read (and locates the stack a signal frame
+    /// returns to).
+    pub fn find_active(
+        &mut self,
+        stopped: &Stopped<'_>,
+        thread: &ParkedThread,
+        ranges: &Ranges,
+    ) -> Result<Option<Activity>, CheckError> {
+        self.last_end = None;
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        // SAFETY: the map was read while `stopped` holds every other thread, and it still does
+        // (it is borrowed for this call).
+        let mem = unsafe { StackMemory::new(stopped.maps(), thread.alt_stack) };
+        let tid = thread.tid;
+        let mut found = None;
+        let end = self
+            .unwinder
+            .walk(&self.tables, &mem, &thread.regs, |frame| {
+                let pc = frame.pc as usize;
+                let hit = match frame.kind {
+                    FrameKind::Interrupted => ranges.find(pc).map(|t| (t, How::Pc)),
+                    FrameKind::Return => ranges.find_return(pc).map(|t| {
+                        let depth = frame.depth;
+                        (t, How::ReturnAddress { depth })
+                    }),
+                    FrameKind::Signal => ranges.find(pc).map(|t| {
+                        let depth = frame.depth;
+                        (t, How::Interrupted { depth })
+                    }),
+                };
+                match hit {
+                    Some((target, how)) => {
+                        found = Some(Activity {
+                            target,
+                            tid,
+                            pc: frame.pc,
+                            how,
+                        });
+                        ControlFlow::Break(())
+                    }
+                    None => ControlFlow::Continue(()),
+                }
+            });
+        if found.is_some() {
+            return Ok(found);
+        }
+        self.last_end = Some(end);
+        match end {
+            WalkEnd::Outermost | WalkEnd::Stopped => Ok(None),
+            WalkEnd::Failed { at, region, .. } => match region {
+                Some(region) => self.scan(&mem, region, at.sp as usize, tid, ranges),
+                None => Err(CheckError::NoStack { tid, sp: at.sp }),
+            },
+        }
+    }
+
+    /// The conservative scan: every word from `sp` to the end of `region`, then of the stacks
+    /// that signal frames found on the way return to.
+    fn scan(
+        &self,
+        mem: &StackMemory<'_>,
+        region: StackRegion,
+        sp: usize,
+        tid: i32,
+        ranges: &Ranges,
+    ) -> Result<Option<Activity>, CheckError> {
+        let mut todo = [(region, sp & !7); MAX_SCAN_REGIONS];
+        let mut done = [region; MAX_SCAN_REGIONS];
+        let (mut pending, mut seen) = (1, 1);
+        while pending > 0 {
+            pending -= 1;
+            let (region, from) = todo[pending];
+            let mut addr = from.max(region.start);
+            while let Some(word) = mem.read(region, addr) {
+                let w = word as usize;
+                if let Some(target) = ranges.find_return(w) {
+                    let how = How::StackScan { at: addr };
+                    return Ok(Some(Activity {
+                        target,
+                        tid,
+                        pc: word,
+                        how,
+                    }));
+                }
+                if self.tables.is_sigreturn_start(w)
+                    && let Some(regs) = mem.read_ucontext(region, addr + 8)
+                {
+                    if let Some(target) = ranges.find(regs.rip as usize) {
+                        let how = How::StackScan { at: addr };
+                        return Ok(Some(Activity {
+                            target,
+                            tid,
+                            pc: regs.rip,
+                            how,
+                        }));
+                    }
+                    let next = mem.region(regs.rsp as usize);
+                    if let Some(next) = next.filter(|n| !done[..seen].contains(n)) {
+                        if pending == MAX_SCAN_REGIONS || seen == MAX_SCAN_REGIONS {
+                            return Err(CheckError::TooManySignalFrames { tid });
+                        }
+                        todo[pending] = (next, regs.rsp as usize & !7);
+                        done[seen] = next;
+                        pending += 1;
+                        seen += 1;
+                    }
+                }
+                addr += 8;
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,11 +1,16 @@
 //! dsu agent: applies live patches to the running process.
 //!
-//! The modules follow the update sequence:
-//! trigger -> load -> resolve -> relocate -> place (together: link) -> prepare -> stop ->
-//! check -> write -> report.
+//! Add `dsu_agent::install()?;` to `main`; then an operator runs `dsu apply -p PID fix.o` (or
+//! drops `fix.o` as `<control dir>/patch` and sends `SIGUSR2`). The modules follow the update
+//! sequence:
+//!
+//! trigger -> load -> resolve -> relocate -> place (together: [`link`]) -> [`prepare`] ->
+//! [`stop`] -> [`check`] -> [`write`] -> [`report`], driven by [`update`].
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod agent;
+mod capi;
 pub mod check;
 pub mod config;
 pub mod control;
@@ -19,9 +24,18 @@ pub mod relocate;
 pub mod report;
 pub mod resolve;
 pub mod stop;
+mod trigger;
 pub mod unwind;
 pub mod update;
 pub mod write;
 
-mod capi;
-mod trigger;
+pub use agent::Agent;
+pub use config::Builder;
+pub use error::Error;
+pub use update::{Applied, AppliedPatch, Policy, UpdateError};
+
+/// Installs the agent with the default configuration (see [`Builder`]). Idempotent: later
+/// calls return the same agent. The agent runs for the life of the process.
+pub fn install() -> Result<Agent, Error> {
+    Builder::new().install()
+}

@@ -76,7 +76,10 @@ impl LinkedPatch {
 
     /// The code part's address range.
     pub fn code_range(&self) -> (usize, usize) {
-        (self.mapping.addr(), self.mapping.addr() + self.layout.exec_end)
+        (
+            self.mapping.addr(),
+            self.mapping.addr() + self.layout.exec_end,
+        )
     }
 
     /// Gives up ownership of the image, which then stays mapped; returns its range.

@@ -101,12 +101,18 @@ pub enum Definition {
     /// Resolved against the running process.
     Undefined,
     /// In a loaded section, at an offset from its start.
-    Section { section: usize, offset: u64 },
+    Section {
+        section: usize,
+        offset: u64,
+    },
     /// In a section that is not loaded (debug info, say): usable only by non-loaded sections.
     NotLoaded,
     Absolute(u64),
     /// A common symbol (`-fcommon`): allocated in the patch's zeroed data.
-    Common { size: u64, align: u64 },
+    Common {
+        size: u64,
+        align: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -212,7 +218,9 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
     for (index, sym) in symtab.enumerate() {
         let name = symtab.symbol_name(endian, sym).map_err(malformed)?;
         let name = String::from_utf8_lossy(name).into_owned();
-        let section = symtab.symbol_section(endian, sym, index).map_err(malformed)?;
+        let section = symtab
+            .symbol_section(endian, sym, index)
+            .map_err(malformed)?;
         symbols.push(convert_symbol(name, sym, section, endian, &loaded));
     }
 
@@ -294,11 +302,15 @@ fn check_header(header: &Elf, endian: Endianness) -> Result<(), LoadError> {
     }
     match header.e_type(endian) {
         elf::ET_REL => Ok(()),
-        elf::ET_EXEC => Err(LoadError::NotRelocatable { kind: "an executable" }),
+        elf::ET_EXEC => Err(LoadError::NotRelocatable {
+            kind: "an executable",
+        }),
         elf::ET_DYN => Err(LoadError::NotRelocatable {
             kind: "a shared object or PIE executable",
         }),
-        elf::ET_CORE => Err(LoadError::NotRelocatable { kind: "a core dump" }),
+        elf::ET_CORE => Err(LoadError::NotRelocatable {
+            kind: "a core dump",
+        }),
         _ => Err(LoadError::NotRelocatable {
             kind: "of an unknown type",
         }),
@@ -364,11 +376,9 @@ fn load_section(
     let bytes = if kind == SectionKind::Bss {
         Vec::new()
     } else {
-        let bytes = shdr
-            .data(endian, data)
-            .map_err(|_| LoadError::Truncated {
-                section: name.clone(),
-            })?;
+        let bytes = shdr.data(endian, data).map_err(|_| LoadError::Truncated {
+            section: name.clone(),
+        })?;
         if bytes.len() as u64 != size {
             return Err(LoadError::Truncated { section: name });
         }

@@ -34,7 +34,11 @@ pub enum PlaceError {
     #[error(
         "the code the patch must reach spans {span:#x} bytes ({low:#x}..{high:#x}); a rel32 reaches 2 GiB: split the patch"
     )]
-    TooFarApart { low: usize, high: usize, span: usize },
+    TooFarApart {
+        low: usize,
+        high: usize,
+        span: usize,
+    },
     #[error("no free address range of {len:#x} bytes within reach of {anchor:#x}: {source}")]
     NoSpace {
         anchor: usize,
@@ -42,15 +46,9 @@ pub enum PlaceError {
         source: std::io::Error,
     },
     #[error("cannot set protection of the patch image at {addr:#x}: {source}")]
-    Protect {
-        addr: usize,
-        source: std::io::Error,
-    },
+    Protect { addr: usize, source: std::io::Error },
     #[error("cannot write patch code at {addr:#x}: {source}")]
-    WriteCode {
-        addr: usize,
-        source: std::io::Error,
-    },
+    WriteCode { addr: usize, source: std::io::Error },
 }
 
 /// Where everything of the patch goes, as offsets into the image.
@@ -108,7 +106,11 @@ pub fn layout(patch: &PatchObject, got_count: usize, stub_count: usize, page: us
     put(
         &mut out,
         &mut at,
-        &[SectionKind::ReadOnly, SectionKind::RelRo, SectionKind::EhFrame],
+        &[
+            SectionKind::ReadOnly,
+            SectionKind::RelRo,
+            SectionKind::EhFrame,
+        ],
     );
     at = align_up(at, GOT_SLOT_LEN);
     out.got = at;
@@ -186,10 +188,8 @@ pub fn publish(
     let code = &image[..layout.exec_end];
     // SAFETY: the code part is mapped (the mapping is at least `exec_end` long) and nothing
     // executes it yet: no caller has been redirected to this image.
-    unsafe { writer.write(base, code) }.map_err(|source| PlaceError::WriteCode {
-        addr: base,
-        source,
-    })?;
+    unsafe { writer.write(base, code) }
+        .map_err(|source| PlaceError::WriteCode { addr: base, source })?;
     dsu_sys::cpu::flush_icache(base, code.len());
     let data = &image[layout.exec_end..];
     if !data.is_empty() {

@@ -39,7 +39,11 @@ pub enum PrepareError {
         bytes: String,
     },
     #[error("{name}: new code at {new:#x} is out of rel32 reach of the entry at {site:#x}")]
-    OutOfReach { name: String, site: usize, new: usize },
+    OutOfReach {
+        name: String,
+        site: usize,
+        new: usize,
+    },
     #[error("{name} in {module}: {size:#x} bytes at {address:#x} are not mapped readable")]
     NotMapped {
         name: String,
@@ -210,11 +214,25 @@ mod tests {
     #[test]
     fn too_small_functions_are_refused() {
         let e = plan_redirect("tiny", "m", AT, &[0x31, 0xc0, 0xc3], AT + 64).unwrap_err();
-        assert!(matches!(e, PrepareError::TooSmall { size: 3, need: 5, .. }));
+        assert!(matches!(
+            e,
+            PrepareError::TooSmall {
+                size: 3,
+                need: 5,
+                ..
+            }
+        ));
         let mut code = ENDBR64.to_vec();
         code.extend([0x31, 0xc0, 0xc3]);
         let e = plan_redirect("tiny", "m", AT, &code, AT + 64).unwrap_err();
-        assert!(matches!(e, PrepareError::TooSmall { size: 7, need: 9, .. }));
+        assert!(matches!(
+            e,
+            PrepareError::TooSmall {
+                size: 7,
+                need: 9,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -223,7 +241,9 @@ mod tests {
         let code = [0x31, 0xc0, 0xff, 0xc0, 0x83, 0xf8, 0x05, 0x75, 0xf9, 0xc3];
         let e = plan_redirect("loop", "m", AT, &code, AT + 64).unwrap_err();
         match e {
-            PrepareError::BranchIntoEntry { from, to, bytes, .. } => {
+            PrepareError::BranchIntoEntry {
+                from, to, bytes, ..
+            } => {
                 assert_eq!(from, AT + 7);
                 assert_eq!(to, AT + 2);
                 assert_eq!(bytes, "75 f9");

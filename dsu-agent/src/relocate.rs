@@ -280,7 +280,10 @@ mod tests {
 
     #[test]
     fn forms_of_raw_types() {
-        assert_eq!(Form::of(elf::R_X86_64_REX_GOTPCRELX.0), Some(Form::GotPcRel));
+        assert_eq!(
+            Form::of(elf::R_X86_64_REX_GOTPCRELX.0),
+            Some(Form::GotPcRel)
+        );
         assert_eq!(Form::of(elf::R_X86_64_GOTPCRELX.0), Some(Form::GotPcRel));
         assert_eq!(Form::of(elf::R_X86_64_PLT32.0), Some(Form::Plt32));
         assert_eq!(Form::of(elf::R_X86_64_TPOFF32.0), None);

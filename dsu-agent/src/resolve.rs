@@ -153,12 +153,7 @@ impl SymbolIndex {
         let found: Vec<&ProcessSymbol> = self
             .definitions(name)
             .iter()
-            .filter(|s| {
-                matches!(
-                    s.kind,
-                    SymbolKind::Function | SymbolKind::IndirectFunction
-                )
-            })
+            .filter(|s| matches!(s.kind, SymbolKind::Function | SymbolKind::IndirectFunction))
             .collect();
         match found.as_slice() {
             [] => Ok(None),
@@ -204,8 +199,8 @@ impl SymbolIndex {
             name: name.to_string(),
             module: module.name.clone(),
         };
-        let address = dsu_sys::dl::dlsym_in(module.is_main, &module.path, name)
-            .ok_or_else(unresolved)?;
+        let address =
+            dsu_sys::dl::dlsym_in(module.is_main, &module.path, name).ok_or_else(unresolved)?;
         Ok(ProcessSymbol {
             address,
             kind: SymbolKind::Function,
@@ -223,6 +218,20 @@ impl SymbolIndex {
         }
     }
 
+    /// Names of the functions defined at `address`.
+    pub fn names_at(&self, address: usize) -> Vec<&str> {
+        self.by_name
+            .iter()
+            .filter(|(_, defs)| {
+                defs.iter().any(|s| {
+                    s.address == address
+                        && matches!(s.kind, SymbolKind::Function | SymbolKind::IndirectFunction)
+                })
+            })
+            .map(|(n, _)| &**n)
+            .collect()
+    }
+
     pub fn module_name(&self, module: usize) -> &str {
         self.modules.get(module).map_or("?", |m| m.name.as_str())
     }
@@ -236,9 +245,7 @@ fn read_symbols<'a, R: ReadRef<'a>>(
 ) -> Result<(), String> {
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
     let endian = header.endian().map_err(|e| e.to_string())?;
-    let sections = header
-        .sections(endian, data)
-        .map_err(|e| e.to_string())?;
+    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
     for sh_type in [elf::SHT_SYMTAB, elf::SHT_DYNSYM] {
         let table = sections
             .symbols(endian, data, sh_type)

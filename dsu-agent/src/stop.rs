@@ -1,1 +1,674 @@
-//! TODO
+//! Stop the world: park every other thread of the process in a signal handler, read its
+//! interrupted registers, and let it go again.
+//!
+//! # Protocol
+//!
+//! One real-time signal is reserved for parking. A stop *round* has a number `r` (never 0,
+//! unique for the life of the process). The agent's thread, in [`StopWorld::stop`]:
+//! 1. opens the round: the slot array's `state` word becomes `(r << 32) | 0` (round, claimed);
+//! 2. lists `/proc/self/task` and `tgkill`s every thread but itself;
+//! 3. waits on the `PARKED_SEQ` futex until every signalled thread has a slot tagged `r`;
+//! 4. lists again; new threads are signalled and waited for, until a listing shows no new tid;
+//! 5. reads `/proc/self/maps` to learn each thread's stack bounds.
+//!
+//! The handler ([`park`]) claims a slot index with a compare-and-swap on `state` that only
+//! succeeds while round `r` is open, copies its interrupted registers into the slot, tags the
+//! slot `(r, tid)`, bumps `PARKED_SEQ`, then sleeps on the `RELEASED` futex until
+//! `RELEASED >= r` (wrapping comparison). Resuming (or aborting) closes the round (`state`
+//! back to 0), then stores `RELEASED = r` and wakes everyone.
+//!
+//! Why a generation counter: a thread released from round `r` may not have left the handler
+//! when round `r + 1` signals it. Its stop signal stays blocked until it returns, so the new
+//! signal waits as pending; the thread sees `RELEASED >= r`, leaves, and the pending signal
+//! parks it again in round `r + 1`. A boolean "released" flag would instead be reset by round
+//! `r + 1` before the old thread saw it, leaving that thread asleep in round `r` forever. A
+//! signal delivered when no round is open (late, or from an aborted round) finds `state == 0`
+//! and returns at once; a stale signal arriving during a later round parks the thread in that
+//! round, which is harmless (it is one of the threads the round stops anyway).
+//!
+//! Slot arrays are never freed (they are leaked on growth): a handler may hold a pointer to
+//! one for an unbounded time. A round that ends while a claimed slot is still being written
+//! retires its array; the next [`StopWorld::stop`] then asks for [`StopWorld::prepare`].
+//!
+//! While the world is stopped this module allocates nothing, takes no lock and prints
+//! nothing: every buffer is sized by [`StopWorld::prepare`].
+//!
+//! `unsafe` here: reading `siginfo`/`ucontext` in the handler, the slots' interior mutability
+//! (one writer per slot per round, published by a release store of the tag), and installing the
+//! handler.
+
+use std::cell::UnsafeCell;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dsu_sys::futex;
+use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers, SavedErrno};
+use dsu_sys::stack::{MapsSnapshot, Region};
+use dsu_sys::threads;
+
+/// Errors of stopping the world. Every one leaves all threads running.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    #[error(
+        "signal {sig} already has a handler at {handler:#x}; choose another stop signal \
+         (a real-time signal unused by the program)"
+    )]
+    SignalInUse { sig: i32, handler: usize },
+    #[error("signal {sig} is ignored by the program; choose another stop signal")]
+    SignalIgnored { sig: i32 },
+    #[error("the stop handler is already installed for signal {installed}, not {requested}")]
+    OtherSignal { installed: i32, requested: i32 },
+    #[error("installing the stop handler for signal {sig}: {source}")]
+    Install { sig: i32, source: io::Error },
+    #[error("another StopWorld exists in this process; only one may stop threads")]
+    Busy,
+    #[error(
+        "not enough room for {what} while threads were stopped; call StopWorld::prepare and retry"
+    )]
+    PrepareAgain { what: &'static str },
+    #[error(
+        "thread {tid} did not stop within {waited:?} (it may block the stop signal, or be traced or stopped)"
+    )]
+    NotParked { tid: i32, waited: Duration },
+    #[error("sending the stop signal to thread {tid}: {source}")]
+    Signal { tid: i32, source: io::Error },
+    #[error("listing the threads of the process: {0}")]
+    ListThreads(io::Error),
+    #[error("reading the memory map of the process: {0}")]
+    Maps(io::Error),
+}
+
+/// `[start, end)` of the memory a stopped thread's stack pointer points into: its alternate
+/// signal stack when it runs on it, else the mapping that contains the stack pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackBounds {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl StackBounds {
+    pub fn contains(&self, addr: usize) -> bool {
+        addr >= self.start && addr < self.end
+    }
+}
+
+/// A thread held in the park handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParkedThread {
+    pub tid: i32,
+    /// The registers at the instruction the stop signal interrupted.
+    pub regs: Registers,
+    /// Bounds of the stack that `regs.rsp` points into; `None` when it points into no readable
+    /// mapping (then nothing about the thread's calls can be verified).
+    pub stack: Option<StackBounds>,
+    /// The thread's alternate signal stack, when it has one.
+    pub alt_stack: Option<AltStack>,
+}
+
+const SLOT_MARGIN: usize = 64;
+const DIRENT_BUF: usize = 16 * 1024;
+/// How often unparked threads are checked for having exited while waiting.
+const LIVENESS_SLICE: Duration = Duration::from_millis(2);
+
+/// Raw copy of a parked thread's context: decoded by the stopper, not in the handler, which
+/// may run on a small alternate signal stack.
+struct SlotData {
+    gregs: [u64; NGREG],
+    alt: AltStack,
+}
+
+struct Slot {
+    /// `(round << 32) | tid`, stored last with `Release` once `data` is written.
+    tag: AtomicU64,
+    data: UnsafeCell<SlotData>,
+}
+
+// SAFETY: `data` has one writer per round (the handler that claimed the slot index through
+// `SlotArray::state`) and is read only after an `Acquire` load of `tag` shows that round; an
+// array is reused for a new round only when every claimed slot was tagged (see `end_round`).
+unsafe impl Sync for Slot {}
+
+struct SlotArray {
+    /// `(round << 32) | claimed`; round 0 means no stop in progress.
+    state: AtomicU64,
+    /// Thread id of the stopping thread, which the handler ignores.
+    stopper: AtomicI32,
+    slots: Box<[Slot]>,
+}
+
+impl SlotArray {
+    fn leak(capacity: usize) -> &'static SlotArray {
+        let slots = (0..capacity)
+            .map(|_| Slot {
+                tag: AtomicU64::new(0),
+                data: UnsafeCell::new(SlotData {
+                    gregs: [0; NGREG],
+                    alt: AltStack::default(),
+                }),
+            })
+            .collect();
+        Box::leak(Box::new(SlotArray {
+            state: AtomicU64::new(0),
+            stopper: AtomicI32::new(0),
+            slots,
+        }))
+    }
+}
+
+/// The array the handler claims slots in. Never freed.
+static CURRENT: AtomicPtr<SlotArray> = AtomicPtr::new(std::ptr::null_mut());
+/// Last released (or aborted) round: parked threads sleep on it.
+static RELEASED: AtomicU32 = AtomicU32::new(0);
+/// Bumped by every thread that parks: the stopper sleeps on it.
+static PARKED_SEQ: AtomicU32 = AtomicU32::new(0);
+/// Last round number handed out.
+static ROUND: AtomicU32 = AtomicU32::new(0);
+/// The signal the handler is installed for (0: none yet).
+static INSTALLED: AtomicI32 = AtomicI32::new(0);
+/// Whether a `StopWorld` exists.
+static OWNED: AtomicBool = AtomicBool::new(false);
+static INSTALL_LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+fn tag_round(tag: u64) -> u32 {
+    (tag >> 32) as u32
+}
+
+fn tag_tid(tag: u64) -> i32 {
+    tag as u32 as i32
+}
+
+/// Whether round `r` has been released: `RELEASED >= r` in wrapping order.
+fn released(r: u32) -> bool {
+    (RELEASED.load(Ordering::Acquire).wrapping_sub(r) as i32) >= 0
+}
+
+/// The park handler. *Async-signal-safe*: touches only atomics, the preallocated slot array,
+/// `errno` (saved and restored) and raw syscalls (`gettid`, `getpid`, `futex`).
+///
+/// Acts only on a signal sent by this process with `tgkill` while a round is open; anything
+/// else (a late signal, a `kill` from outside) returns at once.
+extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let _errno = SavedErrno::save();
+    if info.is_null() || uc.is_null() {
+        return;
+    }
+    // SAFETY: the kernel passes a valid siginfo to a SA_SIGINFO handler (non-null: checked).
+    let (code, pid) = unsafe { ((*info).si_code, (*info).si_pid()) };
+    if code != libc::SI_TKILL || pid != threads::getpid() {
+        return;
+    }
+    let array = CURRENT.load(Ordering::Acquire);
+    if array.is_null() {
+        return;
+    }
+    // SAFETY: slot arrays are leaked, never freed: any non-null pointer stays valid.
+    let array = unsafe { &*array };
+    let tid = threads::gettid();
+    if array.stopper.load(Ordering::Relaxed) == tid {
+        return;
+    }
+    let mut state = array.state.load(Ordering::Acquire);
+    let (round, index) = loop {
+        let round = (state >> 32) as u32;
+        if round == 0 {
+            return; // no stop in progress: a late signal
+        }
+        match array.state.compare_exchange_weak(
+            state,
+            state + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => break (round, state as u32 as usize),
+            Err(now) => state = now,
+        }
+    };
+    // Past the capacity the claim still counts (the stopper sees the overflow and aborts),
+    // and the thread parks all the same: it must not run while others are stopped.
+    if let Some(slot) = array.slots.get(index) {
+        let uc = uc.cast::<libc::ucontext_t>();
+        // SAFETY: `uc` is the live ucontext the kernel passed (non-null: checked). This handler
+        // claimed `index` for `round` through the CAS above: no other writer; the stopper reads
+        // only after the tag below (see `impl Sync for Slot`). Copied in place, without
+        // temporaries: the handler may run on a nearly full alternate signal stack.
+        unsafe {
+            let data = slot.data.get();
+            signal::copy_gregs(uc, &mut (*data).gregs);
+            (*data).alt = AltStack::from_ucontext(uc);
+        }
+        slot.tag.store(
+            u64::from(round) << 32 | u64::from(tid as u32),
+            Ordering::Release,
+        );
+    }
+    PARKED_SEQ.fetch_add(1, Ordering::Release);
+    // A failed wake only delays the stopper until its next timeout slice.
+    let _ = futex::wake_all(&PARKED_SEQ);
+    loop {
+        let seen = RELEASED.load(Ordering::Acquire);
+        if (seen.wrapping_sub(round) as i32) >= 0 {
+            break;
+        }
+        let _ = futex::wait(&RELEASED, seen, None);
+    }
+}
+
+/// Stops and resumes all other threads of the process. See the module documentation.
+#[derive(Debug)]
+pub struct StopWorld {
+    sig: i32,
+    array: Option<&'static SlotArray>,
+    dirents: Vec<u8>,
+    listed: Vec<i32>,
+    /// Signalled and not known to have exited; sorted.
+    expected: Vec<i32>,
+    scratch: Vec<i32>,
+    parked: Vec<ParkedThread>,
+    maps: MapsSnapshot,
+    /// The group leader exited and is a zombie: never signal it again.
+    zombie_leader: bool,
+}
+
+impl std::fmt::Debug for SlotArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotArray")
+            .field("capacity", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StopWorld {
+    /// Installs the park handler for `sig` (once per process) and claims the right to stop
+    /// threads. Refused when `sig` has a handler that is not ours or is ignored, or when the
+    /// handler was installed for another signal, or another `StopWorld` exists.
+    pub fn new(sig: i32) -> Result<StopWorld, StopError> {
+        {
+            let _guard = INSTALL_LOCK.lock();
+            let installed = INSTALLED.load(Ordering::Acquire);
+            if installed == 0 {
+                let install = |source| StopError::Install { sig, source };
+                match signal::disposition(sig).map_err(install)? {
+                    Disposition::Default => {}
+                    Disposition::Ignore => return Err(StopError::SignalIgnored { sig }),
+                    Disposition::Handler { addr, .. } => {
+                        return Err(StopError::SignalInUse { sig, handler: addr });
+                    }
+                }
+                // SAFETY: `park` is async-signal-safe (see its documentation) and `sig` had
+                // the default action: nobody else relies on it.
+                unsafe { signal::install(sig, park, BlockDuring::Everything) }.map_err(install)?;
+                INSTALLED.store(sig, Ordering::Release);
+            } else if installed != sig {
+                return Err(StopError::OtherSignal {
+                    installed,
+                    requested: sig,
+                });
+            }
+        }
+        if OWNED.swap(true, Ordering::AcqRel) {
+            return Err(StopError::Busy);
+        }
+        Ok(StopWorld {
+            sig,
+            array: None,
+            dirents: Vec::new(),
+            listed: Vec::new(),
+            expected: Vec::new(),
+            scratch: Vec::new(),
+            parked: Vec::new(),
+            maps: MapsSnapshot::new(),
+            zombie_leader: false,
+        })
+    }
+
+    /// The stop signal.
+    pub fn signal(&self) -> i32 {
+        self.sig
+    }
+
+    /// How many threads a stop can hold without [`prepare`](Self::prepare) again.
+    pub fn capacity(&self) -> usize {
+        self.array.map_or(0, |a| a.slots.len())
+    }
+
+    /// Sizes every buffer a stop needs for the current number of threads plus a margin, and
+    /// for the current memory map. Allocates: call it before [`stop`](Self::stop), and again
+    /// when `stop` returns [`StopError::PrepareAgain`].
+    pub fn prepare(&mut self) -> io::Result<()> {
+        let threads = threads::list()?.len();
+        let capacity = threads * 2 + SLOT_MARGIN;
+        if self.capacity() < capacity {
+            let array = SlotArray::leak(capacity);
+            // The old array (if any) is leaked: a late handler may still hold it.
+            CURRENT.store(std::ptr::from_ref(array).cast_mut(), Ordering::Release);
+            self.array = Some(array);
+        }
+        let capacity = self.capacity();
+        self.dirents.resize(DIRENT_BUF, 0);
+        self.listed.resize(capacity, 0);
+        reserve_exact(&mut self.expected, capacity);
+        reserve_exact(&mut self.scratch, capacity);
+        reserve_exact(&mut self.parked, capacity);
+        self.maps.reserve()
+    }
+
+    /// Stops every other thread of the process, within `timeout`. Allocates nothing, takes no
+    /// lock, prints nothing. On any error all threads run again.
+    pub fn stop(&mut self, timeout: Duration) -> Result<Stopped<'_>, StopError> {
+        let array = match self.array {
+            Some(a) if std::ptr::eq(CURRENT.load(Ordering::Acquire), a) => a,
+            _ => {
+                return Err(StopError::PrepareAgain {
+                    what: "thread slots",
+                });
+            }
+        };
+        let deadline = Instant::now() + timeout;
+        let round = next_round();
+        let me = threads::gettid();
+        array.stopper.store(me, Ordering::Relaxed);
+        array.state.store(u64::from(round) << 32, Ordering::Release);
+        self.expected.clear();
+        self.parked.clear();
+        match self.stop_round(array, round, me, deadline, timeout) {
+            Ok(()) => Ok(Stopped {
+                world: self,
+                round,
+                resumed: false,
+            }),
+            Err(e) => {
+                self.end_round(round);
+                Err(e)
+            }
+        }
+    }
+
+    fn stop_round(
+        &mut self,
+        array: &'static SlotArray,
+        round: u32,
+        me: i32,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), StopError> {
+        loop {
+            let n = threads::list_into(&mut self.dirents, &mut self.listed).map_err(|e| {
+                if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
+                    StopError::PrepareAgain {
+                        what: "thread list",
+                    }
+                } else {
+                    StopError::ListThreads(e)
+                }
+            })?;
+            let before = self.expected.len();
+            let pid = threads::getpid();
+            for i in 0..n {
+                let tid = self.listed[i];
+                if tid == me
+                    || (tid == pid && self.zombie_leader)
+                    || self.expected.binary_search(&tid).is_ok()
+                {
+                    continue;
+                }
+                match threads::tgkill(tid, self.sig) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                    Err(source) => return Err(StopError::Signal { tid, source }),
+                }
+                if self.expected.len() == self.expected.capacity() {
+                    return Err(StopError::PrepareAgain {
+                        what: "thread slots",
+                    });
+                }
+                self.expected.push(tid);
+            }
+            let added = self.expected.len() - before;
+            self.expected.sort_unstable();
+            self.wait_parked(array, round, deadline, timeout)?;
+            if added == 0 {
+                break;
+            }
+        }
+        self.collect(array, round)?;
+        self.maps.refresh().map_err(|e| {
+            if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
+                StopError::PrepareAgain { what: "memory map" }
+            } else {
+                StopError::Maps(e)
+            }
+        })?;
+        for t in &mut self.parked {
+            t.stack = stack_bounds(&self.maps, t.regs.rsp as usize, t.alt_stack);
+        }
+        Ok(())
+    }
+
+    /// Waits until every expected thread has a slot tagged `round`, dropping threads that
+    /// exited meanwhile.
+    fn wait_parked(
+        &mut self,
+        array: &'static SlotArray,
+        round: u32,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), StopError> {
+        loop {
+            let seq = PARKED_SEQ.load(Ordering::Acquire);
+            let claimed = array.state.load(Ordering::Acquire) as u32 as usize;
+            if claimed > array.slots.len() {
+                return Err(StopError::PrepareAgain {
+                    what: "thread slots",
+                });
+            }
+            self.scratch.clear();
+            for slot in &array.slots[..claimed] {
+                let tag = slot.tag.load(Ordering::Acquire);
+                if tag_round(tag) == round {
+                    // Within capacity: at most `claimed <= slots.len()` pushes.
+                    self.scratch.push(tag_tid(tag));
+                }
+            }
+            self.scratch.sort_unstable();
+            let missing = self
+                .expected
+                .iter()
+                .position(|t| self.scratch.binary_search(t).is_err());
+            let Some(first_missing) = missing else {
+                return Ok(());
+            };
+            let now = Instant::now();
+            let slice = deadline.saturating_duration_since(now).min(LIVENESS_SLICE);
+            if slice.is_zero()
+                || futex::wait(&PARKED_SEQ, seq, Some(slice)).ok() == Some(futex::Wake::TimedOut)
+            {
+                self.drop_exited(first_missing)?;
+                if Instant::now() >= deadline {
+                    // Re-check once: the last parker may have arrived with the deadline.
+                    if let Some(tid) = self.first_unparked(array, round) {
+                        return Err(StopError::NotParked {
+                            tid,
+                            waited: timeout,
+                        });
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The first expected thread without a slot in `round`, if any.
+    fn first_unparked(&self, array: &SlotArray, round: u32) -> Option<i32> {
+        let claimed = (array.state.load(Ordering::Acquire) as u32 as usize).min(array.slots.len());
+        self.expected.iter().copied().find(|&tid| {
+            !array.slots[..claimed].iter().any(|s| {
+                let tag = s.tag.load(Ordering::Acquire);
+                tag_round(tag) == round && tag_tid(tag) == tid
+            })
+        })
+    }
+
+    /// Removes from `expected[from..]` the unparked threads that exited (gone, or a zombie
+    /// group leader). `scratch` holds the parked tids, sorted.
+    fn drop_exited(&mut self, from: usize) -> Result<(), StopError> {
+        let pid = threads::getpid();
+        let mut i = from;
+        while i < self.expected.len() {
+            let tid = self.expected[i];
+            if self.scratch.binary_search(&tid).is_ok() {
+                i += 1;
+                continue;
+            }
+            let gone = match threads::state(tid) {
+                Ok(None) | Ok(Some(b'Z' | b'X')) => true,
+                Ok(Some(_)) => false,
+                Err(_) => threads::tgkill(tid, 0).is_err(),
+            };
+            if gone {
+                if tid == pid {
+                    self.zombie_leader = true;
+                }
+                self.expected.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the slots tagged `round` into `parked`.
+    fn collect(&mut self, array: &SlotArray, round: u32) -> Result<(), StopError> {
+        let claimed = array.state.load(Ordering::Acquire) as u32 as usize;
+        if claimed > array.slots.len() {
+            return Err(StopError::PrepareAgain {
+                what: "thread slots",
+            });
+        }
+        for slot in &array.slots[..claimed] {
+            let tag = slot.tag.load(Ordering::Acquire);
+            if tag_round(tag) != round {
+                continue; // claimed by a late thread still writing: not one we wait for
+            }
+            // SAFETY: the tag shows the writer of this round finished (Acquire pairs with its
+            // Release store); it writes nothing more until the round ends.
+            let data = unsafe { &*slot.data.get() };
+            let alt = data.alt.enabled().then_some(data.alt);
+            if self.parked.len() == self.parked.capacity() {
+                return Err(StopError::PrepareAgain {
+                    what: "thread slots",
+                });
+            }
+            self.parked.push(ParkedThread {
+                tid: tag_tid(tag),
+                regs: Registers::from_gregs(&data.gregs),
+                stack: None,
+                alt_stack: alt,
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes `round` and releases every thread parked in it. Retires the slot array when a
+    /// claimed slot was not written yet (a handler still holds it).
+    fn end_round(&mut self, round: u32) {
+        let Some(array) = self.array else { return };
+        let prev = array.state.swap(0, Ordering::AcqRel);
+        let claimed = (prev as u32 as usize).min(array.slots.len());
+        let in_flight = array.slots[..claimed]
+            .iter()
+            .any(|s| tag_round(s.tag.load(Ordering::Acquire)) != round);
+        RELEASED.store(round, Ordering::Release);
+        let _ = futex::wake_all(&RELEASED);
+        if in_flight {
+            CURRENT.store(std::ptr::null_mut(), Ordering::Release);
+            self.array = None;
+        }
+    }
+}
+
+impl Drop for StopWorld {
+    fn drop(&mut self) {
+        OWNED.store(false, Ordering::Release);
+    }
+}
+
+fn reserve_exact<T>(v: &mut Vec<T>, capacity: usize) {
+    v.clear();
+    if v.capacity() < capacity {
+        v.reserve_exact(capacity);
+    }
+}
+
+fn next_round() -> u32 {
+    loop {
+        let r = ROUND.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if r != 0 && !released_is_ahead(r) {
+            return r;
+        }
+    }
+}
+
+/// After a wrap of the round counter, a round number must still compare as newer than the
+/// last released one.
+fn released_is_ahead(r: u32) -> bool {
+    released(r)
+}
+
+/// Bounds for a stack pointer: the alternate signal stack when `sp` is on it, else the
+/// readable mapping containing `sp` (or ending at it: an empty stack).
+fn stack_bounds(maps: &MapsSnapshot, sp: usize, alt: Option<AltStack>) -> Option<StackBounds> {
+    let region: Region = maps
+        .find(sp)
+        .or_else(|| maps.find(sp.wrapping_sub(1)))
+        .filter(|r| r.readable)?;
+    let (mut start, mut end) = (region.start, region.end);
+    if let Some(alt) = alt.filter(|a| a.contains(sp) || a.base + a.size == sp) {
+        start = start.max(alt.base);
+        end = end.min(alt.base + alt.size);
+    }
+    Some(StackBounds { start, end })
+}
+
+/// The world while stopped. Dropping it resumes the threads.
+#[derive(Debug)]
+pub struct Stopped<'w> {
+    world: &'w mut StopWorld,
+    round: u32,
+    resumed: bool,
+}
+
+impl Stopped<'_> {
+    /// Every parked thread (all threads of the process but the caller).
+    pub fn threads(&self) -> &[ParkedThread] {
+        &self.world.parked
+    }
+
+    /// The memory map read while stopped (bounds of every mapping).
+    pub fn maps(&self) -> &MapsSnapshot {
+        &self.world.maps
+    }
+
+    /// The round number (unique for the life of the process).
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Lets every parked thread run again.
+    pub fn resume(mut self) {
+        self.resume_now();
+    }
+
+    fn resume_now(&mut self) {
+        if !self.resumed {
+            self.resumed = true;
+            self.world.end_round(self.round);
+        }
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.resume_now();
+    }
+}

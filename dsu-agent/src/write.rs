@@ -1,1 +1,66 @@
-//! TODO
+//! Write: store the prepared entry jumps while every other thread is parked, then make every
+//! core resynchronise before any of them runs again.
+//!
+//! **Runs while threads are stopped**: everything here is async-signal-safe. It allocates
+//! nothing, takes no lock and prints nothing; errors carry only an index and an OS error code.
+
+use std::io;
+
+use dsu_sys::code::CodeWriter;
+use dsu_sys::cpu;
+use dsu_sys::x86::JMP_REL32_LEN;
+
+/// One code change: `bytes` replace `original` at `site`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeEdit {
+    pub site: usize,
+    pub bytes: [u8; JMP_REL32_LEN],
+    pub original: [u8; JMP_REL32_LEN],
+}
+
+/// A write that failed: which edit, and the OS error (no allocation).
+#[derive(Debug)]
+pub struct WriteFailure {
+    pub index: usize,
+    pub error: io::Error,
+}
+
+/// Applies all `edits` or none: on a failure the edits already written are restored.
+/// Runs while threads are stopped.
+///
+/// # Safety
+/// Every other thread of the process is parked outside the edited bytes (the activeness
+/// check passed), and each `site` lies in mapped code.
+pub unsafe fn apply_all(writer: &CodeWriter, edits: &[CodeEdit]) -> Result<(), WriteFailure> {
+    for (index, edit) in edits.iter().enumerate() {
+        // SAFETY: guaranteed by the caller: mapped, and no thread executes these bytes.
+        if let Err(error) = unsafe { writer.write(edit.site, &edit.bytes) } {
+            for done in edits[..index].iter().rev() {
+                // SAFETY: as above; restoring bytes this function just wrote. A failure here
+                // cannot be reported better than the first one, which is returned.
+                let _ = unsafe { writer.write(done.site, &done.original) };
+                cpu::flush_icache(done.site, JMP_REL32_LEN);
+            }
+            let _ = cpu::sync_cores();
+            return Err(WriteFailure { index, error });
+        }
+        cpu::flush_icache(edit.site, JMP_REL32_LEN);
+    }
+    // Parked threads resume through `sigreturn`, which serialises, but a thread interrupted
+    // by the kernel elsewhere must not run stale prefetched bytes either.
+    let _ = cpu::sync_cores();
+    Ok(())
+}
+
+/// The inverse edits, in reverse order (to undo `edits`).
+pub fn inverse(edits: &[CodeEdit]) -> Vec<CodeEdit> {
+    edits
+        .iter()
+        .rev()
+        .map(|e| CodeEdit {
+            site: e.site,
+            bytes: e.original,
+            original: e.bytes,
+        })
+        .collect()
+}

@@ -243,10 +243,25 @@ impl Registers {
     /// # Safety
     /// `uc` points to a live `ucontext_t`, such as the third argument of a `SA_SIGINFO` handler.
     pub unsafe fn from_ucontext(uc: *const libc::ucontext_t) -> Registers {
-        // SAFETY: the caller guarantees `uc` is a live ucontext_t; gregs is a plain i64 array
-        // of NGREG elements (asserted by the cast's type).
-        let gregs: &[i64; NGREG] = unsafe { &(*uc).uc_mcontext.gregs };
-        Registers::from_gregs(&gregs.map(|v| v as u64))
+        let mut gregs = [0u64; NGREG];
+        // SAFETY: forwarded from this function's contract.
+        unsafe { copy_gregs(uc, &mut gregs) };
+        Registers::from_gregs(&gregs)
+    }
+}
+
+/// Copies the general registers of a signal context into `out` (indices `libc::REG_*`), with no
+/// temporary on the stack: for handlers that may run on a small alternate signal stack.
+/// Async-signal-safe.
+///
+/// # Safety
+/// `uc` points to a live `ucontext_t`.
+pub unsafe fn copy_gregs(uc: *const libc::ucontext_t, out: &mut [u64; NGREG]) {
+    // SAFETY: the caller guarantees `uc` is live; `gregs` is `[i64; NGREG]`, the same size and
+    // alignment as `out`, and the two cannot overlap (`out` is a unique reference).
+    unsafe {
+        let src = std::ptr::addr_of!((*uc).uc_mcontext.gregs).cast::<u64>();
+        std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), NGREG);
     }
 }
 
@@ -255,7 +270,9 @@ impl Registers {
 pub struct AltStack {
     pub base: usize,
     pub size: usize,
-    /// `SS_ONSTACK` (the interrupted code ran on it), `SS_DISABLE` (none), or 0.
+    /// `SS_DISABLE` when there is none. Other bits vary by kernel (recent ones save the
+    /// configured flags, such as `SS_AUTODISARM`, not whether the code ran on it): use
+    /// [`contains`](Self::contains) on the interrupted stack pointer instead.
     pub flags: i32,
 }
 
@@ -263,11 +280,6 @@ impl AltStack {
     /// Whether an alternate stack is configured.
     pub fn enabled(&self) -> bool {
         self.flags & libc::SS_DISABLE == 0 && self.size != 0
-    }
-
-    /// Whether the interrupted code was running on the alternate stack.
-    pub fn was_on_stack(&self) -> bool {
-        self.flags & libc::SS_ONSTACK != 0
     }
 
     /// Whether `addr` lies in it.
@@ -325,7 +337,7 @@ mod tests {
         assert_eq!(saved.disposition(), Disposition::Default);
         match disposition(sig).unwrap() {
             Disposition::Handler { addr, restorer, .. } => {
-                assert_eq!(addr, record as usize);
+                assert_eq!(addr, record as *const () as usize);
                 assert!(restorer.is_some());
             }
             other => panic!("unexpected {other:?}"),

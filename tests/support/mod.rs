@@ -20,7 +20,9 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed:\n{}",
@@ -34,7 +36,13 @@ pub fn cc_object(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBu
     let obj = dir.join(format!("{name}.o"));
     std::fs::write(&src, source).unwrap();
     run(Command::new("cc")
-        .args(["-c", "-fPIC", "-O2", "-ffunction-sections", "-fdata-sections"])
+        .args([
+            "-c",
+            "-fPIC",
+            "-O2",
+            "-ffunction-sections",
+            "-fdata-sections",
+        ])
         .args(flags)
         .arg("-o")
         .arg(&obj)

@@ -1,0 +1,96 @@
+//! Human-readable lines for agent answers.
+
+use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status};
+
+/// One line per function, e.g.
+/// `price (/usr/bin/app): 0x55d0c0a01234 -> 0x7f3a9c000040, redirect, 2 call sites rewritten`.
+pub fn function_line(f: &FunctionReport) -> String {
+    let sites = match f.call_sites {
+        1 => "1 call site rewritten".to_owned(),
+        n => format!("{n} call sites rewritten"),
+    };
+    format!(
+        "{} ({}): {} -> {}, {}, {sites}",
+        f.name, f.module, f.old_address, f.new_address, f.strategy
+    )
+}
+
+/// The closing line of a successful `apply` or `revert`.
+pub fn summary_line(pid: u32, outcome: &Outcome) -> String {
+    let verb = match outcome.op.as_str() {
+        "revert" => "reverted",
+        _ => "applied",
+    };
+    format!(
+        "{verb} patch {} in process {pid} in {} us after {}",
+        outcome.seq,
+        outcome.elapsed_us,
+        attempts(outcome.attempts)
+    )
+}
+
+/// `dsu status` without `--json`.
+pub fn status_lines(pid: u32, agent: &AgentInfo, last: Option<&Outcome>) -> Vec<String> {
+    let mut lines = vec![format!(
+        "process {pid}: dsu agent {} (protocol {}, trigger signal {})",
+        agent.version, agent.protocol, agent.signal
+    )];
+    let Some(outcome) = last else {
+        lines.push("no request answered yet".to_owned());
+        return lines;
+    };
+    let source = match &outcome.request {
+        Some(id) => format!("request {id}"),
+        None => "raw trigger".to_owned(),
+    };
+    let mut last = format!(
+        "last: {} #{} ({source}): {} in {} us after {}",
+        outcome.op,
+        outcome.seq,
+        outcome.outcome.as_str(),
+        outcome.elapsed_us,
+        attempts(outcome.attempts)
+    );
+    if outcome.outcome != Status::Applied
+        && let Some(error) = &outcome.error
+    {
+        last.push_str(": ");
+        last.push_str(&crate::error::one_line(error));
+    }
+    lines.push(last);
+    lines.extend(
+        outcome
+            .functions
+            .iter()
+            .map(|f| format!("  {}", function_line(f))),
+    );
+    lines
+}
+
+fn attempts(n: u32) -> String {
+    match n {
+        1 => "1 attempt".to_owned(),
+        n => format!("{n} attempts"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_lines_read_well() {
+        let f = FunctionReport {
+            name: "price".into(),
+            module: "/usr/bin/app".into(),
+            old_address: "0x1000".into(),
+            new_address: "0x2000".into(),
+            strategy: "redirect".into(),
+            call_sites: 1,
+        };
+        assert_eq!(
+            function_line(&f),
+            "price (/usr/bin/app): 0x1000 -> 0x2000, redirect, 1 call site rewritten"
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! The agent: its thread, which runs every update, and the handle programs use to drive
+//! updates themselves.
+//!
+//! All updates run on the agent thread, whether triggered by the signal, by `dsu`, or by the
+//! in-process API: the thread that asks is then stopped and checked like any other, so a
+//! function it is executing is never replaced under it.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use dsu_sys::code::CodeWriter;
+
+use crate::config::Builder;
+use crate::control::{ControlDir, Op, Request};
+use crate::error::Error;
+use crate::report::{FunctionReport, Outcome, Status};
+use crate::stop::StopWorld;
+use crate::trigger::{self, Waiter, Waker};
+use crate::update::{Applied, AppliedPatch, Engine, Policy, UpdateError};
+
+/// Handle to the installed agent. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    jobs: Mutex<VecDeque<Job>>,
+    waker: Waker,
+    control: ControlDir,
+    config: Builder,
+    patches: Mutex<Vec<AppliedPatch>>,
+}
+
+#[derive(Debug)]
+enum Job {
+    Apply {
+        bytes: Vec<u8>,
+        file: String,
+        policy: Policy,
+        reply: mpsc::Sender<Result<Applied, UpdateError>>,
+    },
+}
+
+static INSTALLED: OnceLock<Mutex<Option<Agent>>> = OnceLock::new();
+
+pub(crate) fn install(config: Builder) -> Result<Agent, Error> {
+    let mut slot = INSTALLED
+        .get_or_init(|| Mutex::new(None))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(agent) = &*slot {
+        return Ok(agent.clone());
+    }
+    let dir = config
+        .control_dir
+        .clone()
+        .unwrap_or_else(|| ControlDir::resolve(std::process::id()));
+    let control = ControlDir::open_or_create(dir)?;
+    let stop_signal = config
+        .stop_signal
+        .unwrap_or_else(|| dsu_sys::signal::rt_min() + 5);
+    let stopper = StopWorld::new(stop_signal)?;
+    let writer = CodeWriter::open().map_err(Error::CodeWriter)?;
+    // Without SYNC_CORE the write stage relies on sigreturn serialising parked threads.
+    let _ = dsu_sys::cpu::register_sync_core();
+    let (waiter, waker) =
+        trigger::register(config.signal).map_err(|source| Error::TriggerSignal {
+            signal: config.signal,
+            source,
+        })?;
+    control.write_agent_info(config.signal)?;
+
+    let shared = Arc::new(Shared {
+        jobs: Mutex::new(VecDeque::new()),
+        waker,
+        control,
+        config,
+        patches: Mutex::new(Vec::new()),
+    });
+    let engine = Engine::new(stopper, writer);
+    let thread_shared = shared.clone();
+    std::thread::Builder::new()
+        .name("dsu-agent".into())
+        .spawn(move || run(&thread_shared, engine, waiter))
+        .map_err(Error::Thread)?;
+    let agent = Agent { shared };
+    *slot = Some(agent.clone());
+    Ok(agent)
+}
+
+impl Agent {
+    /// Applies a patch given as the bytes of an ELF relocatable object, with the agent's
+    /// policy. Blocks until it is applied or refused. `file` names it in reports.
+    pub fn apply_bytes(&self, bytes: Vec<u8>, file: &str) -> Result<Applied, UpdateError> {
+        self.apply_with(bytes, file, self.shared.config.policy)
+    }
+
+    /// Applies the patch file at `path`.
+    pub fn apply_file(&self, path: impl AsRef<std::path::Path>) -> Result<Applied, ApplyFileError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| ApplyFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(self.apply_bytes(bytes, &path.display().to_string())?)
+    }
+
+    /// Applies with an explicit policy.
+    pub fn apply_with(
+        &self,
+        bytes: Vec<u8>,
+        file: &str,
+        policy: Policy,
+    ) -> Result<Applied, UpdateError> {
+        let (reply, answer) = mpsc::channel();
+        self.shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(Job::Apply {
+                bytes,
+                file: file.to_string(),
+                policy,
+                reply,
+            });
+        self.shared.waker.wake();
+        answer.recv().unwrap_or(Err(UpdateError::AgentGone))
+    }
+
+    /// The patches in effect, oldest first.
+    pub fn patches(&self) -> Vec<AppliedPatch> {
+        self.shared
+            .patches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The control directory this agent watches.
+    pub fn control_dir(&self) -> &std::path::Path {
+        self.shared.control.path()
+    }
+}
+
+/// Why `Agent::apply_file` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyFileError {
+    #[error("cannot read patch {}: {source}", .path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+}
+
+/// The agent thread: wait for a wake-up, run queued in-process jobs, then every request in the
+/// control directory.
+fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
+    let mut seq = 0u64;
+    while waiter.wait().is_ok() {
+        loop {
+            let job = shared
+                .jobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(Job::Apply {
+                bytes,
+                file,
+                policy,
+                reply,
+            }) = job
+            else {
+                break;
+            };
+            let result = guarded(|| engine.apply(&bytes, &file, &policy));
+            log_result(shared, &file, &result);
+            sync_patches(shared, &engine);
+            let _ = reply.send(result);
+        }
+        loop {
+            let next = seq + 1;
+            match shared.control.take_request(next) {
+                Ok(None) => break,
+                Ok(Some(request)) => {
+                    seq = next;
+                    let outcome = serve(shared, &mut engine, request, seq);
+                    sync_patches(shared, &engine);
+                    let _ = shared.control.write_result(&outcome);
+                }
+                Err(e) => {
+                    seq = next;
+                    if shared.config.log {
+                        eprintln!("dsu: {e}");
+                    }
+                    match e.outcome(seq) {
+                        Some(outcome) => {
+                            let _ = shared.control.write_result(&outcome);
+                        }
+                        None => break, // untrusted directory: write nothing into it
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A bug in the agent must not take the process down: it fails the one request.
+fn guarded(f: impl FnOnce() -> Result<Applied, UpdateError>) -> Result<Applied, UpdateError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        Err(UpdateError::Internal(what))
+    })
+}
+
+fn sync_patches(shared: &Shared, engine: &Engine) {
+    *shared.patches.lock().unwrap_or_else(|e| e.into_inner()) = engine.patches().to_vec();
+}
+
+fn log_result(shared: &Shared, file: &str, result: &Result<Applied, UpdateError>) {
+    if !shared.config.log {
+        return;
+    }
+    match result {
+        Ok(a) => eprintln!(
+            "dsu: applied patch {} ({file}): {} in {} us",
+            a.patch.id,
+            a.patch
+                .functions
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            a.elapsed.as_micros()
+        ),
+        Err(e) => eprintln!("dsu: patch {file} not applied: {e}"),
+    }
+}
+
+fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Outcome {
+    let started = Instant::now();
+    let op = request.op.name().to_string();
+    let mut outcome = Outcome {
+        seq,
+        request: request.id,
+        op,
+        outcome: Status::Applied,
+        error: None,
+        attempts: 0,
+        elapsed_us: 0,
+        functions: Vec::new(),
+    };
+    match request.op {
+        Op::Apply {
+            bytes,
+            file,
+            timeout,
+        } => {
+            let mut policy = shared.config.policy;
+            if let Some(t) = timeout {
+                policy.timeout = t;
+            }
+            let label = file.display().to_string();
+            let result = guarded(|| engine.apply(&bytes, &label, &policy));
+            log_result(shared, &label, &result);
+            match result {
+                Ok(applied) => {
+                    outcome.attempts = applied.attempts;
+                    outcome.functions = function_reports(&applied.patch);
+                }
+                Err(e) => {
+                    outcome.outcome = if e.is_refusal() {
+                        Status::Refused
+                    } else {
+                        Status::Failed
+                    };
+                    outcome.attempts = e.attempts();
+                    outcome.error = Some(e.to_string());
+                }
+            }
+        }
+        Op::Revert { .. } => {
+            outcome.outcome = Status::Refused;
+            outcome.error = Some("revert is not supported by this agent version".into());
+        }
+        Op::Status => {
+            outcome.functions = engine.patches().iter().flat_map(function_reports).collect();
+        }
+    }
+    outcome.elapsed_us = started.elapsed().as_micros() as u64;
+    outcome
+}
+
+fn function_reports(patch: &AppliedPatch) -> Vec<FunctionReport> {
+    patch
+        .functions
+        .iter()
+        .map(|f| FunctionReport {
+            name: f.name.clone(),
+            module: f.module.clone(),
+            old_address: FunctionReport::hex(f.old_address as u64),
+            new_address: FunctionReport::hex(f.new_address as u64),
+            strategy: f.strategy.as_str().to_string(),
+            call_sites: f.call_sites,
+        })
+        .collect()
+}

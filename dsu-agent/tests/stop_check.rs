@@ -1,0 +1,604 @@
+//! Stop-the-world and activeness check on real threads with real signals.
+//!
+//! Its own test binary (process): it installs signal handlers and stops every thread. Tests
+//! run one at a time behind `SERIAL`, and each joins the threads it started.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dsu_agent::check::{Checker, How, Ranges};
+use dsu_agent::stop::{StopError, StopWorld, Stopped};
+use dsu_agent::unwind::WalkEnd;
+use dsu_sys::threads;
+use object::{Object, ObjectSymbol};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn stop_signal() -> i32 {
+    dsu_sys::signal::rt_min() + 5
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn world() -> StopWorld {
+    let mut w = StopWorld::new(stop_signal()).expect("install stop handler");
+    w.prepare().expect("prepare");
+    w
+}
+
+/// Prepares (cheap when nothing grew) and stops.
+fn stop(w: &mut StopWorld, timeout: Duration) -> Stopped<'_> {
+    w.prepare().expect("prepare");
+    w.stop(timeout)
+        .unwrap_or_else(|e| panic!("stop failed: {e}"))
+}
+
+/// Bumped by every worker loop iteration: frozen while the world is stopped.
+static PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Spin,
+    Sleep,
+    Pipe,
+    Alloc,
+}
+
+struct Workers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    tids: Vec<i32>,
+    pipes: Vec<(i32, i32)>,
+}
+
+impl Workers {
+    fn spawn(kinds: &[Kind]) -> Workers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let mut handles = Vec::new();
+        let mut pipes = Vec::new();
+        for &kind in kinds {
+            let stop = Arc::clone(&stop);
+            let tx = tx.clone();
+            let fd = if let Kind::Pipe = kind {
+                let p = pipe();
+                pipes.push(p);
+                p.0
+            } else {
+                -1
+            };
+            handles.push(std::thread::spawn(move || {
+                tx.send(threads::gettid()).unwrap();
+                worker(kind, &stop, fd)
+            }));
+        }
+        let tids = (0..kinds.len()).map(|_| rx.recv().unwrap()).collect();
+        Workers {
+            stop,
+            handles,
+            tids,
+            pipes,
+        }
+    }
+
+    fn join(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for &(r, w) in &self.pipes {
+            write_byte(w);
+            let _ = r;
+        }
+        for h in self.handles {
+            h.join().unwrap();
+        }
+        for (r, w) in self.pipes {
+            close(r);
+            close(w);
+        }
+    }
+}
+
+fn worker(kind: Kind, stop: &AtomicBool, fd: i32) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        PROGRESS.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            Kind::Spin => {
+                std::hint::black_box(n);
+            }
+            Kind::Sleep => std::thread::sleep(Duration::from_micros(200)),
+            Kind::Pipe => {
+                let mut b = [0u8; 1];
+                // SAFETY: reads one byte into a live buffer.
+                unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+            }
+            Kind::Alloc => {
+                let v: Vec<String> = (0..32).map(|i| format!("{i}-{n}")).collect();
+                if n % 512 == 0 {
+                    println!("worker allocated {}", v.len());
+                }
+                std::hint::black_box(v);
+            }
+        }
+    }
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a writable array of two ints.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    (fds[0], fds[1])
+}
+
+fn write_byte(fd: i32) {
+    // SAFETY: writes one byte from a live buffer.
+    unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+}
+
+fn close(fd: i32) {
+    // SAFETY: closes a descriptor this test owns.
+    unsafe { libc::close(fd) };
+}
+
+/// Asserts that every thread of the process but the caller is parked, once, with sane
+/// registers, and that nothing runs while stopped.
+fn assert_world_stopped(stopped: &Stopped<'_>, must_include: &[i32]) {
+    let me = threads::gettid();
+    let parked = stopped.threads();
+    let mut tids: Vec<i32> = parked.iter().map(|t| t.tid).collect();
+    tids.sort_unstable();
+    let before = tids.len();
+    tids.dedup();
+    assert_eq!(before, tids.len(), "a thread parked twice");
+    assert!(!tids.contains(&me), "the caller parked itself");
+    for tid in must_include {
+        assert!(tids.contains(tid), "thread {tid} not reported");
+    }
+    for t in parked {
+        let bounds = t
+            .stack
+            .unwrap_or_else(|| panic!("thread {} has no stack", t.tid));
+        let sp = t.regs.rsp as usize;
+        assert!(
+            bounds.start <= sp && sp <= bounds.end,
+            "thread {}: rsp {sp:#x} outside {bounds:?}",
+            t.tid
+        );
+        assert_ne!(t.regs.rip, 0, "thread {}", t.tid);
+    }
+    let progress = PROGRESS.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(
+        progress,
+        PROGRESS.load(Ordering::SeqCst),
+        "a worker ran while stopped"
+    );
+}
+
+#[test]
+fn stops_every_thread_with_sane_registers() {
+    let _s = serial();
+    use Kind::*;
+    let workers = Workers::spawn(&[Spin, Spin, Sleep, Sleep, Pipe, Pipe, Alloc, Alloc]);
+    let mut w = world();
+    let stopped = stop(&mut w, TIMEOUT);
+    assert_world_stopped(&stopped, &workers.tids);
+    let listed = stopped.threads().len();
+    stopped.resume();
+    // Everyone runs again.
+    let progress = PROGRESS.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(PROGRESS.load(Ordering::SeqCst) > progress);
+    let all = threads::list().unwrap();
+    assert!(listed + 1 >= all.len(), "{listed} parked of {}", all.len());
+    workers.join();
+}
+
+#[test]
+fn two_hundred_rounds_in_a_row() {
+    let _s = serial();
+    use Kind::*;
+    let workers = Workers::spawn(&[Spin, Spin, Spin, Sleep, Sleep, Pipe, Alloc, Alloc]);
+    let mut w = world();
+    let mut worst = Duration::ZERO;
+    let started = Instant::now();
+    for round in 0..200 {
+        let t = Instant::now();
+        let stopped = stop(&mut w, TIMEOUT);
+        let n = stopped.threads().len();
+        for tid in &workers.tids {
+            assert!(
+                stopped.threads().iter().any(|t| t.tid == *tid),
+                "round {round}: {tid}"
+            );
+        }
+        drop(stopped);
+        worst = worst.max(t.elapsed());
+        assert!(n >= workers.tids.len());
+    }
+    println!(
+        "200 rounds with {} workers: {:?} total, worst {:?}",
+        workers.tids.len(),
+        started.elapsed(),
+        worst
+    );
+    workers.join();
+}
+
+#[test]
+fn thread_blocking_the_signal_is_named() {
+    let _s = serial();
+    let workers = Workers::spawn(&[Kind::Spin, Kind::Sleep]);
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let blocker = std::thread::spawn(move || {
+        set_blocked(stop_signal(), true);
+        tid_tx.send(threads::gettid()).unwrap();
+        go_rx.recv().unwrap();
+        // The pending stop signal arrives now, with no stop in progress: it must return.
+        set_blocked(stop_signal(), false);
+    });
+    let blocked = tid_rx.recv().unwrap();
+    let mut w = world();
+    let t = Instant::now();
+    match w.stop(Duration::from_millis(200)) {
+        Err(StopError::NotParked { tid, .. }) => assert_eq!(tid, blocked),
+        other => panic!(
+            "expected NotParked, got {:?}",
+            other.map(|s| s.threads().len())
+        ),
+    }
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // The others were let go.
+    let progress = PROGRESS.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        PROGRESS.load(Ordering::SeqCst) > progress,
+        "workers still parked"
+    );
+    go_tx.send(()).unwrap();
+    blocker.join().unwrap();
+    // A late signal left nobody parked, and stopping works again.
+    let stopped = stop(&mut w, TIMEOUT);
+    assert_world_stopped(&stopped, &workers.tids);
+    drop(stopped);
+    workers.join();
+}
+
+fn set_blocked(sig: i32, blocked: bool) {
+    // SAFETY: plain sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        let how = if blocked {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        assert_eq!(libc::pthread_sigmask(how, &set, std::ptr::null_mut()), 0);
+    }
+}
+
+#[test]
+fn threads_created_during_stop_are_stopped() {
+    let _s = serial();
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let spawned = Arc::new(AtomicUsize::new(0));
+    let spawners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop_flag = Arc::clone(&stop_flag);
+            let spawned = Arc::clone(&spawned);
+            std::thread::spawn(move || {
+                while !stop_flag.load(Ordering::Relaxed) {
+                    let kids: Vec<_> = (0..4)
+                        .map(|_| {
+                            std::thread::spawn(|| {
+                                for _ in 0..100 {
+                                    PROGRESS.fetch_add(1, Ordering::Relaxed);
+                                    std::hint::spin_loop();
+                                }
+                            })
+                        })
+                        .collect();
+                    spawned.fetch_add(kids.len(), Ordering::Relaxed);
+                    for k in kids {
+                        k.join().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let workers = Workers::spawn(&[Kind::Spin]);
+    let mut w = world();
+    for _ in 0..100 {
+        let stopped = stop(&mut w, TIMEOUT);
+        assert_world_stopped(&stopped, &workers.tids);
+        let s1 = spawned.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_micros(500));
+        assert_eq!(
+            s1,
+            spawned.load(Ordering::SeqCst),
+            "a spawner ran while stopped"
+        );
+    }
+    assert!(spawned.load(Ordering::SeqCst) > 0);
+    stop_flag.store(true, Ordering::SeqCst);
+    for s in spawners {
+        s.join().unwrap();
+    }
+    workers.join();
+}
+
+#[test]
+fn refuses_a_signal_with_a_foreign_handler() {
+    let _s = serial();
+    let sig = dsu_sys::signal::rt_min() + 7;
+    // SAFETY: `noop` only returns.
+    unsafe { dsu_sys::signal::install(sig, noop, dsu_sys::signal::BlockDuring::Nothing) }.unwrap();
+    assert!(matches!(
+        StopWorld::new(sig),
+        Err(StopError::SignalInUse { .. } | StopError::OtherSignal { .. })
+    ));
+    let _w = world();
+    assert!(matches!(
+        StopWorld::new(stop_signal()),
+        Err(StopError::Busy)
+    ));
+}
+
+extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+// ---- activeness ----
+
+/// Spins while `*flag != 0`, with no call inside (inline assembly, so even a debug build
+/// keeps the loop inside this function).
+#[inline(never)]
+extern "C" fn spin_target(flag: *const u8) {
+    // SAFETY: reads a byte the caller keeps alive until it is cleared.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            "pause",
+            "cmp byte ptr [{0}], 0",
+            "jne 2b",
+            in(reg) flag,
+            options(nostack, readonly),
+        )
+    }
+}
+
+/// Same as `spin_target`, a distinct function: the code a signal interrupts.
+#[inline(never)]
+extern "C" fn spin_interrupted_target(flag: *const u8) {
+    // SAFETY: as in `spin_target`.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            "pause",
+            "cmp byte ptr [{0}], 0",
+            "jne 2b",
+            "nop",
+            in(reg) flag,
+            options(nostack, readonly),
+        )
+    }
+}
+
+/// Blocks in `read(2)` (inside the C library) until a byte arrives.
+#[inline(never)]
+extern "C" fn read_target(fd: i32) -> isize {
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into a live buffer.
+    let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+    std::hint::black_box(n)
+}
+
+/// Never called by anyone.
+#[inline(never)]
+extern "C" fn idle_target(x: u64) -> u64 {
+    std::hint::black_box(x.wrapping_mul(3))
+}
+
+/// `[start, end)` of the function at run-time address `addr`, from the executable's symbols.
+fn fn_range(addr: usize) -> (usize, usize) {
+    let modules = dsu_sys::modules::loaded();
+    let main = modules.iter().find(|m| m.is_main).expect("main module");
+    let data = std::fs::read("/proc/self/exe").unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let link = (addr - main.bias) as u64;
+    let sym = file
+        .symbols()
+        .find(|s| s.address() == link && s.size() > 0)
+        .unwrap_or_else(|| panic!("no symbol at {addr:#x}"));
+    (addr, addr + sym.size() as usize)
+}
+
+static SIGNAL_PIPE: AtomicU64 = AtomicU64::new(0);
+static IN_HANDLER: AtomicBool = AtomicBool::new(false);
+
+/// SIGUSR1 handler: blocks reading the signal pipe (a test-only handler: `read` is
+/// async-signal-safe).
+extern "C" fn blocking_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    IN_HANDLER.store(true, Ordering::SeqCst);
+    handler_read(SIGNAL_PIPE.load(Ordering::SeqCst) as i32);
+    IN_HANDLER.store(false, Ordering::SeqCst);
+}
+
+#[inline(never)]
+fn handler_read(fd: i32) {
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into a live buffer.
+    unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+}
+
+#[test]
+fn activeness_pc_return_address_signal_frame_and_inactive() {
+    let _s = serial();
+    let spin = fn_range(spin_target as *const () as usize);
+    let interrupted = fn_range(spin_interrupted_target as *const () as usize);
+    let read = fn_range(read_target as *const () as usize);
+    let idle = fn_range(idle_target as *const () as usize);
+    std::hint::black_box(idle_target(1));
+
+    // Thread A spins in `spin_target`.
+    let flag_a = Box::leak(Box::new(1u8)) as *mut u8 as usize;
+    let (tx, rx) = mpsc::channel();
+    let txa = tx.clone();
+    let a = std::thread::spawn(move || {
+        txa.send(('a', threads::gettid())).unwrap();
+        spin_target(flag_a as *const u8);
+    });
+    // Thread B blocks in `read` called from `read_target`.
+    let (rb, wb) = pipe();
+    let txb = tx.clone();
+    let b = std::thread::spawn(move || {
+        txb.send(('b', threads::gettid())).unwrap();
+        read_target(rb);
+    });
+    // Thread C spins in `spin_interrupted_target`, then a SIGUSR1 handler blocks on it.
+    let (rc, wc) = pipe();
+    SIGNAL_PIPE.store(rc as u64, Ordering::SeqCst);
+    // SAFETY: a test-only handler; it only reads a pipe and stores atomics.
+    unsafe {
+        dsu_sys::signal::install(
+            libc::SIGUSR1,
+            blocking_handler,
+            dsu_sys::signal::BlockDuring::Nothing,
+        )
+    }
+    .unwrap();
+    let flag_c = Box::leak(Box::new(1u8)) as *mut u8 as usize;
+    let txc = tx.clone();
+    let c = std::thread::spawn(move || {
+        txc.send(('c', threads::gettid())).unwrap();
+        spin_interrupted_target(flag_c as *const u8);
+    });
+    drop(tx);
+    let mut got: Vec<(char, i32)> = rx.iter().collect();
+    got.sort_unstable();
+    let [(_, tid_a), (_, tid_b), (_, tid_c)] = got[..] else {
+        panic!("{got:?}")
+    };
+    let tids = [tid_a, tid_b, tid_c];
+    std::thread::sleep(Duration::from_millis(50));
+    threads::tgkill(tid_c, libc::SIGUSR1).unwrap();
+    while !IN_HANDLER.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+
+    let ranges: Ranges = [
+        (spin.0, spin.1, 0),
+        (read.0, read.1, 1),
+        (interrupted.0, interrupted.1, 2),
+        (idle.0, idle.1, 3),
+    ]
+    .into_iter()
+    .collect();
+    let only_idle: Ranges = [(idle.0, idle.1, 3)].into_iter().collect();
+
+    let mut checker = Checker::for_loaded_modules();
+    // A checker with the modules' code but none of their unwind tables: scan only.
+    let stripped: Vec<_> = dsu_sys::modules::loaded()
+        .into_iter()
+        .map(|mut m| {
+            m.eh_frame_hdr = None;
+            m
+        })
+        .collect();
+    // SAFETY: records of loaded modules, minus their unwind tables.
+    let mut scan_only = unsafe { Checker::new(&stripped) };
+
+    let mut w = world();
+    for _ in 0..20 {
+        let stopped = stop(&mut w, TIMEOUT);
+        let find = |checker: &mut Checker, tid: i32, ranges: &Ranges| {
+            let t = stopped.threads().iter().find(|t| t.tid == tid).unwrap();
+            checker.find_active(&stopped, t, ranges).unwrap()
+        };
+        let act = find(&mut checker, tid_a, &ranges).expect("A active");
+        assert_eq!((act.target, act.how, act.tid), (0, How::Pc, tid_a));
+        let act = find(&mut checker, tid_b, &ranges).expect("B active");
+        assert_eq!(act.target, 1);
+        assert!(matches!(act.how, How::ReturnAddress { .. }), "{act:?}");
+        let act = find(&mut checker, tid_c, &ranges).expect("C active");
+        assert_eq!(act.target, 2);
+        assert!(matches!(act.how, How::Interrupted { .. }), "{act:?}");
+
+        // Nobody is in `idle_target`, and the precise walk saw whole stacks.
+        let mut ends = Vec::new();
+        for t in stopped.threads() {
+            let a = checker.find_active(&stopped, t, &only_idle).unwrap();
+            assert_eq!(a, None, "thread {}", t.tid);
+            ends.push((t.tid, checker.last_walk()));
+        }
+        // Scanning alone (the correctness floor) finds the same threads.
+        for (tid, target) in [(tid_a, 0), (tid_b, 1), (tid_c, 2)] {
+            let a = find(&mut scan_only, tid, &ranges).expect("scan finds it");
+            assert_eq!(a.target, target, "{a:?}");
+        }
+        drop(stopped);
+        for (tid, end) in ends {
+            if tids.contains(&tid) {
+                assert_eq!(end, Some(WalkEnd::Outermost), "thread {tid}");
+            }
+        }
+    }
+
+    // Let everyone go.
+    // SAFETY: the flags were leaked above and stay valid; the threads poll them.
+    unsafe {
+        *(flag_a as *mut u8) = 0;
+        *(flag_c as *mut u8) = 0;
+    }
+    write_byte(wb);
+    write_byte(wc);
+    for h in [a, b, c] {
+        h.join().unwrap();
+    }
+    for fd in [rb, wb, rc, wc] {
+        close(fd);
+    }
+}
+
+/// Prints stop/resume round timings at 1, 8 and 64 threads (idle and busy). Not a test of
+/// speed: run with `--ignored --nocapture` to read the figures.
+#[test]
+#[ignore]
+fn print_round_timings() {
+    let _s = serial();
+    let mut out = std::io::stdout().lock();
+    for n in [1usize, 8, 64] {
+        for kind in [Kind::Sleep, Kind::Pipe, Kind::Spin] {
+            let workers = Workers::spawn(&vec![kind; n]);
+            let mut w = world();
+            let mut times = Vec::new();
+            for _ in 0..200 {
+                let t = Instant::now();
+                let stopped = w.stop(TIMEOUT).expect("stop");
+                drop(stopped);
+                times.push(t.elapsed());
+            }
+            times.sort_unstable();
+            writeln!(
+                out,
+                "{n:>3} {kind:?} threads: median {:?}, p90 {:?}, max {:?}",
+                times[times.len() / 2],
+                times[times.len() * 9 / 10],
+                times[times.len() - 1]
+            )
+            .unwrap();
+            drop(w);
+            workers.join();
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A patchable Rust program with busy threads, driven over stdin; the end-to-end tests use it.
+//!
+//! `busy_target [WORKERS]` installs the agent, prints `ready <pid>` and the addresses of its
+//! patchable functions, then starts WORKERS threads that call `dsu_fixture_compute` in tight
+//! loops, allocating and printing to stderr, and count results that no version of the function
+//! can produce. Commands, one per line, each answered by one line:
+//!
+//! - `compute` -> `compute <dsu_fixture_compute(7)>`
+//! - `block` / `unblock` -> a thread enters / leaves `dsu_fixture_block` (blocked in `read`)
+//! - `spin` / `unspin` -> a thread enters / leaves `dsu_fixture_spin` (a loop without calls)
+//! - `errors` -> `errors <n> calls <n>`: impossible results seen by workers, total calls
+//! - `exit`
+
+use std::hint::black_box;
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+/// Versions the tests apply: 7 -> 8 (original), 70 (x * 10), 71 (x * 10 + 1), 700 (x * 100).
+const VALID: [u64; 4] = [8, 70, 71, 700];
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
+    black_box(x) + 1
+}
+
+/// Blocks in `read(fd)` until a byte arrives.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dsu_fixture_block(fd: i32) -> u64 {
+    let mut byte = 0u8;
+    // SAFETY: reads one byte into a live local.
+    let n = unsafe { libc::read(fd, (&raw mut byte).cast(), 1) };
+    black_box(n as u64)
+}
+
+/// Spins without calling anything until `stop` is set.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dsu_fixture_spin(stop: &AtomicBool) -> u64 {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n = n.wrapping_add(1);
+    }
+    black_box(n) & 1
+}
+
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static SPIN_STOP: AtomicBool = AtomicBool::new(false);
+
+fn worker(id: usize) {
+    let mut i = 0u64;
+    loop {
+        let v = dsu_fixture_compute(black_box(7));
+        if !VALID.contains(&v) {
+            ERRORS.fetch_add(1, Ordering::Relaxed);
+        }
+        CALLS.fetch_add(1, Ordering::Relaxed);
+        i += 1;
+        if i % 20_000 == 0 {
+            let note = format!("worker {id}: {i} calls, last {v}");
+            let boxed: Vec<u8> = note.clone().into_bytes();
+            eprintln!("{}", String::from_utf8_lossy(&boxed));
+        }
+    }
+}
+
+fn main() {
+    let agent = match dsu_agent::Builder::new().log(true).install() {
+        Ok(agent) => agent,
+        Err(e) => {
+            eprintln!("busy_target: {e}");
+            std::process::exit(1);
+        }
+    };
+    let workers: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready {}", std::process::id()).unwrap();
+    writeln!(
+        out,
+        "addresses compute={:#x} block={:#x} spin={:#x} control={}",
+        dsu_fixture_compute as *const () as usize,
+        dsu_fixture_block as *const () as usize,
+        dsu_fixture_spin as *const () as usize,
+        agent.control_dir().display()
+    )
+    .unwrap();
+    out.flush().unwrap();
+    drop(out);
+    for id in 0..workers {
+        std::thread::spawn(move || worker(id));
+    }
+
+    let mut pipe = [0i32; 2];
+    // SAFETY: `pipe` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    let mut blocked: Option<JoinHandle<u64>> = None;
+    let mut spinning: Option<JoinHandle<u64>> = None;
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let reply = match line.trim() {
+            "compute" => format!("compute {}", dsu_fixture_compute(black_box(7))),
+            "block" => {
+                let fd = pipe[0];
+                blocked = Some(std::thread::spawn(move || dsu_fixture_block(fd)));
+                "blocking".to_string()
+            }
+            "unblock" => {
+                // SAFETY: writes one byte from a live buffer to our own pipe.
+                unsafe { libc::write(pipe[1], b"x".as_ptr().cast(), 1) };
+                let r = blocked.take().map_or(0, |h| h.join().unwrap());
+                format!("unblocked {r}")
+            }
+            "spin" => {
+                SPIN_STOP.store(false, Ordering::SeqCst);
+                spinning = Some(std::thread::spawn(|| dsu_fixture_spin(&SPIN_STOP)));
+                "spinning".to_string()
+            }
+            "unspin" => {
+                SPIN_STOP.store(true, Ordering::SeqCst);
+                let r = spinning.take().map_or(0, |h| h.join().unwrap());
+                format!("unspun {r}")
+            }
+            "errors" => format!(
+                "errors {} calls {}",
+                ERRORS.load(Ordering::Relaxed),
+                CALLS.load(Ordering::Relaxed)
+            ),
+            "exit" => break,
+            other => format!("unknown {other}"),
+        };
+        println!("{reply}");
+    }
+}

@@ -1,0 +1,510 @@
+//! The `dsu` command against real processes: every way a request can fail to reach an agent
+//! or be answered, and the request/answer round trip against a stand-in agent built from
+//! `dsu_agent::control` (the engine that applies patches is tested elsewhere).
+//!
+//! Targets are `sleep` processes; one that should receive the trigger ignores `SIGUSR2` so a
+//! signal cannot kill it, and the "agent" is a thread of this test process working the
+//! target's control directory.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dsu_agent::control::{ControlDir, Op, PATCH_FILE, REQUEST_FILE, RESULT_FILE};
+use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status};
+
+const SIGUSR2: i32 = 12;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("dsu-cli-test-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::DirBuilder::new().mode(0o700).create(&path).unwrap();
+        Scratch(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// A file that passes `dsu`'s local check (it starts like an ELF file).
+    fn patch(&self) -> PathBuf {
+        let path = self.join("fix.o");
+        fs::write(&path, b"\x7fELF\x02\x01\x01\0patch bytes").unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct Target(Child);
+
+impl Target {
+    fn sleep() -> Target {
+        Target::spawn(Command::new("sleep").arg("30"))
+    }
+
+    /// A process that ignores SIGUSR2, as an agent's process survives it; `dsu` sends it
+    /// only when the signal is caught or ignored.
+    fn ignoring_usr2(seconds: u32) -> Target {
+        Target(spawn_ignoring_usr2(seconds))
+    }
+
+    fn spawn(command: &mut Command) -> Target {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Target(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+fn spawn_ignoring_usr2(seconds: u32) -> Child {
+    let script = format!("trap '' USR2; exec sleep {seconds}");
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ignores(child.id(), SIGUSR2) {
+        assert!(Instant::now() < deadline, "sh never ignored SIGUSR2");
+        thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
+fn ignores(pid: u32, signal: i32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    mask & (1 << (signal - 1)) != 0
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dsu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsu"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn dsu_with(args: &[&str], paths: &[&Path]) -> Output {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(paths.iter().map(|p| p.display().to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    dsu(&refs)
+}
+
+/// Asserts the exit code and a single `dsu: ` line on stderr; returns that line.
+fn fails(output: &Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+    assert!(stderr.starts_with("dsu: "), "{stderr}");
+    stderr.trim_end().to_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+/// A control directory naming `pid` as its agent's process, like the agent's install writes.
+fn control_dir(scratch: &Scratch, pid: u32) -> PathBuf {
+    let dir = scratch.join("ctl");
+    fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    let info = AgentInfo {
+        protocol: 1,
+        pid,
+        signal: SIGUSR2,
+        version: "0.1.0".into(),
+        start_time: None,
+    };
+    fs::write(dir.join("agent.json"), serde_json::to_vec(&info).unwrap()).unwrap();
+    dir
+}
+
+/// Stands in for the agent: answers the first request that appears in `dir` with `answer`.
+/// Returns the request it took.
+fn fake_agent(
+    dir: &Path,
+    answer: impl FnOnce(&dsu_agent::control::Request) -> Outcome + Send + 'static,
+) -> thread::JoinHandle<dsu_agent::control::Request> {
+    let control = ControlDir::open_or_create(dir).unwrap();
+    thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(request) = control.take_request(1).unwrap() {
+                control.write_result(&answer(&request)).unwrap();
+                return request;
+            }
+            assert!(Instant::now() < deadline, "no request arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+    })
+}
+
+fn outcome(request: &dsu_agent::control::Request, status: Status) -> Outcome {
+    Outcome {
+        seq: 1,
+        request: request.id.clone(),
+        op: request.op.name().to_owned(),
+        outcome: status,
+        error: None,
+        attempts: 1,
+        elapsed_us: 250,
+        functions: Vec::new(),
+    }
+}
+
+#[test]
+fn a_pid_with_no_process_exits_3() {
+    let scratch = Scratch::new();
+    // Above the largest pid_max Linux allows (2^22), so never a live process.
+    let line = fails(
+        &dsu_with(&["apply", "-p", "999999999"], &[&scratch.patch()]),
+        3,
+    );
+    assert!(line.contains("no such process 999999999"), "{line}");
+}
+
+#[test]
+fn a_process_without_agent_exits_3_naming_agent_json() {
+    let scratch = Scratch::new();
+    let missing = scratch.join("no-such-dir");
+    let target = Target::spawn(
+        Command::new("sleep")
+            .arg("30")
+            .env("DSU_CONTROL_DIR", &missing),
+    );
+    let pid = target.pid().to_string();
+    let line = fails(&dsu_with(&["apply", "-p", &pid], &[&scratch.patch()]), 3);
+    assert!(
+        line.contains(&missing.join("agent.json").display().to_string()),
+        "{line}"
+    );
+    assert!(line.contains("has no dsu agent"), "{line}");
+}
+
+#[test]
+fn without_dsu_control_dir_the_default_directory_is_looked_up() {
+    let scratch = Scratch::new();
+    let target = Target::spawn(
+        Command::new("sleep")
+            .arg("30")
+            .env_remove("DSU_CONTROL_DIR")
+            .env_remove("XDG_RUNTIME_DIR"),
+    );
+    let pid = target.pid().to_string();
+    let line = fails(&dsu_with(&["apply", "-p", &pid], &[&scratch.patch()]), 3);
+    assert!(line.contains(&format!("/{pid}/agent.json")), "{line}");
+    assert!(line.contains("/tmp/dsu-"), "{line}");
+}
+
+#[test]
+fn a_patch_that_is_not_elf_is_refused_locally_with_exit_2() {
+    let scratch = Scratch::new();
+    let source = scratch.join("fix.c");
+    fs::write(&source, "int price(void) { return 42; }\n").unwrap();
+    let target = Target::sleep();
+    let pid = target.pid().to_string();
+    let line = fails(&dsu_with(&["apply", "-p", &pid], &[&source]), 2);
+    assert!(line.contains("is not an ELF file"), "{line}");
+    assert!(line.contains(&source.display().to_string()), "{line}");
+}
+
+#[test]
+fn a_missing_patch_file_exits_2_naming_it() {
+    let scratch = Scratch::new();
+    let missing = scratch.join("nope.o");
+    let target = Target::sleep();
+    let pid = target.pid().to_string();
+    let line = fails(&dsu_with(&["apply", "-p", &pid], &[&missing]), 2);
+    assert!(line.contains("cannot read patch"), "{line}");
+    assert!(line.contains(&missing.display().to_string()), "{line}");
+}
+
+#[test]
+fn a_world_writable_control_directory_is_refused() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let pid = target.pid().to_string();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 3);
+    assert!(line.contains("mode 0777"), "{line}");
+    assert!(line.contains(&dir.display().to_string()), "{line}");
+    assert!(!dir.join(REQUEST_FILE).exists());
+}
+
+#[test]
+fn an_agent_json_of_another_process_is_refused() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid() + 1);
+    let pid = target.pid().to_string();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 3);
+    assert!(
+        line.contains(&format!("names process {}", target.pid() + 1)),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_process_that_does_not_handle_the_signal_is_not_sent_it() {
+    let scratch = Scratch::new();
+    let mut target = Target::sleep();
+    let dir = control_dir(&scratch, target.pid());
+    let pid = target.pid().to_string();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 3);
+    assert!(
+        line.contains("neither handles nor ignores signal 12"),
+        "{line}"
+    );
+    assert!(target.alive(), "dsu killed the process");
+}
+
+#[test]
+fn an_agent_that_never_answers_times_out_with_exit_4_and_the_request_is_withdrawn() {
+    let scratch = Scratch::new();
+    let mut target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    let pid = target.pid().to_string();
+    let started = Instant::now();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--timeout", "1", "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 4);
+    assert!(line.contains("timed out"), "{line}");
+    assert!(line.contains("withdrawn"), "{line}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Nothing is left for a later signal to act on.
+    assert!(!dir.join(REQUEST_FILE).exists());
+    assert!(!dir.join(PATCH_FILE).exists());
+    assert!(target.alive());
+}
+
+#[test]
+fn an_agent_that_takes_the_request_but_never_answers_times_out_saying_so() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    let control = ControlDir::open_or_create(&dir).unwrap();
+    let agent = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.take_request(1).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no request arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let pid = target.pid().to_string();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--timeout", "0.5", "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 4);
+    assert!(line.contains("may still act on it"), "{line}");
+    agent.join().unwrap();
+}
+
+#[test]
+fn a_process_that_exits_while_dsu_waits_exits_3() {
+    let scratch = Scratch::new();
+    let mut child = spawn_ignoring_usr2(1);
+    let dir = control_dir(&scratch, child.id());
+    let pid = child.id().to_string();
+    // Reap the child when it exits, as its parent would.
+    let reaper = thread::spawn(move || child.wait().unwrap());
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--timeout", "20", "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 3);
+    assert!(line.contains("exited before its agent answered"), "{line}");
+    reaper.join().unwrap();
+}
+
+#[test]
+fn an_applied_answer_exits_0_with_a_line_per_function() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    let agent = fake_agent(&dir, |request| Outcome {
+        functions: vec![FunctionReport {
+            name: "price".into(),
+            module: "/usr/bin/shop".into(),
+            old_address: "0x5555000011a0".into(),
+            new_address: "0x7f0000001000".into(),
+            strategy: "redirect".into(),
+            call_sites: 2,
+        }],
+        ..outcome(request, Status::Applied)
+    });
+    let pid = target.pid().to_string();
+    let patch = scratch.patch();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--timeout", "3", "--control-dir"],
+        &[&dir, &patch],
+    );
+    let text = stdout(&output);
+    assert_eq!(
+        text,
+        "price (/usr/bin/shop): 0x5555000011a0 -> 0x7f0000001000, redirect, 2 call sites \
+         rewritten\napplied patch 1 in process "
+            .to_owned()
+            + &pid
+            + " in 250 us after 1 attempt\n"
+    );
+    let request = agent.join().unwrap();
+    assert!(request.id.is_some());
+    let Op::Apply { bytes, timeout, .. } = request.op else {
+        panic!("not an apply: {request:?}");
+    };
+    assert_eq!(bytes, fs::read(&patch).unwrap());
+    assert_eq!(timeout, Some(Duration::from_secs(3)));
+}
+
+#[test]
+fn a_refused_answer_exits_1_with_the_reason_on_one_line() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    let agent = fake_agent(&dir, |request| Outcome {
+        error: Some("price is active in thread 4242\nretried 40 times".into()),
+        ..outcome(request, Status::Refused)
+    });
+    let pid = target.pid().to_string();
+    let output = dsu_with(
+        &["apply", "-p", &pid, "--control-dir"],
+        &[&dir, &scratch.patch()],
+    );
+    let line = fails(&output, 1);
+    assert_eq!(
+        line,
+        "dsu: refused: price is active in thread 4242; retried 40 times"
+    );
+    agent.join().unwrap();
+}
+
+#[test]
+fn revert_sends_the_patch_id_and_reports_the_answer() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    let agent = fake_agent(&dir, |request| outcome(request, Status::Applied));
+    let pid = target.pid().to_string();
+    let output = dsu_with(&["revert", "-p", &pid, "3", "--control-dir"], &[&dir]);
+    assert!(stdout(&output).starts_with("reverted patch 1 in process"));
+    let request = agent.join().unwrap();
+    assert_eq!(
+        request.op,
+        Op::Revert {
+            patch_id: Some(3),
+            timeout: Some(Duration::from_secs(10))
+        }
+    );
+}
+
+#[test]
+fn status_shows_the_last_answer() {
+    let scratch = Scratch::new();
+    let target = Target::ignoring_usr2(30);
+    let dir = control_dir(&scratch, target.pid());
+    let pid = target.pid().to_string();
+    let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
+    assert!(text.contains("no request answered yet"), "{text}");
+    let json = stdout(&dsu_with(
+        &["status", "-p", &pid, "--json", "--control-dir"],
+        &[&dir],
+    ));
+    assert_eq!(json, "null\n");
+
+    let last = Outcome {
+        seq: 4,
+        request: None,
+        op: "apply".into(),
+        outcome: Status::Refused,
+        error: Some("symbol foo does not resolve".into()),
+        attempts: 0,
+        elapsed_us: 90,
+        functions: Vec::new(),
+    };
+    fs::write(dir.join(RESULT_FILE), serde_json::to_vec(&last).unwrap()).unwrap();
+    let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
+    assert!(
+        text.contains("last: apply #4 (raw trigger): refused in 90 us after 0 attempts: symbol foo does not resolve"),
+        "{text}"
+    );
+    let json = stdout(&dsu_with(
+        &["status", "-p", &pid, "--json", "--control-dir"],
+        &[&dir],
+    ));
+    let back: Outcome = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, last);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(dsu(&["apply"]).status.code(), Some(2));
+    assert_eq!(dsu(&["apply", "-p", "0", "x.o"]).status.code(), Some(2));
+    assert_eq!(
+        dsu(&["apply", "-p", "1", "x.o", "--timeout", "0"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(dsu(&["frobnicate"]).status.code(), Some(2));
+}
