@@ -109,8 +109,10 @@ pub enum CliError {
     #[error("timed out waiting for another dsu command that holds {}", .path.display())]
     LockTimedOut { path: PathBuf },
 
-    #[error("inspect is not implemented yet")]
-    NotImplemented,
+    #[error("{0}")]
+    Inspect(#[from] dsu_agent::inspect::InspectError),
+    #[error("the patch has {count} problem{} against {against} (listed above)", if *.count == 1 { "" } else { "s" })]
+    InspectProblems { count: usize, against: String },
 }
 
 impl CliError {
@@ -131,7 +133,9 @@ impl CliError {
             | CliError::SignalUnhandled { .. }
             | CliError::Signal { .. }
             | CliError::Exited { .. } => exit::UNREACHABLE,
-            CliError::Agent { .. } | CliError::NotImplemented => exit::REFUSED,
+            CliError::Agent { .. } | CliError::Inspect(_) | CliError::InspectProblems { .. } => {
+                exit::REFUSED
+            }
             CliError::TimedOut { .. } | CliError::LockTimedOut { .. } => exit::TIMED_OUT,
         }
     }

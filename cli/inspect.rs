@@ -1,14 +1,14 @@
 //! `dsu inspect PATCH [--against PID|BINARY] [--json]`: what a patch replaces, adds and needs,
 //! and which of its symbols do not resolve.
 //!
-//! LEAD: wire this to `dsu_agent::inspect::inspect(&bytes, against)` once it exists: map
-//! [`Against`] to the agent's type, print its report (human or `--json`), and return
-//! `Ok(())`. Until then the command reads and checks the patch, then reports that it is not
-//! implemented (exit 1).
+//! Exit 0 when the patch is valid and, checked against something, everything resolves; 1
+//! when it is invalid or has problems (which are printed first).
 
 use std::path::PathBuf;
 
 use clap::Args;
+
+use dsu_agent::inspect as agent;
 
 use crate::error::CliError;
 use crate::patch::read_patch;
@@ -45,9 +45,69 @@ fn parse_against(value: &str) -> Result<Against, String> {
 }
 
 pub fn run(args: &InspectArgs) -> Result<(), CliError> {
-    let _bytes = read_patch(&args.patch)?;
-    // LEAD: dsu_agent::inspect::inspect(&_bytes, against) goes here.
-    Err(CliError::NotImplemented)
+    let bytes = read_patch(&args.patch)?;
+    let against = match &args.against {
+        None => agent::Against::Nothing,
+        Some(Against::Pid(pid)) => agent::Against::Process(*pid),
+        Some(Against::Binary(path)) => agent::Against::Binary(path.clone()),
+    };
+    let report = agent::inspect(&bytes, &against)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report serialises")
+        );
+    } else {
+        for line in human(&report) {
+            println!("{line}");
+        }
+    }
+    let count = report.unresolved.len() + report.errors.len();
+    match (&report.against, count) {
+        (Some(against), 1..) => Err(CliError::InspectProblems {
+            count,
+            against: against.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The report for a person: one section per kind, one line per item.
+fn human(report: &agent::Inspection) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(against) = &report.against {
+        out.push(format!("against {against}"));
+    }
+    out.push(format!("replaces {}:", report.replaces.len()));
+    for r in &report.replaces {
+        let at = match (&r.address, &r.module, r.old_size) {
+            (Some(a), Some(m), Some(size)) => format!(" at {a} in {m} ({size} bytes)"),
+            _ => String::new(),
+        };
+        out.push(format!(
+            "  {}{at}, new version {} bytes",
+            r.name, r.new_size
+        ));
+        for w in &r.warnings {
+            out.push(format!("    warning: {w}"));
+        }
+    }
+    out.push(format!("adds {}:", report.adds.len()));
+    out.extend(report.adds.iter().map(|a| format!("  {a}")));
+    out.push(format!("needs {}:", report.needs.len()));
+    for n in &report.needs {
+        match &n.resolves_to {
+            Some(to) => out.push(format!("  {} -> {to}", n.name)),
+            None => out.push(format!("  {}", n.name)),
+        }
+    }
+    if !report.unresolved.is_empty() {
+        out.push(format!("unresolved: {}", report.unresolved.join(", ")));
+    }
+    for e in &report.errors {
+        out.push(format!("error: {e}"));
+    }
+    out
 }
 
 #[cfg(test)]

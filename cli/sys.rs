@@ -1,14 +1,11 @@
-//! The few system calls `dsu` makes that `std` does not wrap: signalling by pidfd, watching
-//! the control directory with inotify, and waiting on both.
+//! The few system calls `dsu` makes that `std` does not wrap: signalling by pidfd and waiting
+//! on it.
 //!
 //! Each function is one call with its `unsafe` block, returning `io::Result`. They are here
 //! rather than in `dsu-sys` because the agent never needs them.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 /// This process's effective uid.
@@ -60,48 +57,6 @@ pub fn kill(pid: libc::pid_t, signal: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// An inotify instance watching one directory for files renamed into it (how the agent
-/// publishes `result.json`).
-pub struct DirWatch(OwnedFd);
-
-impl DirWatch {
-    pub fn new(dir: &Path) -> io::Result<DirWatch> {
-        // SAFETY: inotify_init1 takes flags by value and returns a new descriptor or -1.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let path = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let mask = libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE;
-        // SAFETY: a live inotify descriptor and a NUL-terminated path that outlives the call.
-        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(DirWatch(fd))
-    }
-
-    /// Discards pending events; the caller looks at the files themselves.
-    pub fn drain(&self) {
-        let mut buf = [0u8; 4096];
-        loop {
-            // SAFETY: reads at most buf.len() bytes into buf, which lives across the call.
-            let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                break; // EAGAIN: nothing more pending (the descriptor is non-blocking).
-            }
-        }
-    }
-}
-
-impl AsFd for DirWatch {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
 }
 
 /// Waits up to `timeout` until one of `fds` is readable; returns which are. An interrupted

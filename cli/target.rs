@@ -121,12 +121,9 @@ impl Process {
         })
     }
 
-    /// Waits up to `timeout` for the process to exit or `watch` to become readable; returns
-    /// true if the process has exited.
-    pub fn wait(&self, watch: Option<&sys::DirWatch>, timeout: Duration) -> bool {
-        let mut fds = Vec::with_capacity(2);
-        fds.extend(self.pidfd.as_ref().map(|fd| fd.as_fd()));
-        fds.extend(watch.map(|w| w.as_fd()));
+    /// Waits up to `timeout` or until the process exits; returns true if it has exited.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let fds: Vec<_> = self.pidfd.iter().map(|fd| fd.as_fd()).collect();
         match sys::wait_readable(&fds, timeout) {
             Ok(ready) if self.pidfd.is_some() => ready[0],
             // Without a pidfd (or if ppoll failed) sleeping is the wait, and kill(pid, 0) the

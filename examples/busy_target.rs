@@ -6,15 +6,18 @@
 //! can produce. Commands, one per line, each answered by one line:
 //!
 //! - `compute` -> `compute <dsu_fixture_compute(7)>`
-//! - `block` / `unblock` -> a thread enters / leaves `dsu_fixture_block` (blocked in `read`)
-//! - `spin` / `unspin` -> a thread enters / leaves `dsu_fixture_spin` (a loop without calls)
+//! - `block` / `unblock` -> a thread enters / leaves `dsu_fixture_block` (blocked in `read`);
+//!   the reply `blocking` comes once the thread is inside the `read` system call
+//! - `spin` / `unspin` -> a thread enters / leaves `dsu_fixture_spin` (a loop without calls);
+//!   the reply `spinning` comes once the thread is inside the loop
 //! - `errors` -> `errors <n> calls <n>`: impossible results seen by workers, total calls
 //! - `exit`
 
 use std::hint::black_box;
 use std::io::{BufRead, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Versions the tests apply: 7 -> 8 (original), 70 (x * 10), 71 (x * 10 + 1), 700 (x * 100).
 const VALID: [u64; 4] = [8, 70, 71, 700];
@@ -40,6 +43,7 @@ pub extern "C" fn dsu_fixture_block(fd: i32) -> u64 {
 #[inline(never)]
 pub extern "C" fn dsu_fixture_spin(stop: &AtomicBool) -> u64 {
     let mut n = 0u64;
+    SPIN_ENTERED.store(true, Ordering::Release);
     while !stop.load(Ordering::Relaxed) {
         n = n.wrapping_add(1);
     }
@@ -49,6 +53,24 @@ pub extern "C" fn dsu_fixture_spin(stop: &AtomicBool) -> u64 {
 static ERRORS: AtomicU64 = AtomicU64::new(0);
 static CALLS: AtomicU64 = AtomicU64::new(0);
 static SPIN_STOP: AtomicBool = AtomicBool::new(false);
+/// Set by `dsu_fixture_spin` before its loop.
+static SPIN_ENTERED: AtomicBool = AtomicBool::new(false);
+/// Thread id of the thread that calls `dsu_fixture_block`, 0 before it runs.
+static BLOCK_TID: AtomicI32 = AtomicI32::new(0);
+
+/// Whether thread `tid` of this process is inside the `read` system call (number 0).
+fn in_read(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+        .is_ok_and(|s| s.starts_with("0 "))
+}
+
+/// Waits up to 5 s for `ready`, so a reply means the thread got there.
+fn wait_until(ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ready() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 fn worker(id: usize) {
     let mut i = 0u64;
@@ -107,7 +129,16 @@ fn main() {
             "compute" => format!("compute {}", dsu_fixture_compute(black_box(7))),
             "block" => {
                 let fd = pipe[0];
-                blocked = Some(std::thread::spawn(move || dsu_fixture_block(fd)));
+                BLOCK_TID.store(0, Ordering::SeqCst);
+                blocked = Some(std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    BLOCK_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                    dsu_fixture_block(fd)
+                }));
+                wait_until(|| {
+                    let tid = BLOCK_TID.load(Ordering::SeqCst);
+                    tid != 0 && in_read(tid)
+                });
                 "blocking".to_string()
             }
             "unblock" => {
@@ -118,7 +149,9 @@ fn main() {
             }
             "spin" => {
                 SPIN_STOP.store(false, Ordering::SeqCst);
+                SPIN_ENTERED.store(false, Ordering::SeqCst);
                 spinning = Some(std::thread::spawn(|| dsu_fixture_spin(&SPIN_STOP)));
+                wait_until(|| SPIN_ENTERED.load(Ordering::Acquire));
                 "spinning".to_string()
             }
             "unspin" => {

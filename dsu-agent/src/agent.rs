@@ -163,6 +163,7 @@ pub enum ApplyFileError {
 /// control directory.
 fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
     let mut seq = 0u64;
+    engine.warm_up();
     while waiter.wait().is_ok() {
         loop {
             let job = shared

@@ -5,7 +5,7 @@
 //! sequence:
 //!
 //! trigger -> load -> resolve -> relocate -> place (together: [`link`]) -> [`prepare`] ->
-//! [`stop`] -> [`check`] -> [`write`] -> [`report`], driven by [`update`].
+//! [`stop`] -> [`check`] -> [`mod@write`] -> [`report`], driven by [`update`].
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -211,6 +211,12 @@ impl Engine {
         &self.patches
     }
 
+    /// Builds the symbol index ahead of the first update, so that update is as fast as the
+    /// next ones. Errors are left for the update to report.
+    pub fn warm_up(&mut self) {
+        let _ = self.index();
+    }
+
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
     fn index(&mut self) -> Result<&SymbolIndex, ResolveError> {
         let key: Vec<(String, usize)> = dsu_sys::modules::loaded()

@@ -44,7 +44,7 @@ mod tests {
             .expect("libc mapped");
         let found = dlsym_in(false, Path::new(&libc_path), "strlen").expect("strlen");
         // What the program itself calls through its PLT/GOT is the same implementation.
-        assert_eq!(found, libc::strlen as usize);
+        assert_eq!(found, libc::strlen as *const () as usize);
     }
 
     #[test]

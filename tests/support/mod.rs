@@ -94,3 +94,179 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     }
     profile_dir.join("examples").join(name)
 }
+
+/// How long any single wait of a test may take before it fails instead of hanging.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A running fixture program (`busy_target`, `tests/fixtures/busy.c`) driven over its stdin
+/// protocol: one command per line, one reply line each. Its control directory is `ctl` in the
+/// test's scratch directory (`DSU_CONTROL_DIR`), its stderr goes to `stderr.log` there. The
+/// child is killed and reaped on drop.
+pub struct Fixture {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub pid: u32,
+    /// The `addresses` line: `compute`, `block`, `spin` (and any other `name=0x..`).
+    pub addresses: std::collections::HashMap<String, usize>,
+    pub control: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Fixture {
+    /// Starts `program` with `args` and the fixture environment; waits for its `ready` and
+    /// `addresses` lines.
+    pub fn start(dir: &Path, program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Fixture {
+        use std::io::BufRead;
+        use std::process::Stdio;
+
+        let control = dir.join("ctl");
+        let stderr_log = dir.join("stderr.log");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("DSU_CONTROL_DIR", &control)
+            .env_remove("DSU_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut fixture = Fixture {
+            child,
+            stdin,
+            lines,
+            pid: 0,
+            addresses: Default::default(),
+            control,
+            stderr_log,
+        };
+        let ready = fixture.line();
+        fixture.pid = ready
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("expected `ready <pid>`, got {ready:?}"));
+        let addresses = fixture.line();
+        for field in addresses
+            .strip_prefix("addresses ")
+            .unwrap_or_else(|| panic!("expected `addresses ..`, got {addresses:?}"))
+            .split_whitespace()
+        {
+            let (name, value) = field.split_once('=').unwrap();
+            if let Some(hex) = value.strip_prefix("0x") {
+                let address = usize::from_str_radix(hex, 16).unwrap();
+                fixture.addresses.insert(name.to_string(), address);
+            }
+        }
+        fixture
+    }
+
+    /// The next line the program prints, within [`WAIT`].
+    fn line(&mut self) -> String {
+        match self.lines.recv_timeout(WAIT) {
+            Ok(line) => line,
+            Err(e) => {
+                let alive = self.alive();
+                panic!(
+                    "no line from process {} within {WAIT:?} ({e}); alive: {alive}; its log:\n{}",
+                    self.pid,
+                    self.log()
+                )
+            }
+        }
+    }
+
+    /// Sends one command and returns its reply.
+    pub fn send(&mut self, command: &str) -> String {
+        use std::io::Write;
+        if let Err(e) = writeln!(self.stdin, "{command}").and_then(|()| self.stdin.flush()) {
+            let alive = self.alive();
+            panic!(
+                "cannot send {command:?} to process {}: {e}; alive: {alive}; its log:\n{}",
+                self.pid,
+                self.log()
+            );
+        }
+        self.line()
+    }
+
+    /// Sends `command` and asserts the reply.
+    pub fn expect(&mut self, command: &str, reply: &str) {
+        let got = self.send(command);
+        assert_eq!(got, reply, "reply to {command:?}; log:\n{}", self.log());
+    }
+
+    /// `dsu_fixture_compute(7)` as the program's main thread computes it now.
+    pub fn compute(&mut self) -> u64 {
+        let reply = self.send("compute");
+        reply
+            .strip_prefix("compute ")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad reply to compute: {reply:?}"))
+    }
+
+    /// Impossible results the workers saw, and their number of calls.
+    pub fn errors(&mut self) -> (u64, u64) {
+        let reply = self.send("errors");
+        let fields: Vec<&str> = reply.split_whitespace().collect();
+        match fields[..] {
+            ["errors", errors, "calls", calls] => (errors.parse().unwrap(), calls.parse().unwrap()),
+            _ => panic!("bad reply to errors: {reply:?}"),
+        }
+    }
+
+    /// The address the program printed for `name`.
+    pub fn address(&self, name: &str) -> usize {
+        self.addresses[name]
+    }
+
+    /// `len` bytes of the process's memory at `address`, read through `/proc/PID/mem`.
+    pub fn read_memory(&self, address: usize, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).unwrap();
+        let mut bytes = vec![0; len];
+        mem.read_exact_at(&mut bytes, address as u64)
+            .unwrap_or_else(|e| panic!("cannot read {len} bytes at {address:#x}: {e}"));
+        bytes
+    }
+
+    /// The first 16 code bytes of the function the program printed as `name`.
+    pub fn code(&self, name: &str) -> Vec<u8> {
+        self.read_memory(self.address(name), 16)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The program's stderr without the workers' progress lines: the agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with("worker "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,740 @@
+//! Applying patches to real, busy processes, end to end: `examples/busy_target` (Rust, agent
+//! installed by `dsu_agent::Builder`), `tests/fixtures/busy.c` linked with `libdsu_agent.a`
+//! (agent installed by `dsu_install()`), and the same C program built without any dsu code and
+//! started with `LD_PRELOAD=libdsu_agent.so`.
+//!
+//! Each program has worker threads calling `dsu_fixture_compute(7)` in tight loops and counting
+//! results no version produces (`errors`). Patches are built at test time with `cc` and `rustc`
+//! and applied through `dsu apply` and through the raw trigger (`<control dir>/patch` plus
+//! `SIGUSR2`). Observations are the program's own answers over its stdin protocol and its code
+//! bytes read through `/proc/PID/mem`.
+//!
+//! Needs the workspace built first (`cargo build --workspace --all-targets`, as
+//! `scripts/test.sh` does) for `libdsu_agent.a` and `libdsu_agent.so`.
+
+mod support;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dsu_agent::report::{Outcome, Status};
+use support::{Fixture, WAIT, cargo_bin, cc_object, cc_program, rustc_object, scratch};
+
+/// What `dsu_fixture_compute(7)` returns before any patch (7 + 1).
+const ORIGINAL: u64 = 8;
+
+const RUST_X10: &str = r#"
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
+    x * 10
+}
+"#;
+
+const RUST_X10_PLUS_1: &str = r#"
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
+    x * 10 + 1
+}
+"#;
+
+const C_X10: &str = "
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
+";
+
+const C_X10_PLUS_1: &str = "
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10 + 1; }
+";
+
+/// Two functions as one patch: `compute` (70) and a `block` that still reads its byte but
+/// returns 100 more (`unblocked 101` instead of `unblocked 1`). Calls libc's `read`.
+const C_BLOCK_AND_COMPUTE: &str = "
+#include <unistd.h>
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
+unsigned long dsu_fixture_block(int fd) {
+    char byte = 0;
+    long n = read(fd, &byte, 1);
+    return (unsigned long)n + 100;
+}
+";
+
+/// Two functions as one patch: `compute` (70) and a `spin` that returns 5 when released.
+const RUST_SPIN_AND_COMPUTE: &str = r#"
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
+    x * 10
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_fixture_spin(stop: &AtomicBool) -> u64 {
+    while !stop.load(Ordering::Relaxed) {
+        std::hint::spin_loop();
+    }
+    5
+}
+"#;
+
+/// Two functions as one patch, the second of which cannot be linked.
+const C_UNRESOLVABLE: &str = "
+unsigned long dsu_missing_helper_for_tests(int fd);
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
+unsigned long dsu_fixture_block(int fd) { return dsu_missing_helper_for_tests(fd) + 1; }
+";
+
+/// What `rustc` reports as the static library's native dependencies
+/// (`cargo rustc -p dsu-agent --lib --crate-type staticlib -- --print native-static-libs`).
+const NATIVE_LIBS: [&str; 7] = [
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
+
+const BUSY_C: &str = include_str!("fixtures/busy.c");
+
+// ---- starting programs ----
+
+fn busy_target(dir: &Path, workers: u32) -> Fixture {
+    let program = cargo_bin("busy_target");
+    assert!(
+        program.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first",
+        program.display()
+    );
+    Fixture::start(dir, &program, &[&workers.to_string()], &[])
+}
+
+/// An artifact of the agent crate (`libdsu_agent.a`, `libdsu_agent.so`) built by cargo.
+fn agent_library(name: &str) -> PathBuf {
+    let path = cargo_bin(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first",
+        path.display()
+    );
+    path
+}
+
+/// `tests/fixtures/busy.c` linked with `libdsu_agent.a`, calling `dsu_install()` in `main`.
+fn busy_c_linked(dir: &Path, workers: u32) -> Fixture {
+    let archive = agent_library("libdsu_agent.a");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
+    let mut flags = vec![
+        "-pthread".to_string(),
+        "-DDSU_LINKED".to_string(),
+        format!("-I{}", include.display()),
+        archive.display().to_string(),
+    ];
+    flags.extend(NATIVE_LIBS.iter().map(|l| l.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let program = cc_program(dir, "busy_linked", &[("busy.c", BUSY_C)], &flags);
+    Fixture::start(dir, &program, &[&workers.to_string()], &[])
+}
+
+/// `tests/fixtures/busy.c` built without any dsu code, started with
+/// `LD_PRELOAD=libdsu_agent.so`.
+fn busy_c_preloaded(dir: &Path, workers: u32) -> Fixture {
+    let library = agent_library("libdsu_agent.so");
+    let program = cc_program(dir, "busy_plain", &[("busy.c", BUSY_C)], &["-pthread"]);
+    let symbols = Command::new("nm").arg(&program).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&symbols.stdout).contains("dsu_install"),
+        "the unmodified program must not reference the agent"
+    );
+    Fixture::start(
+        dir,
+        &program,
+        &[&workers.to_string()],
+        &[("LD_PRELOAD", &library)],
+    )
+}
+
+// ---- applying ----
+
+/// Starts `dsu apply -p PID PATCH --timeout SECS` without waiting for it.
+fn spawn_dsu_apply(fx: &Fixture, patch: &Path, timeout_secs: u32) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dsu"))
+        .args(["apply", "-p", &fx.pid.to_string()])
+        .arg(patch)
+        .args(["--timeout", &timeout_secs.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dsu")
+}
+
+/// Waits for a `dsu` started by [`spawn_dsu_apply`]; fails the test if it runs longer than
+/// `limit`.
+fn finish(mut child: Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dsu apply did not return within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// `dsu` is allowed its `--timeout`, plus the 2 s it waits beyond, plus slack for a loaded
+/// machine.
+fn dsu_limit(timeout_secs: u32) -> Duration {
+    Duration::from_secs(u64::from(timeout_secs) + 2 + 5)
+}
+
+/// `dsu apply` that must succeed; returns its stdout.
+fn dsu_apply(fx: &Fixture, patch: &Path) -> String {
+    let out = finish(spawn_dsu_apply(fx, patch, 5), dsu_limit(5));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dsu apply {} failed ({}): {}\nstdout: {stdout}\nprocess log:\n{}",
+        patch.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    stdout
+}
+
+/// `dsu apply` that must exit 1 with one `dsu: ` line on stderr; returns that line.
+fn dsu_apply_refused(fx: &Fixture, patch: &Path, timeout_secs: u32) -> String {
+    let out = finish(
+        spawn_dsu_apply(fx, patch, timeout_secs),
+        dsu_limit(timeout_secs),
+    );
+    refused_line(&out)
+}
+
+fn refused_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1; stderr: {stderr}; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+    assert!(stderr.starts_with("dsu: "), "{stderr}");
+    stderr.trim_end().to_string()
+}
+
+/// The `seq` of the agent's last answer, 0 before any.
+fn last_seq(fx: &Fixture) -> u64 {
+    read_result(fx).map_or(0, |o| o.seq)
+}
+
+fn read_result(fx: &Fixture) -> Option<Outcome> {
+    let text = fs::read_to_string(fx.control.join("result.json")).ok()?;
+    Some(serde_json::from_str(&text).expect("result.json is an Outcome"))
+}
+
+/// The raw trigger, as an operator does it: write the patch beside, rename it to `patch`,
+/// send `SIGUSR2`.
+fn place_and_signal(fx: &Fixture, bytes: &[u8]) {
+    let staging = fx.control.join(".patch.staging");
+    fs::write(&staging, bytes).unwrap();
+    fs::rename(&staging, fx.control.join("patch")).unwrap();
+    signal(fx, libc::SIGUSR2);
+}
+
+fn signal(fx: &Fixture, sig: i32) {
+    // SAFETY: kill takes plain integers; the pid is our own child, alive until dropped.
+    assert_eq!(unsafe { libc::kill(fx.pid as libc::pid_t, sig) }, 0);
+}
+
+/// Waits for the answer numbered `seq` in `result.json`.
+fn wait_result(fx: &Fixture, seq: u64, limit: Duration) -> Outcome {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(outcome) = read_result(fx).filter(|o| o.seq >= seq) {
+            assert_eq!(outcome.seq, seq, "an answer was skipped or doubled");
+            return outcome;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no result {seq} within {limit:?}; process log:\n{}",
+            fx.log()
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The raw trigger with `patch`; returns the agent's answer. The agent's default policy
+/// allows 5 s of retries, so the answer comes within that plus slack.
+fn raw_trigger(fx: &Fixture, patch: &Path) -> Outcome {
+    let seq = last_seq(fx) + 1;
+    place_and_signal(fx, &fs::read(patch).unwrap());
+    let outcome = wait_result(fx, seq, WAIT);
+    assert_eq!(outcome.request, None, "a raw trigger has no request id");
+    assert_eq!(outcome.op, "apply");
+    outcome
+}
+
+fn raw_trigger_applied(fx: &Fixture, patch: &Path) -> Outcome {
+    let outcome = raw_trigger(fx, patch);
+    assert_eq!(
+        outcome.outcome,
+        Status::Applied,
+        "raw trigger with {}: {:?}\nprocess log:\n{}",
+        patch.display(),
+        outcome.error,
+        fx.log()
+    );
+    outcome
+}
+
+/// Waits until the agent has claimed the patch of request `seq` (moved it into `consumed/`),
+/// so the update is under way.
+fn wait_claimed(fx: &Fixture, seq: u64) {
+    let claimed = fx.control.join(format!("consumed/{seq}.patch"));
+    let deadline = Instant::now() + WAIT;
+    while !claimed.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never took patch {seq}; log:\n{}",
+            fx.log()
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Checks a few times over `span` that `compute` still gives `value`.
+fn keeps_computing(fx: &mut Fixture, value: u64, span: Duration) {
+    let end = Instant::now() + span;
+    while Instant::now() < end {
+        assert_eq!(fx.compute(), value, "changed while a target was active");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn no_worker_errors(fx: &mut Fixture) {
+    let (errors, calls) = fx.errors();
+    assert_eq!(
+        errors,
+        0,
+        "workers saw impossible results; log:\n{}",
+        fx.log()
+    );
+    assert!(calls > 0, "the workers never ran");
+}
+
+// ---- the tests ----
+
+/// Rust program, several busy threads: a C patch through `dsu apply`, then a Rust patch
+/// through the raw trigger, each changing what the program computes.
+#[test]
+fn rust_program_takes_c_and_rust_patches_by_dsu_and_raw_trigger() {
+    let dir = scratch("apply-rust");
+    let c_patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let rust_patch = rustc_object(&dir, "rust_x10_plus_1", RUST_X10_PLUS_1);
+    let mut fx = busy_target(&dir, 4);
+    assert_eq!(fx.compute(), ORIGINAL);
+
+    let stdout = dsu_apply(&fx, &c_patch);
+    assert!(stdout.contains("dsu_fixture_compute"), "{stdout}");
+    assert!(stdout.contains("applied patch 1"), "{stdout}");
+    assert_eq!(fx.compute(), 70);
+
+    let outcome = raw_trigger_applied(&fx, &rust_patch);
+    assert_eq!(outcome.seq, 2);
+    assert_eq!(outcome.functions.len(), 1);
+    assert_eq!(outcome.functions[0].name, "dsu_fixture_compute");
+    assert_eq!(
+        outcome.functions[0].old_address,
+        format!("{:#x}", fx.address("compute"))
+    );
+    assert_eq!(fx.compute(), 71);
+
+    // The workers call through the patched entry too: their count keeps growing, no result is
+    // impossible, and the program still answers.
+    let (_, before) = fx.errors();
+    thread::sleep(Duration::from_millis(100));
+    let (errors, after) = fx.errors();
+    assert_eq!(errors, 0);
+    assert!(
+        after > before,
+        "workers stopped calling: {before} -> {after}"
+    );
+    assert!(fx.alive());
+}
+
+/// C program linked with `libdsu_agent.a`: a Rust patch through `dsu apply`, a C patch through
+/// the raw trigger, and a blocked function replaced only once it returns.
+#[test]
+fn c_program_with_static_agent_takes_patches() {
+    let dir = scratch("apply-c-static");
+    let rust_patch = rustc_object(&dir, "rust_x10", RUST_X10);
+    let c_patch = cc_object(&dir, "c_x10_plus_1", C_X10_PLUS_1, &[]);
+    let both = cc_object(&dir, "block_and_compute", C_BLOCK_AND_COMPUTE, &[]);
+    let mut fx = busy_c_linked(&dir, 4);
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 1");
+
+    dsu_apply(&fx, &rust_patch);
+    assert_eq!(fx.compute(), 70);
+    raw_trigger_applied(&fx, &c_patch);
+    assert_eq!(fx.compute(), 71);
+
+    // `block` and `compute` together while a thread sits in `block`: nothing changes until it
+    // leaves, then both change at once.
+    fx.expect("block", "blocking");
+    let apply = spawn_dsu_apply(&fx, &both, 20);
+    wait_claimed(&fx, 3);
+    keeps_computing(&mut fx, 71, Duration::from_millis(400));
+    fx.expect("unblock", "unblocked 1");
+    let out = finish(apply, dsu_limit(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fx.compute(), 70);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 101");
+    no_worker_errors(&mut fx);
+}
+
+/// An unmodified C program made patchable by `LD_PRELOAD=libdsu_agent.so`.
+#[test]
+fn unmodified_c_program_under_ld_preload_takes_patches() {
+    let dir = scratch("apply-preload");
+    let c_patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let rust_patch = rustc_object(&dir, "rust_x10_plus_1", RUST_X10_PLUS_1);
+    let mut fx = busy_c_preloaded(&dir, 4);
+    assert_eq!(fx.compute(), ORIGINAL);
+    assert!(
+        fx.control.join("agent.json").exists(),
+        "the preloaded agent did not install"
+    );
+
+    dsu_apply(&fx, &c_patch);
+    assert_eq!(fx.compute(), 70);
+    raw_trigger_applied(&fx, &rust_patch);
+    assert_eq!(fx.compute(), 71);
+    no_worker_errors(&mut fx);
+    assert!(fx.alive());
+}
+
+/// A thread blocked in a system call inside `dsu_fixture_block` holds the update (of `block`
+/// and `compute` together) back until it returns; then the update completes.
+#[test]
+fn blocked_function_is_replaced_only_after_it_returns() {
+    let dir = scratch("apply-blocked");
+    let patch = cc_object(&dir, "block_and_compute", C_BLOCK_AND_COMPUTE, &[]);
+    let mut fx = busy_target(&dir, 3);
+    let block_code = fx.code("block");
+    let compute_code = fx.code("compute");
+    fx.expect("block", "blocking");
+
+    let apply = spawn_dsu_apply(&fx, &patch, 20);
+    wait_claimed(&fx, 1);
+    keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
+    assert_eq!(fx.code("block"), block_code);
+    assert_eq!(fx.code("compute"), compute_code);
+
+    // The old version returns normally (its read was not broken by the stop signals), then
+    // the update goes through.
+    fx.expect("unblock", "unblocked 1");
+    let out = finish(apply, dsu_limit(20));
+    assert!(
+        out.status.success(),
+        "dsu apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fx.compute(), 70);
+    assert_ne!(fx.code("block"), block_code);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 101");
+    no_worker_errors(&mut fx);
+}
+
+/// A thread spinning in a loop without calls inside `dsu_fixture_spin` (C program, -O2) holds
+/// a raw-trigger update of `spin` and `compute` back until it leaves the loop.
+#[test]
+fn spinning_function_is_replaced_only_after_it_returns() {
+    let dir = scratch("apply-spin");
+    let patch = rustc_object(&dir, "spin_and_compute", RUST_SPIN_AND_COMPUTE);
+    let mut fx = busy_c_linked(&dir, 3);
+    fx.expect("spin", "spinning");
+
+    place_and_signal(&fx, &fs::read(&patch).unwrap());
+    wait_claimed(&fx, 1);
+    keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
+    assert_eq!(
+        last_seq(&fx),
+        0,
+        "answered while the spinning thread was inside"
+    );
+
+    let reply = fx.send("unspin");
+    assert!(
+        reply == "unspun 0" || reply == "unspun 1",
+        "old spin returns its count & 1: {reply}"
+    );
+    let outcome = wait_result(&fx, 1, WAIT);
+    assert_eq!(outcome.outcome, Status::Applied, "{:?}", outcome.error);
+    assert!(
+        outcome.attempts > 1,
+        "applied on the first attempt while active"
+    );
+    assert_eq!(fx.compute(), 70);
+    fx.expect("spin", "spinning");
+    fx.expect("unspin", "unspun 5");
+    no_worker_errors(&mut fx);
+}
+
+/// With a short timeout, an update whose target stays active is refused naming the function,
+/// and nothing changes: not the behaviour, not one code byte. The same patch applies once the
+/// function is left.
+#[test]
+fn active_function_at_the_timeout_is_refused_and_nothing_changes() {
+    let dir = scratch("apply-timeout");
+    let block_patch = cc_object(&dir, "block_and_compute", C_BLOCK_AND_COMPUTE, &[]);
+    let spin_patch = rustc_object(&dir, "spin_and_compute", RUST_SPIN_AND_COMPUTE);
+    let mut fx = busy_target(&dir, 3);
+    let code: Vec<Vec<u8>> = ["compute", "block", "spin"]
+        .iter()
+        .map(|f| fx.code(f))
+        .collect();
+    let unchanged = |fx: &Fixture| {
+        for (f, bytes) in ["compute", "block", "spin"].iter().zip(&code) {
+            assert_eq!(&fx.code(f), bytes, "code bytes of {f} changed");
+        }
+    };
+
+    fx.expect("block", "blocking");
+    let started = Instant::now();
+    let line = dsu_apply_refused(&fx, &block_patch, 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "gave up early"
+    );
+    assert!(line.contains("dsu_fixture_block"), "{line}");
+    assert!(line.contains("refused"), "{line}");
+    assert_eq!(fx.compute(), ORIGINAL);
+    unchanged(&fx);
+    fx.expect("unblock", "unblocked 1");
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 1");
+
+    fx.expect("spin", "spinning");
+    let line = dsu_apply_refused(&fx, &spin_patch, 1);
+    assert!(line.contains("dsu_fixture_spin"), "{line}");
+    assert_eq!(fx.compute(), ORIGINAL);
+    unchanged(&fx);
+    let reply = fx.send("unspin");
+    assert!(reply.starts_with("unspun "), "{reply}");
+    assert_ne!(reply, "unspun 5", "the new spin ran");
+
+    // Nothing was wrong with the patches: with the functions left, they apply.
+    dsu_apply(&fx, &block_patch);
+    assert_eq!(fx.compute(), 70);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 101");
+    no_worker_errors(&mut fx);
+}
+
+/// A patch of two functions, one of which calls a symbol the process lacks: neither function
+/// changes, and the error names the symbol, through `dsu apply` and through the raw trigger.
+#[test]
+fn unresolvable_patch_changes_neither_function() {
+    let dir = scratch("apply-unresolvable");
+    let patch = cc_object(&dir, "unresolvable", C_UNRESOLVABLE, &[]);
+    let mut fx = busy_target(&dir, 3);
+    let compute_code = fx.code("compute");
+    let block_code = fx.code("block");
+
+    let line = dsu_apply_refused(&fx, &patch, 5);
+    assert!(line.contains("dsu_missing_helper_for_tests"), "{line}");
+
+    let outcome = raw_trigger(&fx, &patch);
+    assert_eq!(outcome.outcome, Status::Refused);
+    let error = outcome.error.unwrap_or_default();
+    assert!(error.contains("dsu_missing_helper_for_tests"), "{error}");
+    assert!(outcome.functions.is_empty(), "{:?}", outcome.functions);
+
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 1");
+    assert_eq!(fx.code("compute"), compute_code);
+    assert_eq!(fx.code("block"), block_code);
+    no_worker_errors(&mut fx);
+}
+
+/// A function already replaced is replaced again; the newest version wins, whichever way and
+/// in whichever language it came.
+#[test]
+fn replaced_function_is_replaced_again_and_the_newest_wins() {
+    let dir = scratch("apply-again");
+    let rust_x10 = rustc_object(&dir, "rust_x10", RUST_X10);
+    let c_x10_plus_1 = cc_object(&dir, "c_x10_plus_1", C_X10_PLUS_1, &[]);
+    let c_x100 = cc_object(
+        &dir,
+        "c_x100",
+        "unsigned long dsu_fixture_compute(unsigned long x) { return x * 100; }",
+        &[],
+    );
+    let mut fx = busy_target(&dir, 3);
+
+    dsu_apply(&fx, &rust_x10);
+    assert_eq!(fx.compute(), 70);
+    raw_trigger_applied(&fx, &c_x10_plus_1);
+    assert_eq!(fx.compute(), 71);
+    dsu_apply(&fx, &c_x100);
+    assert_eq!(fx.compute(), 700);
+    dsu_apply(&fx, &rust_x10);
+    assert_eq!(fx.compute(), 70);
+    no_worker_errors(&mut fx);
+}
+
+/// Busy threads calling the target, allocating and printing, while two versions are applied
+/// alternately, 30 times, through both paths: every apply returns in time, each leaves the
+/// newest version in effect, no worker ever sees an impossible result, the process answers.
+#[test]
+fn alternating_applies_under_load() {
+    const APPLIES: usize = 30;
+    let dir = scratch("apply-stress");
+    let versions = [
+        (rustc_object(&dir, "rust_x10", RUST_X10), 70),
+        (cc_object(&dir, "c_x10_plus_1", C_X10_PLUS_1, &[]), 71),
+    ];
+    let mut fx = busy_target(&dir, 4);
+    let started = Instant::now();
+    for i in 0..APPLIES {
+        let (patch, value) = &versions[i % 2];
+        if (i / 2) % 2 == 0 {
+            dsu_apply(&fx, patch);
+        } else {
+            raw_trigger_applied(&fx, patch);
+        }
+        assert_eq!(fx.compute(), *value, "after apply {}", i + 1);
+    }
+    let elapsed = started.elapsed();
+    let outcome = read_result(&fx).unwrap();
+    assert_eq!(outcome.seq, APPLIES as u64);
+    let (errors, calls) = fx.errors();
+    assert_eq!(errors, 0, "log:\n{}", fx.log());
+    assert!(calls > 0);
+    assert!(fx.alive());
+    assert_eq!(fx.compute(), 71);
+    let log = fs::read_to_string(&fx.stderr_log).unwrap();
+    assert!(
+        log.lines().any(|l| l.starts_with("worker ")),
+        "the workers never printed"
+    );
+    eprintln!("{APPLIES} applies in {elapsed:?}");
+}
+
+/// Malformed input through the real path: a file that is not ELF and a truncated object are
+/// refused with a precise reason, the code stays byte for byte, the process keeps answering,
+/// and a good patch still applies afterwards.
+#[test]
+fn malformed_patches_are_refused_and_the_process_is_untouched() {
+    let dir = scratch("apply-malformed");
+    let good = cc_object(&dir, "c_x10", C_X10, &[]);
+    let bytes = fs::read(&good).unwrap();
+    let truncated = dir.join("truncated.o");
+    fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let mut fx = busy_target(&dir, 3);
+    let compute_code = fx.code("compute");
+
+    place_and_signal(&fx, b"#!/bin/sh\necho this is not an object\n");
+    let outcome = wait_result(&fx, 1, WAIT);
+    assert_eq!(outcome.outcome, Status::Refused);
+    let error = outcome.error.unwrap_or_default();
+    assert!(error.contains("not an ELF file"), "{error}");
+    assert_eq!(fx.compute(), ORIGINAL);
+
+    let outcome = raw_trigger(&fx, &truncated);
+    assert_eq!(outcome.outcome, Status::Refused);
+    let error = outcome.error.unwrap_or_default();
+    assert!(error.starts_with("invalid patch: "), "{error}");
+    assert_eq!(error.lines().count(), 1, "{error:?}");
+    assert_eq!(fx.compute(), ORIGINAL);
+
+    // `dsu` passes a truncated object on (it starts like ELF) and reports the agent's reason.
+    let line = dsu_apply_refused(&fx, &truncated, 5);
+    assert!(line.contains(&error), "{line} vs {error}");
+
+    assert_eq!(fx.code("compute"), compute_code);
+    assert!(fx.alive());
+    assert_eq!(fx.compute(), ORIGINAL);
+    no_worker_errors(&mut fx);
+
+    dsu_apply(&fx, &good);
+    assert_eq!(fx.compute(), 70);
+}
+
+/// 200 trigger signals in a row with nothing to apply do nothing; a burst right after a real
+/// trigger applies the patch exactly once.
+#[test]
+fn a_signal_flood_does_no_harm() {
+    let dir = scratch("apply-flood");
+    let patch = rustc_object(&dir, "rust_x10", RUST_X10);
+    let mut fx = busy_target(&dir, 3);
+    let compute_code = fx.code("compute");
+
+    for _ in 0..200 {
+        signal(&fx, libc::SIGUSR2);
+    }
+    assert_eq!(fx.compute(), ORIGINAL);
+    thread::sleep(Duration::from_millis(200));
+    assert!(fx.alive());
+    assert_eq!(
+        read_result(&fx),
+        None,
+        "the agent answered a request nobody made"
+    );
+    assert_eq!(fx.code("compute"), compute_code);
+
+    place_and_signal(&fx, &fs::read(&patch).unwrap());
+    for _ in 0..200 {
+        signal(&fx, libc::SIGUSR2);
+    }
+    let outcome = wait_result(&fx, 1, WAIT);
+    assert_eq!(outcome.outcome, Status::Applied, "{:?}", outcome.error);
+    assert_eq!(fx.compute(), 70);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(last_seq(&fx), 1, "one patch, one answer");
+    let consumed: Vec<String> = fs::read_dir(fx.control.join("consumed"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(consumed, ["1.patch"]);
+    no_worker_errors(&mut fx);
+    assert!(fx.alive());
+}
