@@ -18,8 +18,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dsu_agent::control::{RESULT_FILE, RequestOp};
-use dsu_agent::report::{Outcome, Status};
+use dsu_agent::control::{RESULT_FILE, RequestOp, STATUS_FILE};
+use dsu_agent::report::{Outcome, Status, StatusReport};
 
 use crate::error::CliError;
 use crate::target::Target;
@@ -86,7 +86,7 @@ struct RevertArgs {
 struct StatusArgs {
     #[command(flatten)]
     target: TargetArgs,
-    /// Print the agent's last answer as it wrote it (JSON, `null` if none).
+    /// Print the patches in effect as JSON (`status.json`: `{"pid":N,"patches":[...]}`).
     #[arg(long)]
     json: bool,
 }
@@ -139,28 +139,46 @@ fn revert(args: &RevertArgs) -> Result<(), CliError> {
 
 fn status(args: &StatusArgs) -> Result<(), CliError> {
     let target = locate(&args.target)?;
-    let path = target.dir.join(RESULT_FILE);
-    let text = match fs::read_to_string(&path) {
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(CliError::proc(path, e)),
-    };
+    let status_path = target.dir.join(STATUS_FILE);
+    let status_text = read_optional(&status_path)?;
     if args.json {
-        println!("{}", text.as_deref().map_or("null", str::trim_end));
+        // The agent rewrites status.json after every change; before its first write the
+        // answer is an empty list.
+        let text =
+            status_text.unwrap_or_else(|| format!("{{\"pid\":{},\"patches\":[]}}", target.pid));
+        println!("{}", text.trim_end());
         return Ok(());
     }
-    let last = text
+    let status = status_text
+        .as_deref()
+        .map(serde_json::from_str::<StatusReport>)
+        .transpose()
+        .map_err(|e| CliError::Malformed {
+            path: status_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let result_path = target.dir.join(RESULT_FILE);
+    let last = read_optional(&result_path)?
         .as_deref()
         .map(serde_json::from_str::<Outcome>)
         .transpose()
         .map_err(|e| CliError::Malformed {
-            path: path.clone(),
+            path: result_path.clone(),
             reason: e.to_string(),
         })?;
-    for line in output::status_lines(target.pid, &target.agent, last.as_ref()) {
+    for line in output::status_lines(target.pid, &target.agent, status.as_ref(), last.as_ref()) {
         println!("{line}");
     }
     Ok(())
+}
+
+/// A file's text, `None` when it does not exist.
+fn read_optional(path: &std::path::Path) -> Result<Option<String>, CliError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CliError::proc(path.to_path_buf(), e)),
+    }
 }
 
 fn locate(args: &TargetArgs) -> Result<Target, CliError> {

@@ -1,6 +1,6 @@
 //! Human-readable lines for agent answers.
 
-use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status};
+use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status, StatusReport};
 
 /// One line per function, e.g.
 /// `price (/usr/bin/app): 0x55d0c0a01234 -> 0x7f3a9c000040, redirect, 2 call sites rewritten`.
@@ -23,18 +23,46 @@ pub fn summary_line(pid: u32, outcome: &Outcome) -> String {
     };
     format!(
         "{verb} patch {} in process {pid} in {} us after {}",
-        outcome.seq,
+        outcome.patch_id.unwrap_or(outcome.seq),
         outcome.elapsed_us,
         attempts(outcome.attempts)
     )
 }
 
-/// `dsu status` without `--json`.
-pub fn status_lines(pid: u32, agent: &AgentInfo, last: Option<&Outcome>) -> Vec<String> {
+/// `dsu status` without `--json`: the agent, the patches in effect, the last answer.
+pub fn status_lines(
+    pid: u32,
+    agent: &AgentInfo,
+    status: Option<&StatusReport>,
+    last: Option<&Outcome>,
+) -> Vec<String> {
     let mut lines = vec![format!(
         "process {pid}: dsu agent {} (protocol {}, trigger signal {})",
         agent.version, agent.protocol, agent.signal
     )];
+    match status.map(|s| s.patches.as_slice()) {
+        None | Some([]) => lines.push("no patch applied".to_owned()),
+        Some(patches) => {
+            lines.push(format!(
+                "{} patch(es) applied, oldest first:",
+                patches.len()
+            ));
+            for p in patches {
+                lines.push(format!(
+                    "patch {}: {} (sha256 {}), applied at {} (unix time)",
+                    p.id,
+                    p.file,
+                    &p.sha256[..p.sha256.len().min(16)],
+                    p.applied_at
+                ));
+                lines.extend(
+                    p.functions
+                        .iter()
+                        .map(|f| format!("  {}", function_line(f))),
+                );
+            }
+        }
+    }
     let Some(outcome) = last else {
         lines.push("no request answered yet".to_owned());
         return lines;

@@ -9,13 +9,14 @@
 //! - `block` / `unblock` -> a thread enters / leaves `dsu_fixture_block` (blocked in `read`);
 //!   the reply `blocking` comes once the thread is inside the `read` system call
 //! - `spin` / `unspin` -> a thread enters / leaves `dsu_fixture_spin` (a loop without calls);
-//!   the reply `spinning` comes once the thread is inside the loop
+//!   the reply `spinning` comes once the function has marked itself inside
 //! - `errors` -> `errors <n> calls <n>`: impossible results seen by workers, total calls
+//! - `last` -> `last <v>`: the result a worker got most recently
 //! - `exit`
 
 use std::hint::black_box;
 use std::io::{BufRead, Write};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,13 +39,41 @@ pub extern "C" fn dsu_fixture_block(fd: i32) -> u64 {
     black_box(n as u64)
 }
 
-/// Spins without calling anything until `stop` is set.
+/// Spin states shared by the caller and `dsu_fixture_spin` (and any version of it).
+const SPIN_STARTING: u32 = 0;
+const SPIN_INSIDE: u32 = 1;
+const SPIN_STOP: u32 = 2;
+
+/// Marks `*state` inside (from starting), then spins until it is set to stop. The loop makes
+/// no call even in a debug build (the load is inline assembly), so a thread here has its
+/// program counter in this function, not a return address. Any version must keep this
+/// contract: the caller waits for "inside" before it answers `spinning`.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn dsu_fixture_spin(stop: &AtomicBool) -> u64 {
+pub extern "C" fn dsu_fixture_spin(state: &AtomicU32) -> u64 {
+    let _ = state.compare_exchange(
+        SPIN_STARTING,
+        SPIN_INSIDE,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let at = state.as_ptr();
     let mut n = 0u64;
-    SPIN_ENTERED.store(true, Ordering::Release);
-    while !stop.load(Ordering::Relaxed) {
+    loop {
+        let now: u32;
+        // SAFETY: a 4-byte load from `at`, which points into the live, aligned atomic behind
+        // `state`; reading it while others write it atomically is what `AtomicU32` allows.
+        unsafe {
+            std::arch::asm!(
+                "mov {now:e}, dword ptr [{at}]",
+                at = in(reg) at,
+                now = out(reg) now,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+        if now == SPIN_STOP {
+            break;
+        }
         n = n.wrapping_add(1);
     }
     black_box(n) & 1
@@ -52,9 +81,9 @@ pub extern "C" fn dsu_fixture_spin(stop: &AtomicBool) -> u64 {
 
 static ERRORS: AtomicU64 = AtomicU64::new(0);
 static CALLS: AtomicU64 = AtomicU64::new(0);
-static SPIN_STOP: AtomicBool = AtomicBool::new(false);
-/// Set by `dsu_fixture_spin` before its loop.
-static SPIN_ENTERED: AtomicBool = AtomicBool::new(false);
+static LAST: AtomicU64 = AtomicU64::new(0);
+/// The spinning thread's state: `SPIN_STARTING`, `SPIN_INSIDE`, `SPIN_STOP`.
+static SPIN: AtomicU32 = AtomicU32::new(SPIN_STARTING);
 /// Thread id of the thread that calls `dsu_fixture_block`, 0 before it runs.
 static BLOCK_TID: AtomicI32 = AtomicI32::new(0);
 
@@ -80,8 +109,9 @@ fn worker(id: usize) {
             ERRORS.fetch_add(1, Ordering::Relaxed);
         }
         CALLS.fetch_add(1, Ordering::Relaxed);
+        LAST.store(v, Ordering::Relaxed);
         i += 1;
-        if i % 20_000 == 0 {
+        if i.is_multiple_of(20_000) {
             let note = format!("worker {id}: {i} calls, last {v}");
             let boxed: Vec<u8> = note.clone().into_bytes();
             eprintln!("{}", String::from_utf8_lossy(&boxed));
@@ -148,14 +178,13 @@ fn main() {
                 format!("unblocked {r}")
             }
             "spin" => {
-                SPIN_STOP.store(false, Ordering::SeqCst);
-                SPIN_ENTERED.store(false, Ordering::SeqCst);
-                spinning = Some(std::thread::spawn(|| dsu_fixture_spin(&SPIN_STOP)));
-                wait_until(|| SPIN_ENTERED.load(Ordering::Acquire));
+                SPIN.store(SPIN_STARTING, Ordering::SeqCst);
+                spinning = Some(std::thread::spawn(|| dsu_fixture_spin(&SPIN)));
+                wait_until(|| SPIN.load(Ordering::SeqCst) == SPIN_INSIDE);
                 "spinning".to_string()
             }
             "unspin" => {
-                SPIN_STOP.store(true, Ordering::SeqCst);
+                SPIN.store(SPIN_STOP, Ordering::SeqCst);
                 let r = spinning.take().map_or(0, |h| h.join().unwrap());
                 format!("unspun {r}")
             }
@@ -164,6 +193,7 @@ fn main() {
                 ERRORS.load(Ordering::Relaxed),
                 CALLS.load(Ordering::Relaxed)
             ),
+            "last" => format!("last {}", LAST.load(Ordering::Relaxed)),
             "exit" => break,
             other => format!("unknown {other}"),
         };

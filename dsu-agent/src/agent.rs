@@ -16,10 +16,10 @@ use dsu_sys::code::CodeWriter;
 use crate::config::Builder;
 use crate::control::{ControlDir, Op, Request};
 use crate::error::Error;
-use crate::report::{FunctionReport, Outcome, Status};
+use crate::report::{FunctionReport, Outcome, PatchReport, Status, StatusReport};
 use crate::stop::StopWorld;
 use crate::trigger::{self, Waiter, Waker};
-use crate::update::{Applied, AppliedPatch, Engine, Policy, UpdateError};
+use crate::update::{Applied, AppliedPatch, Engine, Policy, Reverted, UpdateError};
 
 /// Handle to the installed agent. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -43,6 +43,11 @@ enum Job {
         file: String,
         policy: Policy,
         reply: mpsc::Sender<Result<Applied, UpdateError>>,
+    },
+    Revert {
+        id: Option<u64>,
+        policy: Policy,
+        reply: mpsc::Sender<Result<Reverted, UpdateError>>,
     },
 }
 
@@ -118,18 +123,34 @@ impl Agent {
         policy: Policy,
     ) -> Result<Applied, UpdateError> {
         let (reply, answer) = mpsc::channel();
+        self.submit(Job::Apply {
+            bytes,
+            file: file.to_string(),
+            policy,
+            reply,
+        });
+        answer.recv().unwrap_or(Err(UpdateError::AgentGone))
+    }
+
+    /// Reverts patch `id`, or the newest patch when `None`, with the agent's policy. Blocks
+    /// until reverted or refused.
+    pub fn revert(&self, id: Option<u64>) -> Result<Reverted, UpdateError> {
+        let (reply, answer) = mpsc::channel();
+        self.submit(Job::Revert {
+            id,
+            policy: self.shared.config.policy,
+            reply,
+        });
+        answer.recv().unwrap_or(Err(UpdateError::AgentGone))
+    }
+
+    fn submit(&self, job: Job) {
         self.shared
             .jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(Job::Apply {
-                bytes,
-                file: file.to_string(),
-                policy,
-                reply,
-            });
+            .push_back(job);
         self.shared.waker.wake();
-        answer.recv().unwrap_or(Err(UpdateError::AgentGone))
     }
 
     /// The patches in effect, oldest first.
@@ -162,8 +183,11 @@ pub enum ApplyFileError {
 /// The agent thread: wait for a wake-up, run queued in-process jobs, then every request in the
 /// control directory.
 fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
+    // One sequence for every request, whatever its source: an applied patch's id is the seq of
+    // the request that applied it.
     let mut seq = 0u64;
     engine.warm_up();
+    publish_status(shared, &engine);
     while waiter.wait().is_ok() {
         loop {
             let job = shared
@@ -171,19 +195,27 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front();
-            let Some(Job::Apply {
-                bytes,
-                file,
-                policy,
-                reply,
-            }) = job
-            else {
-                break;
-            };
-            let result = guarded(|| engine.apply(&bytes, &file, &policy));
-            log_result(shared, &file, &result);
-            sync_patches(shared, &engine);
-            let _ = reply.send(result);
+            let Some(job) = job else { break };
+            seq += 1;
+            match job {
+                Job::Apply {
+                    bytes,
+                    file,
+                    policy,
+                    reply,
+                } => {
+                    let result = guarded(|| engine.apply(&bytes, seq, &file, &policy));
+                    log_applied(shared, &file, &result);
+                    publish_status(shared, &engine);
+                    let _ = reply.send(result);
+                }
+                Job::Revert { id, policy, reply } => {
+                    let result = guarded(|| engine.revert(id, &policy));
+                    log_reverted(shared, &result);
+                    publish_status(shared, &engine);
+                    let _ = reply.send(result);
+                }
+            }
         }
         loop {
             let next = seq + 1;
@@ -192,7 +224,7 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
                 Ok(Some(request)) => {
                     seq = next;
                     let outcome = serve(shared, &mut engine, request, seq);
-                    sync_patches(shared, &engine);
+                    publish_status(shared, &engine);
                     let _ = shared.control.write_result(&outcome);
                 }
                 Err(e) => {
@@ -212,8 +244,37 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
     }
 }
 
+/// Mirrors the patches in effect into memory (for `Agent::patches`) and `status.json`.
+fn publish_status(shared: &Shared, engine: &Engine) {
+    let patches = engine.patches().to_vec();
+    let report = StatusReport {
+        pid: std::process::id(),
+        patches: patches.iter().map(patch_report).collect(),
+    };
+    *shared.patches.lock().unwrap_or_else(|e| e.into_inner()) = patches;
+    if let Err(e) = shared.control.write_status(&report)
+        && shared.config.log
+    {
+        eprintln!("dsu: cannot write status: {e}");
+    }
+}
+
+fn patch_report(p: &AppliedPatch) -> PatchReport {
+    PatchReport {
+        id: p.id,
+        file: p.file.clone(),
+        sha256: p.sha256.clone(),
+        applied_at: p
+            .applied_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        functions: function_reports(p),
+        added: p.added.clone(),
+    }
+}
+
 /// A bug in the agent must not take the process down: it fails the one request.
-fn guarded(f: impl FnOnce() -> Result<Applied, UpdateError>) -> Result<Applied, UpdateError> {
+fn guarded<T>(f: impl FnOnce() -> Result<T, UpdateError>) -> Result<T, UpdateError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
@@ -224,11 +285,22 @@ fn guarded(f: impl FnOnce() -> Result<Applied, UpdateError>) -> Result<Applied, 
     })
 }
 
-fn sync_patches(shared: &Shared, engine: &Engine) {
-    *shared.patches.lock().unwrap_or_else(|e| e.into_inner()) = engine.patches().to_vec();
+fn log_reverted(shared: &Shared, result: &Result<Reverted, UpdateError>) {
+    if !shared.config.log {
+        return;
+    }
+    match result {
+        Ok(r) => eprintln!(
+            "dsu: reverted patch {} ({}) in {} us",
+            r.patch.id,
+            r.patch.file,
+            r.elapsed.as_micros()
+        ),
+        Err(e) => eprintln!("dsu: revert refused: {e}"),
+    }
 }
 
-fn log_result(shared: &Shared, file: &str, result: &Result<Applied, UpdateError>) {
+fn log_applied(shared: &Shared, file: &str, result: &Result<Applied, UpdateError>) {
     if !shared.config.log {
         return;
     }
@@ -260,6 +332,7 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
         attempts: 0,
         elapsed_us: 0,
         functions: Vec::new(),
+        patch_id: None,
     };
     match request.op {
         Op::Apply {
@@ -272,27 +345,32 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
                 policy.timeout = t;
             }
             let label = file.display().to_string();
-            let result = guarded(|| engine.apply(&bytes, &label, &policy));
-            log_result(shared, &label, &result);
+            let result = guarded(|| engine.apply(&bytes, seq, &label, &policy));
+            log_applied(shared, &label, &result);
             match result {
                 Ok(applied) => {
                     outcome.attempts = applied.attempts;
                     outcome.functions = function_reports(&applied.patch);
+                    outcome.patch_id = Some(applied.patch.id);
                 }
-                Err(e) => {
-                    outcome.outcome = if e.is_refusal() {
-                        Status::Refused
-                    } else {
-                        Status::Failed
-                    };
-                    outcome.attempts = e.attempts();
-                    outcome.error = Some(e.to_string());
-                }
+                Err(e) => refuse(&mut outcome, &e),
             }
         }
-        Op::Revert { .. } => {
-            outcome.outcome = Status::Refused;
-            outcome.error = Some("revert is not supported by this agent version".into());
+        Op::Revert { patch_id, timeout } => {
+            let mut policy = shared.config.policy;
+            if let Some(t) = timeout {
+                policy.timeout = t;
+            }
+            let result = guarded(|| engine.revert(patch_id, &policy));
+            log_reverted(shared, &result);
+            match result {
+                Ok(reverted) => {
+                    outcome.attempts = reverted.attempts;
+                    outcome.functions = function_reports(&reverted.patch);
+                    outcome.patch_id = Some(reverted.patch.id);
+                }
+                Err(e) => refuse(&mut outcome, &e),
+            }
         }
         Op::Status => {
             outcome.functions = engine.patches().iter().flat_map(function_reports).collect();
@@ -300,6 +378,16 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
     }
     outcome.elapsed_us = started.elapsed().as_micros() as u64;
     outcome
+}
+
+fn refuse(outcome: &mut Outcome, e: &UpdateError) {
+    outcome.outcome = if e.is_refusal() {
+        Status::Refused
+    } else {
+        Status::Failed
+    };
+    outcome.attempts = e.attempts();
+    outcome.error = Some(e.to_string());
 }
 
 fn function_reports(patch: &AppliedPatch) -> Vec<FunctionReport> {

@@ -41,6 +41,8 @@ pub const REQUEST_FILE: &str = "request.json";
 pub const RESULT_FILE: &str = "result.json";
 /// `flock`ed by `dsu` to serialise concurrent commands; the agent never touches it.
 pub const LOCK_FILE: &str = "lock";
+/// The patches in effect (`report::StatusReport`), rewritten by the agent after every change.
+pub const STATUS_FILE: &str = "status.json";
 /// Where claimed inputs are kept: `<seq>.patch` and `<seq>.request.json`.
 pub const CONSUMED_DIR: &str = "consumed";
 
@@ -201,6 +203,7 @@ impl ControlError {
             attempts: 0,
             elapsed_us: 0,
             functions: Vec::new(),
+            patch_id: None,
         })
     }
 }
@@ -391,6 +394,11 @@ impl ControlDir {
                 source,
             }),
         }
+    }
+
+    /// Writes `status.json` atomically.
+    pub fn write_status(&self, status: &crate::report::StatusReport) -> Result<(), ControlError> {
+        write_json(&self.path, STATUS_FILE, status, None)
     }
 
     /// Writes `result.json` atomically: `dsu` never sees a half-written answer.

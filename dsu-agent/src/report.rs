@@ -82,6 +82,33 @@ pub struct Outcome {
     /// One entry per function replaced (or restored, for a revert).
     #[serde(default)]
     pub functions: Vec<FunctionReport>,
+    /// The patch applied or reverted: for an apply it equals `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_id: Option<u64>,
+}
+
+/// `status.json`: the patches in effect, oldest first, rewritten after every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub patches: Vec<PatchReport>,
+}
+
+/// One applied patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchReport {
+    /// Patch id: the `seq` of the request that applied it.
+    pub id: u64,
+    /// The file it was applied from (`consumed/<seq>.patch` for `dsu` and the raw trigger).
+    pub file: String,
+    /// SHA-256 of the patch file, hex.
+    pub sha256: String,
+    /// When it was applied, seconds since the Unix epoch.
+    pub applied_at: u64,
+    pub functions: Vec<FunctionReport>,
+    /// Global functions of the patch that replace nothing.
+    #[serde(default)]
+    pub added: Vec<String>,
 }
 
 /// What happened to one function.
@@ -131,6 +158,7 @@ mod tests {
                 strategy: "redirect".into(),
                 call_sites: 2,
             }],
+            patch_id: None,
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["outcome"], "refused");

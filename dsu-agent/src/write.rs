@@ -8,14 +8,24 @@ use std::io;
 
 use dsu_sys::code::CodeWriter;
 use dsu_sys::cpu;
-use dsu_sys::x86::JMP_REL32_LEN;
 
-/// One code change: `bytes` replace `original` at `site`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One code change: `bytes` replace `original` (of the same length) at `site`. Built before
+/// the stop; writing it only reads the buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodeEdit {
     pub site: usize,
-    pub bytes: [u8; JMP_REL32_LEN],
-    pub original: [u8; JMP_REL32_LEN],
+    pub bytes: Vec<u8>,
+    pub original: Vec<u8>,
+}
+
+impl CodeEdit {
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
 }
 
 /// A write that failed: which edit, and the OS error (no allocation).
@@ -39,12 +49,12 @@ pub unsafe fn apply_all(writer: &CodeWriter, edits: &[CodeEdit]) -> Result<(), W
                 // SAFETY: as above; restoring bytes this function just wrote. A failure here
                 // cannot be reported better than the first one, which is returned.
                 let _ = unsafe { writer.write(done.site, &done.original) };
-                cpu::flush_icache(done.site, JMP_REL32_LEN);
+                cpu::flush_icache(done.site, done.original.len());
             }
             let _ = cpu::sync_cores();
             return Err(WriteFailure { index, error });
         }
-        cpu::flush_icache(edit.site, JMP_REL32_LEN);
+        cpu::flush_icache(edit.site, edit.bytes.len());
     }
     // Parked threads resume through `sigreturn`, which serialises, but a thread interrupted
     // by the kernel elsewhere must not run stale prefetched bytes either.
@@ -59,8 +69,8 @@ pub fn inverse(edits: &[CodeEdit]) -> Vec<CodeEdit> {
         .rev()
         .map(|e| CodeEdit {
             site: e.site,
-            bytes: e.original,
-            original: e.bytes,
+            bytes: e.original.clone(),
+            original: e.bytes.clone(),
         })
         .collect()
 }

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dsu_agent::check::{Checker, How, Ranges};
-use dsu_agent::stop::{StopError, StopWorld, Stopped};
+use dsu_agent::stop::{ParkedThread, StopError, StopWorld, Stopped};
 use dsu_agent::unwind::WalkEnd;
 use dsu_sys::threads;
 use object::{Object, ObjectSymbol};
@@ -148,39 +148,71 @@ fn close(fd: i32) {
     unsafe { libc::close(fd) };
 }
 
-/// Asserts that every thread of the process but the caller is parked, once, with sane
-/// registers, and that nothing runs while stopped.
-fn assert_world_stopped(stopped: &Stopped<'_>, must_include: &[i32]) {
-    let me = threads::gettid();
-    let parked = stopped.threads();
-    let mut tids: Vec<i32> = parked.iter().map(|t| t.tid).collect();
-    tids.sort_unstable();
-    let before = tids.len();
-    tids.dedup();
-    assert_eq!(before, tids.len(), "a thread parked twice");
-    assert!(!tids.contains(&me), "the caller parked itself");
-    for tid in must_include {
-        assert!(tids.contains(tid), "thread {tid} not reported");
+/// What a stop looked like, recorded without allocating while threads are stopped (a parked
+/// thread may hold the malloc lock) and checked after they run again.
+struct Snapshot {
+    parked: Vec<ParkedThread>,
+    listed: Vec<i32>,
+    dirents: Vec<u8>,
+    count: usize,
+    progress_frozen: bool,
+}
+
+impl Snapshot {
+    fn new() -> Snapshot {
+        Snapshot {
+            parked: Vec::with_capacity(4096),
+            listed: vec![0; 4096],
+            dirents: vec![0; 16384],
+            count: 0,
+            progress_frozen: false,
+        }
     }
-    for t in parked {
-        let bounds = t
-            .stack
-            .unwrap_or_else(|| panic!("thread {} has no stack", t.tid));
-        let sp = t.regs.rsp as usize;
-        assert!(
-            bounds.start <= sp && sp <= bounds.end,
-            "thread {}: rsp {sp:#x} outside {bounds:?}",
-            t.tid
-        );
-        assert_ne!(t.regs.rip, 0, "thread {}", t.tid);
+
+    /// Records `stopped`. Allocates nothing.
+    fn record(&mut self, stopped: &Stopped<'_>) {
+        self.parked.clear();
+        assert!(stopped.threads().len() <= self.parked.capacity());
+        self.parked.extend_from_slice(stopped.threads());
+        self.count = threads::list_into(&mut self.dirents, &mut self.listed).unwrap();
+        let progress = PROGRESS.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(2));
+        self.progress_frozen = progress == PROGRESS.load(Ordering::SeqCst);
     }
-    let progress = PROGRESS.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(2));
-    assert_eq!(
-        progress,
-        PROGRESS.load(Ordering::SeqCst),
-        "a worker ran while stopped"
-    );
+
+    /// Every thread of the process but the caller was parked, once, with sane registers, and
+    /// nothing ran while stopped.
+    fn check(&self, must_include: &[i32]) {
+        assert!(self.progress_frozen, "a worker ran while stopped");
+        let me = threads::gettid();
+        let mut tids: Vec<i32> = self.parked.iter().map(|t| t.tid).collect();
+        tids.sort_unstable();
+        let before = tids.len();
+        tids.dedup();
+        assert_eq!(before, tids.len(), "a thread parked twice");
+        assert!(!tids.contains(&me), "the caller parked itself");
+        for tid in must_include {
+            assert!(tids.contains(tid), "thread {tid} not reported");
+        }
+        for tid in &self.listed[..self.count] {
+            assert!(
+                *tid == me || tids.contains(tid),
+                "thread {tid} runs during the stop"
+            );
+        }
+        for t in &self.parked {
+            let bounds = t
+                .stack
+                .unwrap_or_else(|| panic!("thread {} has no stack", t.tid));
+            let sp = t.regs.rsp as usize;
+            assert!(
+                bounds.start <= sp && sp <= bounds.end,
+                "thread {}: rsp {sp:#x} outside {bounds:?}",
+                t.tid
+            );
+            assert_ne!(t.regs.rip, 0, "thread {}", t.tid);
+        }
+    }
 }
 
 #[test]
@@ -189,16 +221,15 @@ fn stops_every_thread_with_sane_registers() {
     use Kind::*;
     let workers = Workers::spawn(&[Spin, Spin, Sleep, Sleep, Pipe, Pipe, Alloc, Alloc]);
     let mut w = world();
+    let mut snap = Snapshot::new();
     let stopped = stop(&mut w, TIMEOUT);
-    assert_world_stopped(&stopped, &workers.tids);
-    let listed = stopped.threads().len();
+    snap.record(&stopped);
     stopped.resume();
+    snap.check(&workers.tids);
     // Everyone runs again.
     let progress = PROGRESS.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(20));
     assert!(PROGRESS.load(Ordering::SeqCst) > progress);
-    let all = threads::list().unwrap();
-    assert!(listed + 1 >= all.len(), "{listed} parked of {}", all.len());
     workers.join();
 }
 
@@ -267,9 +298,11 @@ fn thread_blocking_the_signal_is_named() {
     go_tx.send(()).unwrap();
     blocker.join().unwrap();
     // A late signal left nobody parked, and stopping works again.
+    let mut snap = Snapshot::new();
     let stopped = stop(&mut w, TIMEOUT);
-    assert_world_stopped(&stopped, &workers.tids);
+    snap.record(&stopped);
     drop(stopped);
+    snap.check(&workers.tids);
     workers.join();
 }
 
@@ -482,8 +515,7 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
         txc.send(('c', threads::gettid())).unwrap();
         spin_interrupted_target(flag_c as *const u8);
     });
-    drop(tx);
-    let mut got: Vec<(char, i32)> = rx.iter().collect();
+    let mut got: Vec<(char, i32)> = (0..3).map(|_| rx.recv().unwrap()).collect();
     got.sort_unstable();
     let [(_, tid_a), (_, tid_b), (_, tid_c)] = got[..] else {
         panic!("{got:?}")
@@ -519,6 +551,7 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
     let mut scan_only = unsafe { Checker::new(&stripped) };
 
     let mut w = world();
+    let mut ends = Vec::with_capacity(4096);
     for _ in 0..20 {
         let stopped = stop(&mut w, TIMEOUT);
         let find = |checker: &mut Checker, tid: i32, ranges: &Ranges| {
@@ -535,7 +568,7 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
         assert!(matches!(act.how, How::Interrupted { .. }), "{act:?}");
 
         // Nobody is in `idle_target`, and the precise walk saw whole stacks.
-        let mut ends = Vec::new();
+        ends.clear();
         for t in stopped.threads() {
             let a = checker.find_active(&stopped, t, &only_idle).unwrap();
             assert_eq!(a, None, "thread {}", t.tid);
@@ -547,7 +580,7 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
             assert_eq!(a.target, target, "{a:?}");
         }
         drop(stopped);
-        for (tid, end) in ends {
+        for &(tid, end) in &ends {
             if tids.contains(&tid) {
                 assert_eq!(end, Some(WalkEnd::Outermost), "thread {tid}");
             }

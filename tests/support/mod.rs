@@ -229,6 +229,23 @@ impl Fixture {
         }
     }
 
+    /// Waits until the workers' most recent result is `value` (they call through the same
+    /// entry as everyone else, so they see a new version right after it is applied).
+    pub fn workers_see(&mut self, value: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let reply = self.send("last");
+            if reply == format!("last {value}") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "workers never computed {value}; last reply {reply:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// The address the program printed for `name`.
     pub fn address(&self, name: &str) -> usize {
         self.addresses[name]

@@ -2,177 +2,46 @@
 //!
 //! ```text
 //! link (load, resolve, relocate, place)   may allocate, threads running
-//! prepare (decode targets, plan jumps)    may allocate, threads running
+//! prepare (decode targets, plan edits)    may allocate, threads running
 //! loop:
 //!     stop every other thread             nothing allocated from here ...
 //!     check activeness of every version
-//!     if none active: write jumps, sync cores
+//!     if none active: write edits, sync cores
 //!     resume                              ... to here
 //!     done, or back off and retry until the timeout
 //! ```
+//!
+//! A revert is the same sequence with the inverse edits, checked against the code it removes.
 
-use std::collections::HashMap;
+mod error;
+mod record;
+
 use std::time::{Duration, Instant, SystemTime};
 
 use dsu_sys::code::CodeWriter;
-use thiserror::Error;
+use sha2::{Digest, Sha256};
 
-use crate::check::{Activity, CheckError, Checker, Ranges};
+pub use self::error::UpdateError;
+use self::record::Busy;
+pub use self::record::{AppliedFunction, AppliedPatch, Policy, Strategy};
+use crate::check::{Checker, Ranges};
 use crate::link::{self, LinkError, LinkedPatch};
-use crate::prepare::{self, PrepareError, Redirect};
+use crate::prepare::{self, Redirect};
 use crate::resolve::{ResolveError, SymbolIndex};
 use crate::stop::{StopError, StopWorld};
 use crate::write::{self, CodeEdit};
 
-/// Why an attempt found the world not ready for the switch.
-enum Busy {
-    Active(Activity),
-    /// A thread could not be proven inactive (its stack could not be read).
-    Unproven(CheckError),
-}
-
-/// How long and how often to retry while a function is active.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// Give up (refuse) after this long.
-    pub timeout: Duration,
-    /// First pause between attempts; doubles up to `max_backoff`.
-    pub backoff: Duration,
-    pub max_backoff: Duration,
-    /// How long every thread has to park once signalled.
-    pub park_timeout: Duration,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            timeout: Duration::from_secs(5),
-            backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(100),
-            park_timeout: Duration::from_secs(1),
-        }
-    }
-}
-
-/// Why an update did not happen. In every case the process's code is as it was.
-#[derive(Debug, Error)]
-pub enum UpdateError {
-    #[error(transparent)]
-    Link(#[from] LinkError),
-    #[error(transparent)]
-    Prepare(#[from] PrepareError),
-    #[error("cannot stop the process's threads: {0}")]
-    Stop(#[from] StopError),
-    #[error(
-        "{function} is active in thread {tid} ({how}) after {attempts} attempts over {waited_ms} ms; nothing was changed"
-    )]
-    Active {
-        function: String,
-        tid: i32,
-        how: String,
-        attempts: u32,
-        waited_ms: u64,
-    },
-    #[error(
-        "cannot prove the functions inactive after {attempts} attempts over {waited_ms} ms: {reason}; nothing was changed"
-    )]
-    Unproven {
-        reason: CheckError,
-        attempts: u32,
-        waited_ms: u64,
-    },
-    #[error(
-        "writing the entry jump of {function} at {site:#x} failed: {source}; nothing was changed"
-    )]
-    Write {
-        function: String,
-        site: usize,
-        source: std::io::Error,
-    },
-    #[error("cannot prepare to stop threads: {0}")]
-    StopPrepare(std::io::Error),
-    #[error("unwind information: {0}")]
-    Unwind(CheckError),
-    #[error("cannot read the process's memory map: {0}")]
-    Maps(std::io::Error),
-    #[error("no applied patch has id {0}")]
-    UnknownPatch(u64),
-    #[error("the agent thread has stopped")]
-    AgentGone,
-    #[error("internal error in the agent: {0}; nothing was changed")]
-    Internal(String),
-}
-
-impl UpdateError {
-    /// Refused (the input or the moment was wrong) rather than failed (the system was).
-    pub fn is_refusal(&self) -> bool {
-        !matches!(
-            self,
-            UpdateError::Write { .. }
-                | UpdateError::Maps(_)
-                | UpdateError::StopPrepare(_)
-                | UpdateError::AgentGone
-                | UpdateError::Internal(_)
-        )
-    }
-
-    /// Number of activeness checks made before giving up, when known.
-    pub fn attempts(&self) -> u32 {
-        match self {
-            UpdateError::Active { attempts, .. } | UpdateError::Unproven { attempts, .. } => {
-                *attempts
-            }
-            _ => 0,
-        }
-    }
-}
-
-/// How a function was switched to its new version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Entry jump to new code.
-    Redirect,
-}
-
-impl Strategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Redirect => "redirect",
-        }
-    }
-}
-
-/// One function of an applied patch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppliedFunction {
-    pub name: String,
-    pub module: String,
-    pub old_address: usize,
-    pub old_size: u64,
-    pub new_address: usize,
-    pub new_size: u64,
-    pub strategy: Strategy,
-    pub call_sites: u32,
-    /// The entry edit (for revert: its `original` is what was there before this patch).
-    pub edit: CodeEdit,
-}
-
-/// A patch in effect.
-#[derive(Debug, Clone)]
-pub struct AppliedPatch {
-    pub id: u64,
-    pub file: String,
-    pub applied_at: SystemTime,
-    pub functions: Vec<AppliedFunction>,
-    /// The image's range; it stays mapped while the patch is applied.
-    pub image: (usize, usize),
-    pub eh_frames: Vec<(usize, usize)>,
-    pub added: Vec<String>,
-}
-
 /// What a successful apply reports.
 #[derive(Debug, Clone)]
 pub struct Applied {
+    pub patch: AppliedPatch,
+    pub attempts: u32,
+    pub elapsed: Duration,
+}
+
+/// What a successful revert reports: the patch that is no longer in effect.
+#[derive(Debug, Clone)]
+pub struct Reverted {
     pub patch: AppliedPatch,
     pub attempts: u32,
     pub elapsed: Duration,
@@ -185,7 +54,6 @@ pub struct Engine {
     writer: CodeWriter,
     index: Option<(Vec<(String, usize)>, SymbolIndex)>,
     patches: Vec<AppliedPatch>,
-    next_id: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -203,10 +71,10 @@ impl Engine {
             writer,
             index: None,
             patches: Vec::new(),
-            next_id: 1,
         }
     }
 
+    /// The patches in effect, oldest first.
     pub fn patches(&self) -> &[AppliedPatch] {
         &self.patches
     }
@@ -229,10 +97,11 @@ impl Engine {
         Ok(&self.index.as_ref().expect("just built").1)
     }
 
-    /// Applies one patch file's bytes. `file` names it in reports.
+    /// Applies one patch file's bytes as patch `id`; `file` names it in reports.
     pub fn apply(
         &mut self,
         bytes: &[u8],
+        id: u64,
         file: &str,
         policy: &Policy,
     ) -> Result<Applied, UpdateError> {
@@ -245,16 +114,80 @@ impl Engine {
             .iter()
             .map(|r| CodeEdit {
                 site: r.site,
-                bytes: r.bytes,
-                original: r.original,
+                bytes: r.bytes.to_vec(),
+                original: r.original.to_vec(),
             })
             .collect();
         let ranges = self.version_ranges(&redirects);
         let names: Vec<&str> = redirects.iter().map(|r| r.name.as_str()).collect();
         let attempts = self.switch(&edits, &ranges, &names, &linked.eh_frames, policy, started)?;
 
-        let patch = self.record(linked, &redirects, &edits, file);
+        let patch = self.record(linked, &redirects, edits, id, file, bytes);
         Ok(Applied {
+            patch,
+            attempts,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Reverts patch `id`, or the newest. Refused when a newer patch replaces one of its
+    /// functions again (revert that one first). Waits, like an apply, until no thread runs the
+    /// code being removed; then the image is unmapped.
+    pub fn revert(&mut self, id: Option<u64>, policy: &Policy) -> Result<Reverted, UpdateError> {
+        let started = Instant::now();
+        let at = match id {
+            None => self
+                .patches
+                .len()
+                .checked_sub(1)
+                .ok_or(UpdateError::NothingApplied)?,
+            Some(id) => self
+                .patches
+                .iter()
+                .position(|p| p.id == id)
+                .ok_or(UpdateError::UnknownPatch(id))?,
+        };
+        let patch = &self.patches[at];
+        for newer in &self.patches[at + 1..] {
+            let again = newer.functions.iter().find(|f| {
+                patch
+                    .functions
+                    .iter()
+                    .any(|g| g.old_address == f.old_address)
+            });
+            if let Some(f) = again {
+                return Err(UpdateError::Superseded {
+                    id: patch.id,
+                    by: newer.id,
+                    function: f.name.clone(),
+                });
+            }
+        }
+        let edits: Vec<CodeEdit> = patch
+            .functions
+            .iter()
+            .flat_map(|f| write::inverse(&f.edits))
+            .collect();
+        let mut names: Vec<&str> = patch.functions.iter().map(|f| f.name.as_str()).collect();
+        let mut ranges = Ranges::new();
+        for (i, f) in patch.functions.iter().enumerate() {
+            ranges.push(f.new_address, f.new_address + f.new_size as usize, i);
+        }
+        // Helpers of the patch too: the image is unmapped afterwards.
+        let label = format!("code of patch {}", patch.id);
+        ranges.push(patch.code.0, patch.code.1, names.len());
+        names.push(&label);
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let attempts = self.switch(&edits, &ranges, &names, &[], policy, started)?;
+
+        let patch = self.patches.remove(at);
+        // SAFETY: no thread executes or returns into the image (checked while stopped above,
+        // against its whole code range) and no jump leads there any more (its edits were
+        // reverted in the same stop). Only a function pointer the program kept to patch code
+        // could still lead there, which the guide documents.
+        let _ = unsafe { dsu_sys::mem::unmap(patch.image.0, patch.image.1) };
+        Ok(Reverted {
             patch,
             attempts,
             elapsed: started.elapsed(),
@@ -269,38 +202,40 @@ impl Engine {
         for t in &linked.targets {
             let tg = &t.target;
             let mut code = prepare::read_code(&tg.name, &tg.module, tg.address, tg.size, &maps)?;
-            let current = self.current_edit(tg.address);
+            let current = self.current_entry_edit(tg.address);
             if let Some(edit) = current {
                 let at = edit.site - tg.address;
-                code[at..at + edit.bytes.len()].copy_from_slice(&self.pristine(edit.site));
+                code[at..at + edit.len()].copy_from_slice(self.pristine(edit.site));
             }
             let mut r =
                 prepare::plan_redirect(&tg.name, &tg.module, tg.address, &code, t.new_address)?;
             if let Some(edit) = current {
-                r.original = edit.bytes; // what is there now: the previous patch's jump
+                // What is there now: the previous patch's jump, which a revert restores.
+                r.original.copy_from_slice(&edit.bytes);
             }
             out.push(r);
         }
         Ok(out)
     }
 
-    /// The newest edit at a function's entry, if a patch in effect made one.
-    fn current_edit(&self, old_address: usize) -> Option<CodeEdit> {
+    /// The newest entry edit of a function, if a patch in effect made one.
+    fn current_entry_edit(&self, old_address: usize) -> Option<&CodeEdit> {
         self.patches
             .iter()
             .rev()
             .flat_map(|p| &p.functions)
             .find(|f| f.old_address == old_address)
-            .map(|f| f.edit)
+            .map(AppliedFunction::entry_edit)
     }
 
-    /// The bytes at `site` before any patch.
-    fn pristine(&self, site: usize) -> [u8; 5] {
+    /// The bytes at an entry `site` before any patch in effect.
+    fn pristine(&self, site: usize) -> &[u8] {
         self.patches
             .iter()
             .flat_map(|p| &p.functions)
-            .find(|f| f.edit.site == site)
-            .map(|f| f.edit.original)
+            .map(AppliedFunction::entry_edit)
+            .find(|e| e.site == site)
+            .map(|e| e.original.as_slice())
             .expect("a current edit has a first edit")
     }
 
@@ -318,8 +253,8 @@ impl Engine {
         ranges
     }
 
-    /// Stops the world until no version is active, then writes the edits. Returns the number
-    /// of attempts.
+    /// Stops the world until nothing in `ranges` is active, then writes the edits. Returns
+    /// the number of attempts.
     fn switch(
         &mut self,
         edits: &[CodeEdit],
@@ -333,8 +268,8 @@ impl Engine {
         let frames = self.patches.iter().flat_map(|p| p.eh_frames.iter());
         for &(start, len) in frames.chain(new_eh_frames) {
             // SAFETY: each range is the relocated `.eh_frame` of a patch image that stays
-            // mapped while the checker is used (applied images are never unmapped; the new
-            // image is owned by the caller for the whole update).
+            // mapped while the checker is used (applied images are unmapped only after their
+            // revert's check; the new image is owned by the caller for the whole update).
             unsafe { checker.add_eh_frame(start, len) }.map_err(UpdateError::Unwind)?;
         }
         let mut backoff = policy.backoff;
@@ -342,7 +277,7 @@ impl Engine {
         loop {
             attempts += 1;
             self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
-            let activity = {
+            let outcome = {
                 // ---- threads stopped: no allocation, no lock, no output ----
                 let stopped = match self.stopper.stop(policy.park_timeout) {
                     Ok(stopped) => stopped,
@@ -353,7 +288,7 @@ impl Engine {
                 let result = match checker.find_any_active(&stopped, ranges) {
                     Ok(None) => {
                         // SAFETY: every other thread is parked and none is in a version of a
-                        // target (checked just above); sites are entries of mapped functions.
+                        // target (checked just above); sites are in mapped code.
                         unsafe { write::apply_all(&self.writer, edits) }.map(|()| None)
                     }
                     Ok(Some(activity)) => Ok(Some(Busy::Active(activity))),
@@ -363,38 +298,37 @@ impl Engine {
                 // ---- threads running ----
                 result
             };
-            match activity {
+            let busy = match outcome {
                 Ok(None) => return Ok(attempts),
+                Ok(Some(busy)) => busy,
                 Err(failure) => {
                     return Err(UpdateError::Write {
-                        function: names[failure.index].to_string(),
+                        function: names.get(failure.index).unwrap_or(&"?").to_string(),
                         site: edits[failure.index].site,
                         source: failure.error,
                     });
                 }
-                Ok(Some(busy)) => {
-                    let waited = started.elapsed();
-                    if waited + backoff >= policy.timeout {
-                        let waited_ms = waited.as_millis() as u64;
-                        return Err(match busy {
-                            Busy::Active(a) => UpdateError::Active {
-                                function: names[a.target].to_string(),
-                                tid: a.tid,
-                                how: a.how.to_string(),
-                                attempts,
-                                waited_ms,
-                            },
-                            Busy::Unproven(reason) => UpdateError::Unproven {
-                                reason,
-                                attempts,
-                                waited_ms,
-                            },
-                        });
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(policy.max_backoff);
-                }
+            };
+            let waited = started.elapsed();
+            if waited + backoff >= policy.timeout {
+                let waited_ms = waited.as_millis() as u64;
+                return Err(match busy {
+                    Busy::Active(a) => UpdateError::Active {
+                        function: names.get(a.target).unwrap_or(&"?").to_string(),
+                        tid: a.tid,
+                        how: a.how.to_string(),
+                        attempts,
+                        waited_ms,
+                    },
+                    Busy::Unproven(reason) => UpdateError::Unproven {
+                        reason,
+                        attempts,
+                        waited_ms,
+                    },
+                });
             }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(policy.max_backoff);
         }
     }
 
@@ -402,14 +336,11 @@ impl Engine {
         &mut self,
         linked: LinkedPatch,
         redirects: &[Redirect],
-        edits: &[CodeEdit],
+        edits: Vec<CodeEdit>,
+        id: u64,
         file: &str,
+        bytes: &[u8],
     ) -> AppliedPatch {
-        let sizes: HashMap<usize, u64> = linked
-            .targets
-            .iter()
-            .map(|t| (t.new_address, t.new_size))
-            .collect();
         let functions = redirects
             .iter()
             .zip(edits)
@@ -419,26 +350,36 @@ impl Engine {
                 old_address: r.old_address,
                 old_size: r.old_size,
                 new_address: r.new_address,
-                new_size: sizes.get(&r.new_address).copied().unwrap_or(0),
+                new_size: linked
+                    .targets
+                    .iter()
+                    .find(|t| t.new_address == r.new_address)
+                    .map_or(0, |t| t.new_size),
                 strategy: Strategy::Redirect,
                 call_sites: 0,
-                edit: *e,
+                edits: vec![e],
             })
             .collect();
+        let code = linked.code_range();
         let eh_frames = linked.eh_frames.clone();
         let added = linked.added.clone();
         let image = linked.into_raw();
         let patch = AppliedPatch {
-            id: self.next_id,
+            id,
             file: file.to_string(),
+            sha256: hex(&Sha256::digest(bytes)),
             applied_at: SystemTime::now(),
             functions,
             image,
+            code,
             eh_frames,
             added,
         };
-        self.next_id += 1;
         self.patches.push(patch.clone());
         patch
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,0 +1,87 @@
+//! Why an update or a revert did not happen.
+
+use thiserror::Error;
+
+use crate::check::CheckError;
+use crate::link::LinkError;
+use crate::prepare::PrepareError;
+use crate::stop::StopError;
+
+/// Why an update did not happen. In every case the process's code is as it was.
+#[derive(Debug, Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error("cannot stop the process's threads: {0}")]
+    Stop(#[from] StopError),
+    #[error(
+        "{function} is active in thread {tid} ({how}) after {attempts} attempts over {waited_ms} ms; nothing was changed"
+    )]
+    Active {
+        function: String,
+        tid: i32,
+        how: String,
+        attempts: u32,
+        waited_ms: u64,
+    },
+    #[error(
+        "cannot prove the functions inactive after {attempts} attempts over {waited_ms} ms: {reason}; nothing was changed"
+    )]
+    Unproven {
+        reason: CheckError,
+        attempts: u32,
+        waited_ms: u64,
+    },
+    #[error(
+        "writing the entry jump of {function} at {site:#x} failed: {source}; nothing was changed"
+    )]
+    Write {
+        function: String,
+        site: usize,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare to stop threads: {0}")]
+    StopPrepare(std::io::Error),
+    #[error("unwind information: {0}")]
+    Unwind(CheckError),
+    #[error("cannot read the process's memory map: {0}")]
+    Maps(std::io::Error),
+    #[error("no applied patch has id {0}")]
+    UnknownPatch(u64),
+    #[error("no patch is applied")]
+    NothingApplied,
+    #[error(
+        "patch {id} cannot be reverted: patch {by} replaces {function} again; revert patch {by} first"
+    )]
+    Superseded { id: u64, by: u64, function: String },
+    #[error("the agent thread has stopped")]
+    AgentGone,
+    #[error("internal error in the agent: {0}; nothing was changed")]
+    Internal(String),
+}
+
+impl UpdateError {
+    /// Refused (the input or the moment was wrong) rather than failed (the system was).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            UpdateError::Write { .. }
+                | UpdateError::Maps(_)
+                | UpdateError::StopPrepare(_)
+                | UpdateError::AgentGone
+                | UpdateError::Internal(_)
+        )
+    }
+
+    /// Number of activeness checks made before giving up, when known.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            UpdateError::Active { attempts, .. } | UpdateError::Unproven { attempts, .. } => {
+                *attempts
+            }
+            _ => 0,
+        }
+    }
+}

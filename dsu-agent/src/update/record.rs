@@ -1,0 +1,90 @@
+//! What the engine records of applied patches, and the retry policy.
+
+use std::time::{Duration, SystemTime};
+
+use crate::write::CodeEdit;
+
+/// Why an attempt found the world not ready for the switch.
+pub(super) enum Busy {
+    Active(crate::check::Activity),
+    /// A thread could not be proven inactive (its stack could not be read).
+    Unproven(crate::check::CheckError),
+}
+
+/// How long and how often to retry while a function is active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Give up (refuse) after this long.
+    pub timeout: Duration,
+    /// First pause between attempts; doubles up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long every thread has to park once signalled.
+    pub park_timeout: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            timeout: Duration::from_secs(5),
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(100),
+            park_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How a function was switched to its new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Entry jump to new code.
+    Redirect,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Redirect => "redirect",
+        }
+    }
+}
+
+/// One function of an applied patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedFunction {
+    pub name: String,
+    pub module: String,
+    pub old_address: usize,
+    pub old_size: u64,
+    pub new_address: usize,
+    pub new_size: u64,
+    pub strategy: Strategy,
+    pub call_sites: u32,
+    /// The code edits that switched it: the entry edit first, then rewritten call sites. Each
+    /// `original` is what was there before this patch, which a revert writes back.
+    pub edits: Vec<CodeEdit>,
+}
+
+impl AppliedFunction {
+    /// The edit at the old function's entry.
+    pub fn entry_edit(&self) -> &CodeEdit {
+        &self.edits[0]
+    }
+}
+
+/// A patch in effect.
+#[derive(Debug, Clone)]
+pub struct AppliedPatch {
+    pub id: u64,
+    pub file: String,
+    /// SHA-256 of the patch file, hex.
+    pub sha256: String,
+    pub applied_at: SystemTime,
+    pub functions: Vec<AppliedFunction>,
+    /// The image's range; it stays mapped while the patch is applied.
+    pub image: (usize, usize),
+    /// The code part of the image.
+    pub code: (usize, usize),
+    pub eh_frames: Vec<(usize, usize)>,
+    pub added: Vec<String>,
+}
