@@ -359,6 +359,7 @@ fn results_are_written_atomically_with_mode_0600() {
         attempts: 1,
         elapsed_us: 10,
         functions: Vec::new(),
+        patch_id: Some(1),
     };
     dir.write_result(&outcome).unwrap();
     let path = dir.path().join(RESULT_FILE);
