@@ -124,7 +124,7 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
     let bytes = patch::read_patch(&args.patch)?;
     let target = locate(&args.target)?;
     let op = RequestOp::Apply {
-        file: dsu_agent::control::PATCH_FILE.to_owned(),
+        file: dsu_agent::control::REQUEST_PATCH_FILE.to_owned(),
     };
     let outcome = request::exchange(&target, op, Some(&bytes), args.timeout)?;
     report(target.pid, outcome)

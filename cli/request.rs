@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dsu_agent::control::{
-    LOCK_FILE, PATCH_FILE, REQUEST_FILE, RESULT_FILE, RequestFile, RequestOp, write_atomic,
+    LOCK_FILE, REQUEST_FILE, REQUEST_PATCH_FILE, RESULT_FILE, RequestFile, RequestOp, write_atomic,
     write_json,
 };
 use dsu_agent::report::Outcome;
@@ -43,7 +43,7 @@ pub fn exchange(
 
     let id = new_id();
     if let Some(bytes) = patch {
-        write_atomic(dir, PATCH_FILE, bytes, chown)?;
+        write_atomic(dir, REQUEST_PATCH_FILE, bytes, chown)?;
     }
     let request = RequestFile {
         id: id.clone(),
@@ -112,7 +112,7 @@ fn withdraw(dir: &Path, id: &str, had_patch: bool) -> bool {
     let _ = fs::remove_file(&claimed);
     if had_patch {
         // The patch goes too, or a later raw trigger would apply it.
-        let _ = fs::remove_file(dir.join(PATCH_FILE));
+        let _ = fs::remove_file(dir.join(REQUEST_PATCH_FILE));
     }
     true
 }

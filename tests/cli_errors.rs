@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dsu_agent::control::{ControlDir, Op, PATCH_FILE, REQUEST_FILE, RESULT_FILE};
+use dsu_agent::control::{ControlDir, Op, REQUEST_FILE, REQUEST_PATCH_FILE, RESULT_FILE};
 use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status};
 
 const SIGUSR2: i32 = 12;
@@ -194,6 +194,7 @@ fn outcome(request: &dsu_agent::control::Request, status: Status) -> Outcome {
         attempts: 1,
         elapsed_us: 250,
         functions: Vec::new(),
+        patch_id: None,
     }
 }
 
@@ -333,7 +334,7 @@ fn an_agent_that_never_answers_times_out_with_exit_4_and_the_request_is_withdraw
     assert!(started.elapsed() < Duration::from_secs(10));
     // Nothing is left for a later signal to act on.
     assert!(!dir.join(REQUEST_FILE).exists());
-    assert!(!dir.join(PATCH_FILE).exists());
+    assert!(!dir.join(REQUEST_PATCH_FILE).exists());
     assert!(target.alive());
 }
 
@@ -470,7 +471,8 @@ fn status_shows_the_last_answer() {
         &["status", "-p", &pid, "--json", "--control-dir"],
         &[&dir],
     ));
-    assert_eq!(json, "null\n");
+    // Before the agent's first status.json: no patches.
+    assert_eq!(json, format!("{{\"pid\":{pid},\"patches\":[]}}\n"));
 
     let last = Outcome {
         seq: 4,
@@ -481,6 +483,7 @@ fn status_shows_the_last_answer() {
         attempts: 0,
         elapsed_us: 90,
         functions: Vec::new(),
+        patch_id: None,
     };
     fs::write(dir.join(RESULT_FILE), serde_json::to_vec(&last).unwrap()).unwrap();
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
@@ -488,12 +491,31 @@ fn status_shows_the_last_answer() {
         text.contains("last: apply #4 (raw trigger): refused in 90 us after 0 attempts: symbol foo does not resolve"),
         "{text}"
     );
+    // The patches in effect come from status.json, which the agent rewrites after changes.
+    let status = dsu_agent::report::StatusReport {
+        pid: target.pid(),
+        patches: vec![dsu_agent::report::PatchReport {
+            id: 3,
+            file: "consumed/3.patch".into(),
+            sha256: "ab".repeat(32),
+            applied_at: 1_700_000_000,
+            functions: vec![],
+            added: vec![],
+        }],
+    };
+    fs::write(
+        dir.join(dsu_agent::control::STATUS_FILE),
+        serde_json::to_vec(&status).unwrap(),
+    )
+    .unwrap();
+    let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
+    assert!(text.contains("patch 3: consumed/3.patch"), "{text}");
     let json = stdout(&dsu_with(
         &["status", "-p", &pid, "--json", "--control-dir"],
         &[&dir],
     ));
-    let back: Outcome = serde_json::from_str(&json).unwrap();
-    assert_eq!(back, last);
+    let back: dsu_agent::report::StatusReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, status);
 }
 
 #[test]

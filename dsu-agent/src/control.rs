@@ -33,8 +33,11 @@ use crate::report::{AgentInfo, Outcome, PROTOCOL_VERSION, Status};
 
 /// Written by the agent at install.
 pub const AGENT_FILE: &str = "agent.json";
-/// The raw-trigger patch file, and the file `dsu apply` writes the patch to.
+/// The raw-trigger patch file.
 pub const PATCH_FILE: &str = "patch";
+/// The file `dsu apply` writes its patch to, named in its `request.json`. Not `patch`: a raw
+/// trigger arriving between the two writes must not take `dsu`'s patch for its own.
+pub const REQUEST_PATCH_FILE: &str = "request.patch";
 /// A request from `dsu`.
 pub const REQUEST_FILE: &str = "request.json";
 /// The agent's answer to the last request.

@@ -35,8 +35,11 @@ pub enum LinkError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkedTarget {
     pub target: Target,
+    /// Where the new version runs: in the image, or the old address when in place.
     pub new_address: usize,
     pub new_size: u64,
+    /// In place: the new code relocated for the old function's address, to be written there.
+    pub in_place: Option<Vec<u8>>,
 }
 
 /// A function of the linked patch, for profilers and debuggers.
@@ -95,35 +98,125 @@ pub fn link_in_process(bytes: &[u8]) -> Result<LinkedPatch, LinkError> {
     link(bytes, &index, &writer)
 }
 
-/// Links `bytes` against the process described by `index`.
+/// Links `bytes` against the process described by `index`, every new function in new space.
 pub fn link(
     bytes: &[u8],
     index: &SymbolIndex,
     writer: &CodeWriter,
 ) -> Result<LinkedPatch, LinkError> {
+    resolve_patch(bytes, index)?.link(writer, &[])
+}
+
+/// Loads and resolves a patch: the first phase of linking, before anything is mapped, when
+/// the caller decides which functions go in place.
+pub fn resolve_patch(bytes: &[u8], index: &SymbolIndex) -> Result<Resolved, LinkError> {
     let patch = load::parse(bytes)?;
     let resolution = resolve::resolve(&patch, index)?;
     let plan = Plan::new(&patch, &resolution)?;
+    Ok(Resolved {
+        patch,
+        resolution,
+        plan,
+    })
+}
 
-    let page = dsu_sys::mem::page_size();
-    let layout = place::layout(&patch, plan.got.len(), plan.stubs.len(), page);
-    let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
-    let mapping = place::map_image(&layout, anchor, reach)?;
-    let base = mapping.addr();
+/// A patch bound to the process's symbols, not yet mapped.
+pub struct Resolved {
+    patch: PatchObject,
+    resolution: Resolution,
+    plan: Plan,
+}
 
-    let addresses = symbol_addresses(&patch, &resolution, &layout, base);
-    let mut image = vec![0u8; layout.size];
-    for s in &patch.sections {
-        if s.kind != SectionKind::Bss {
-            let at = layout.sections[&s.index];
-            image[at..at + s.data.len()].copy_from_slice(&s.data);
-        }
+impl std::fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolved")
+            .field("targets", &self.resolution.targets)
+            .finish_non_exhaustive()
     }
-    plan.write_got_and_stubs(&mut image, &layout, base, &addresses);
-    relocate_all(&patch, &plan, &layout, base, &addresses, &mut image)?;
-    place::publish(&mapping, &layout, &image, writer)?;
+}
 
-    Ok(finish(patch, resolution, mapping, layout, &addresses))
+impl Resolved {
+    /// The process functions the patch replaces.
+    pub fn targets(&self) -> &[Target] {
+        &self.resolution.targets
+    }
+
+    /// The new version of target `i`, when it can be written over the old function: it is
+    /// the only code of its section (as `-ffunction-sections` and rustc emit), so the section
+    /// can be relocated for the old address. Returns its code before relocation (for its size
+    /// and first bytes).
+    pub fn in_place_candidate(&self, i: usize) -> Option<&[u8]> {
+        let t = self.resolution.targets.get(i)?;
+        let sym = &self.patch.symbols[t.patch_symbol];
+        let Definition::Section { section, offset: 0 } = sym.definition else {
+            return None;
+        };
+        let s = self.patch.section(section)?;
+        let alone = !self.patch.symbols.iter().enumerate().any(|(j, other)| {
+            j != t.patch_symbol
+                && other.kind == load::SymbolType::Function
+                && matches!(other.definition, Definition::Section { section: o, offset } if o == section && offset != 0)
+        });
+        (s.kind == SectionKind::Code && alone && sym.size == s.size).then_some(s.data.as_slice())
+    }
+
+    /// Maps and relocates the patch. The targets listed in `in_place` get their new code
+    /// relocated for the old function's address (returned in [`LinkedTarget::in_place`], to
+    /// be written over the old function while threads are stopped); all others live in the
+    /// new image.
+    pub fn link(self, writer: &CodeWriter, in_place: &[usize]) -> Result<LinkedPatch, LinkError> {
+        let Resolved {
+            patch,
+            resolution,
+            plan,
+        } = self;
+        let page = dsu_sys::mem::page_size();
+        let layout = place::layout(&patch, plan.got.len(), plan.stubs.len(), page);
+        let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
+        let mapping = place::map_image(&layout, anchor, reach)?;
+        let base = mapping.addr();
+
+        // Section address at run time: in the image, or over the old function when in place.
+        let mut sections: HashMap<usize, usize> = layout
+            .sections
+            .iter()
+            .map(|(&s, &at)| (s, base + at))
+            .collect();
+        for &i in in_place {
+            let t = &resolution.targets[i];
+            if let Definition::Section { section, .. } = patch.symbols[t.patch_symbol].definition {
+                sections.insert(section, t.address);
+            }
+        }
+        let addresses = symbol_addresses(&patch, &resolution, &layout, base, &sections);
+        let mut image = vec![0u8; layout.size];
+        for s in &patch.sections {
+            if s.kind != SectionKind::Bss {
+                let at = layout.sections[&s.index];
+                image[at..at + s.data.len()].copy_from_slice(&s.data);
+            }
+        }
+        plan.write_got_and_stubs(&mut image, &layout, base, &addresses);
+        relocate_all(
+            &patch, &plan, &layout, base, &sections, &addresses, &mut image,
+        )?;
+        // In-place code leaves the image; its slot there is filled with traps.
+        let mut moved = HashMap::new();
+        for &i in in_place {
+            let t = &resolution.targets[i];
+            if let Definition::Section { section, .. } = patch.symbols[t.patch_symbol].definition {
+                let at = layout.sections[&section];
+                let len = patch.section(section).map_or(0, |s| s.size as usize);
+                moved.insert(i, image[at..at + len].to_vec());
+                image[at..at + len].fill(0xcc);
+            }
+        }
+        place::publish(&mapping, &layout, &image, writer)?;
+
+        Ok(finish(
+            patch, resolution, mapping, layout, &addresses, moved,
+        ))
+    }
 }
 
 /// Which symbols need GOT slots and call stubs.
@@ -226,16 +319,16 @@ fn symbol_addresses(
     resolution: &Resolution,
     layout: &Layout,
     base: usize,
+    sections: &HashMap<usize, usize>,
 ) -> Vec<Option<usize>> {
     patch
         .symbols
         .iter()
         .enumerate()
         .map(|(i, s)| match s.definition {
-            Definition::Section { section, offset } => layout
-                .sections
-                .get(&section)
-                .map(|at| base + at + offset as usize),
+            Definition::Section { section, offset } => {
+                sections.get(&section).map(|at| at + offset as usize)
+            }
             Definition::Common { .. } => layout.commons.get(&i).map(|at| base + at),
             Definition::Absolute(v) => Some(v as usize),
             Definition::Undefined if s.name == resolve::GOT_SYMBOL => Some(base + layout.got),
@@ -250,6 +343,7 @@ fn relocate_all(
     plan: &Plan,
     layout: &Layout,
     base: usize,
+    sections: &HashMap<usize, usize>,
     addresses: &[Option<usize>],
     image: &mut [u8],
 ) -> Result<(), RelocError> {
@@ -260,7 +354,7 @@ fn relocate_all(
             .section(r.section)
             .ok_or_else(|| error(RelocProblem::SymbolNotLoaded))?;
         let section_at = layout.sections[&r.section];
-        let place = (base + section_at) as u64 + r.offset;
+        let place = sections[&r.section] as u64 + r.offset;
         let symbol = if r.symbol == 0 {
             0
         } else {
@@ -307,14 +401,17 @@ fn finish(
     mapping: Mapping,
     layout: Layout,
     addresses: &[Option<usize>],
+    mut moved: HashMap<usize, Vec<u8>>,
 ) -> LinkedPatch {
     let targets = resolution
         .targets
         .iter()
-        .map(|t| LinkedTarget {
+        .enumerate()
+        .map(|(i, t)| LinkedTarget {
             target: t.clone(),
             new_address: addresses[t.patch_symbol].unwrap_or(0),
             new_size: patch.symbols[t.patch_symbol].size,
+            in_place: moved.remove(&i),
         })
         .collect();
     let mut symbols = HashMap::new();

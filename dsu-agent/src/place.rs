@@ -26,6 +26,9 @@ pub const STUB_LEN: usize = 8;
 /// Length of one GOT slot.
 pub const GOT_SLOT_LEN: usize = 8;
 
+/// Bytes after each `.eh_frame` that stay zero: its terminator.
+pub const EH_FRAME_TERMINATOR: usize = 4;
+
 /// Reach of a `rel32` from any byte of the image, with a margin for addends.
 const REL32_REACH: usize = 0x7fff_0000;
 
@@ -92,6 +95,11 @@ pub fn layout(patch: &PatchObject, got_count: usize, stub_count: usize, page: us
             *at = align_up(*at, s.align as usize);
             out.sections.insert(s.index, *at);
             *at += s.size as usize;
+            if s.kind == SectionKind::EhFrame {
+                // A zero length word ends the section for `__register_frame`, as the linker's
+                // crtend.o does in a linked binary.
+                *at += EH_FRAME_TERMINATOR;
+            }
         }
     };
 
@@ -259,7 +267,7 @@ mod tests {
         assert_eq!(l.exec_end, 4096);
         assert_eq!(l.sections[&2], 4096);
         assert_eq!(l.sections[&5], 4096 + 8);
-        assert_eq!(l.got, 4096 + 48);
+        assert_eq!(l.got, 4096 + 48 + 8); // after the .eh_frame terminator, aligned
         assert_eq!(l.read_only_end, 8192);
         assert_eq!(l.sections[&4], 8192);
         assert_eq!(l.sections[&6], 8192 + 32);

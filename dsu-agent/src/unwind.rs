@@ -351,7 +351,8 @@ impl<'a> StackMemory<'a> {
         debug_assert!(self.maps.find(addr).is_some_and(|r| r.readable));
         // SAFETY: `region` comes from `self.region`, a readable mapping of the snapshot taken
         // while stopped (contract of `new`), and the word lies inside it (checked above).
-        Some(unsafe { std::ptr::read_volatile(addr as *const [u8; 8]) }).map(u64::from_ne_bytes)
+        let bytes = unsafe { std::ptr::read_volatile(addr as *const [u8; 8]) };
+        Some(u64::from_ne_bytes(bytes))
     }
 
     /// The general registers of a `ucontext_t` at `addr` (a signal frame), if it lies in

@@ -122,7 +122,7 @@ fn worker(kind: Kind, stop: &AtomicBool, fd: i32) {
             }
             Kind::Alloc => {
                 let v: Vec<String> = (0..32).map(|i| format!("{i}-{n}")).collect();
-                if n % 512 == 0 {
+                if n.is_multiple_of(512) {
                     println!("worker allocated {}", v.len());
                 }
                 std::hint::black_box(v);
@@ -352,16 +352,16 @@ fn threads_created_during_stop_are_stopped() {
         .collect();
     let workers = Workers::spawn(&[Kind::Spin]);
     let mut w = world();
+    let mut snap = Snapshot::new();
     for _ in 0..100 {
         let stopped = stop(&mut w, TIMEOUT);
-        assert_world_stopped(&stopped, &workers.tids);
+        snap.record(&stopped);
         let s1 = spawned.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_micros(500));
-        assert_eq!(
-            s1,
-            spawned.load(Ordering::SeqCst),
-            "a spawner ran while stopped"
-        );
+        let s2 = spawned.load(Ordering::SeqCst);
+        drop(stopped);
+        assert_eq!(s1, s2, "a spawner ran while stopped");
+        snap.check(&workers.tids);
     }
     assert!(spawned.load(Ordering::SeqCst) > 0);
     stop_flag.store(true, Ordering::SeqCst);

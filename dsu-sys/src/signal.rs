@@ -136,9 +136,8 @@ pub unsafe fn install(
         return Err(io::Error::last_os_error());
     }
     // SAFETY: sigaction succeeded and filled `old`.
-    Ok(SavedAction {
-        raw: unsafe { old.assume_init() },
-    })
+    let raw = unsafe { old.assume_init() };
+    Ok(SavedAction { raw })
 }
 
 /// Puts back an action returned by [`install`].

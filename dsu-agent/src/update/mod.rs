@@ -22,9 +22,8 @@ use dsu_sys::code::CodeWriter;
 use sha2::{Digest, Sha256};
 
 pub use self::error::UpdateError;
-use self::record::Busy;
 pub use self::record::{AppliedFunction, AppliedPatch, Policy, Strategy};
-use crate::check::{Checker, Ranges};
+use crate::check::{Activity, Checker, Ranges};
 use crate::link::{self, LinkError, LinkedPatch};
 use crate::prepare::{self, Redirect};
 use crate::resolve::{ResolveError, SymbolIndex};
@@ -274,6 +273,11 @@ impl Engine {
         }
         let mut backoff = policy.backoff;
         let mut attempts = 0;
+        // Per target: in how many attempts it was active, and the latest sighting. Allocated
+        // here, only updated in place while threads are stopped.
+        let mut rounds_active = vec![0u32; names.len()];
+        let mut last_seen: Vec<Option<Activity>> = vec![None; names.len()];
+        let mut active_now = vec![false; names.len()];
         loop {
             attempts += 1;
             self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
@@ -285,22 +289,37 @@ impl Engine {
                     Err(StopError::PrepareAgain { .. }) if attempts < 1000 => continue,
                     Err(e) => return Err(e.into()),
                 };
-                let result = match checker.find_any_active(&stopped, ranges) {
-                    Ok(None) => {
-                        // SAFETY: every other thread is parked and none is in a version of a
-                        // target (checked just above); sites are in mapped code.
-                        unsafe { write::apply_all(&self.writer, edits) }.map(|()| None)
+                active_now.fill(false);
+                let mut unproven = None;
+                for t in stopped.threads() {
+                    match checker.find_active(&stopped, t, ranges) {
+                        Ok(None) => {}
+                        Ok(Some(a)) => {
+                            if let Some(flag) = active_now.get_mut(a.target) {
+                                *flag = true;
+                                last_seen[a.target] = Some(a);
+                            }
+                        }
+                        Err(e) => {
+                            unproven.get_or_insert(e);
+                        }
                     }
-                    Ok(Some(activity)) => Ok(Some(Busy::Active(activity))),
-                    Err(unproven) => Ok(Some(Busy::Unproven(unproven))),
+                }
+                let busy = active_now.iter().any(|&a| a) || unproven.is_some();
+                let result = if busy {
+                    Ok(Some(unproven))
+                } else {
+                    // SAFETY: every other thread is parked and none is in any of `ranges`
+                    // (checked just above); sites are in mapped code.
+                    unsafe { write::apply_all(&self.writer, edits) }.map(|()| None)
                 };
                 stopped.resume();
                 // ---- threads running ----
                 result
             };
-            let busy = match outcome {
+            let unproven = match outcome {
                 Ok(None) => return Ok(attempts),
-                Ok(Some(busy)) => busy,
+                Ok(Some(unproven)) => unproven,
                 Err(failure) => {
                     return Err(UpdateError::Write {
                         function: names.get(failure.index).unwrap_or(&"?").to_string(),
@@ -309,22 +328,35 @@ impl Engine {
                     });
                 }
             };
+            for (rounds, &now) in rounds_active.iter_mut().zip(&active_now) {
+                *rounds += u32::from(now);
+            }
             let waited = started.elapsed();
             if waited + backoff >= policy.timeout {
                 let waited_ms = waited.as_millis() as u64;
-                return Err(match busy {
-                    Busy::Active(a) => UpdateError::Active {
-                        function: names.get(a.target).unwrap_or(&"?").to_string(),
-                        tid: a.tid,
-                        how: a.how.to_string(),
-                        attempts,
-                        waited_ms,
-                    },
-                    Busy::Unproven(reason) => UpdateError::Unproven {
+                // Name the function that held the update back most often, not whichever the
+                // last check met first: a function every thread calls all the time is active
+                // now and then, the real blocker in every attempt.
+                let blocker = (0..names.len())
+                    .filter(|&i| last_seen[i].is_some())
+                    .max_by_key(|&i| (rounds_active[i], active_now[i]));
+                return Err(match (blocker, unproven) {
+                    (Some(i), _) => {
+                        let a = last_seen[i].expect("filtered on is_some");
+                        UpdateError::Active {
+                            function: names[i].to_string(),
+                            tid: a.tid,
+                            how: a.how.to_string(),
+                            attempts,
+                            waited_ms,
+                        }
+                    }
+                    (None, Some(reason)) => UpdateError::Unproven {
                         reason,
                         attempts,
                         waited_ms,
                     },
+                    (None, None) => unreachable!("busy means active or unproven"),
                 });
             }
             std::thread::sleep(backoff);

@@ -4,13 +4,6 @@ use std::time::{Duration, SystemTime};
 
 use crate::write::CodeEdit;
 
-/// Why an attempt found the world not ready for the switch.
-pub(super) enum Busy {
-    Active(crate::check::Activity),
-    /// A thread could not be proven inactive (its stack could not be read).
-    Unproven(crate::check::CheckError),
-}
-
 /// How long and how often to retry while a function is active.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
