@@ -42,7 +42,7 @@ pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
 
 /// A `dsu_fixture_block` that still reads its byte but returns 100 more (`unblocked 101`
 /// instead of `unblocked 1`). It calls libc's `read`, so a thread blocked in it has a return
-/// address into the patch's code.
+/// address into the new version.
 const C_BLOCK_PLUS_100: &str = "
 #include <unistd.h>
 unsigned long dsu_fixture_block(int fd) {
@@ -60,8 +60,9 @@ pub extern "C" fn dsu_example_price(qty: u64) -> u64 {
 }
 "#;
 
-/// Bytes of `dsu_fixture_compute` compared before and after: more than any entry jump.
-const CODE_LEN: usize = 32;
+/// Bytes of a fixture function compared before and after: more than any entry jump, and the
+/// whole body of a function as small as `dsu_fixture_compute` (in case it is patched in place).
+const CODE_LEN: usize = 64;
 
 /// Longest any one `dsu` run or example run may take before the test fails instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
@@ -223,6 +224,31 @@ fn status_ids(fx: &Fixture) -> Vec<u64> {
         .iter()
         .map(|p| p["id"].as_u64().expect("a patch has a numeric id"))
         .collect()
+}
+
+/// How many `dsu` requests the agent has taken (moved to `consumed/<seq>.request.json`).
+fn requests_taken(fx: &Fixture) -> usize {
+    std::fs::read_dir(fx.control.join("consumed"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".request.json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until the agent has taken `count` requests, so the last one is under way.
+fn wait_taken(fx: &Fixture, count: usize) {
+    let deadline = Instant::now() + support::WAIT;
+    while requests_taken(fx) < count {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never took request {count}; log:\n{}",
+            fx.log()
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// SHA-256 of a file, hex, as `sha256sum` computes it.
@@ -388,14 +414,39 @@ fn revert_under_a_newer_patch_of_the_same_function_is_refused() {
 
 /// A revert waits, as an apply does, while a thread is inside the code it would remove: with
 /// a short timeout it is refused naming the function and nothing changes; a revert under way
-/// completes once the thread has left.
+/// completes once the thread has left. With a new version small enough to be placed over the
+/// old one (if the engine does that) and with one that cannot be.
 #[test]
 fn revert_waits_while_a_thread_is_inside_the_patch() {
-    let dir = scratch("lifecycle-active");
-    let patch = cc_object(&dir, "block_plus_100", C_BLOCK_PLUS_100, &[]);
+    revert_waits_while_blocked("lifecycle-active", C_BLOCK_PLUS_100);
+}
+
+/// As above, with a new version far larger than the old one: it lives in the patch's own
+/// mapping, which the revert must neither unmap nor leave while the thread is in it.
+#[test]
+fn revert_waits_while_a_thread_is_inside_a_moved_patch() {
+    let padding = "    sink += 1;\n".repeat(64);
+    let source = C_BLOCK_PLUS_100.replace(
+        "    char byte = 0;\n",
+        &format!("    volatile unsigned long sink = 0;\n{padding}    char byte = 0;\n"),
+    );
+    let function_line = revert_waits_while_blocked("lifecycle-active-moved", &source);
+    let (old, new) = function_line
+        .split_once(": ")
+        .and_then(|(_, rest)| rest.split_once(','))
+        .and_then(|(addresses, _)| addresses.split_once(" -> "))
+        .unwrap_or_else(|| panic!("no `old -> new` in {function_line:?}"));
+    assert_ne!(old, new, "a large new version must be placed elsewhere");
+}
+
+/// The scenario of the two tests above; returns what `dsu apply` printed for the function.
+fn revert_waits_while_blocked(name: &str, source: &str) -> String {
+    let dir = scratch(name);
+    let patch = cc_object(&dir, "block_plus_100", source, &[]);
     let mut fx = busy_target(&dir);
     let original = code(&fx, "block");
-    let id = apply(&fx, &patch).id;
+    let applied = apply(&fx, &patch);
+    let id = applied.id;
     let patched = code(&fx, "block");
     assert_ne!(patched, original);
 
@@ -418,8 +469,10 @@ fn revert_waits_while_a_thread_is_inside_the_patch() {
     assert_eq!(status_ids(&fx), [id]);
 
     // A revert with time to wait completes once the thread returns.
+    let taken = requests_taken(&fx);
     let pending = spawn_dsu(&fx, "revert", &["--timeout", "10"]);
-    thread::sleep(Duration::from_millis(300));
+    wait_taken(&fx, taken + 1);
+    thread::sleep(Duration::from_millis(200));
     assert_eq!(
         code(&fx, "block"),
         patched,
@@ -443,6 +496,7 @@ fn revert_waits_while_a_thread_is_inside_the_patch() {
         line.contains("dsu_fixture_block is active"),
         "the refusal does not name the function the thread is in: {line}"
     );
+    applied.function_line
 }
 
 /// Reverting an id that is not applied (never was, or is already reverted) is refused with the
@@ -501,7 +555,8 @@ fn in_process_api_applies_lists_and_reverts() {
     assert_eq!(before, "price(3) = 30");
     assert!(
         applied.starts_with(&format!("applied patch 1 from {file} in "))
-            && applied.ends_with(": dsu_example_price (redirect)"),
+            && applied.contains(": dsu_example_price (")
+            && applied.ends_with(')'),
         "{applied}"
     );
     assert_eq!(after, "price(3) = 27", "the patch did not take effect");

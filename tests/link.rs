@@ -158,8 +158,12 @@ const char *dsu_test_name(int i) {
     let name = patch.symbol("dsu_test_name").unwrap();
     let calls = patch.symbol("dsu_patch_calls").unwrap();
     // SAFETY: signatures as declared in the C source above.
-    let (name, calls): (extern "C" fn(i32) -> *const i8, extern "C" fn() -> i32) =
-        unsafe { (std::mem::transmute(name), std::mem::transmute(calls)) };
+    let (name, calls): (extern "C" fn(i32) -> *const i8, extern "C" fn() -> i32) = unsafe {
+        (
+            std::mem::transmute::<usize, extern "C" fn(i32) -> *const i8>(name),
+            std::mem::transmute::<usize, extern "C" fn() -> i32>(calls),
+        )
+    };
     let s = |p: *const i8| {
         // SAFETY: the patch returns pointers to NUL-terminated string literals.
         unsafe { std::ffi::CStr::from_ptr(p) }

@@ -18,8 +18,8 @@ use std::ops::ControlFlow;
 
 use dsu_sys::modules::LoadedModule;
 
-use crate::stop::{ParkedThread, Stopped};
-use crate::unwind::{CfiTables, FrameKind, StackMemory, StackRegion, Unwinder, WalkEnd};
+use crate::stop::{ParkedThread, StackBounds, Stopped};
+use crate::unwind::{CfiTables, FrameKind, StackMemory, Unwinder, WalkEnd};
 
 /// Address ranges `[start, end)` of the function versions being replaced, each labelled with
 /// the index of its target (the function it is a version of).
@@ -163,17 +163,71 @@ pub struct Checker {
     tables: CfiTables,
     unwinder: Unwinder,
     last_end: Option<WalkEnd>,
+    _pins: Pins,
+}
+
+/// References on shared libraries (`dlopen(RTLD_NOLOAD)`) that keep them loaded while a
+/// checker reads their unwind tables and code; released by `dlclose` on drop.
+#[derive(Debug, Default)]
+struct Pins(Vec<usize>);
+
+impl Pins {
+    /// Pins every module that could be unloaded; returns the modules that are safe to read:
+    /// the executable, the vDSO and the pinned libraries. A library that cannot be pinned is
+    /// left out (threads in it are then covered by the scan).
+    fn take(modules: Vec<LoadedModule>) -> (Pins, Vec<LoadedModule>) {
+        let mut pins = Pins::default();
+        let mut kept = Vec::with_capacity(modules.len());
+        for m in modules {
+            let permanent = m.is_main
+                || m.name.is_empty()
+                || m.name.starts_with("linux-vdso")
+                || m.name.starts_with("linux-gate");
+            if !permanent {
+                let Ok(name) = std::ffi::CString::new(m.name.as_bytes()) else {
+                    continue;
+                };
+                // SAFETY: `name` is NUL-terminated; RTLD_NOLOAD never loads anything, it only
+                // takes a reference on a library already loaded (released in `drop`).
+                let handle =
+                    unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+                if handle.is_null() {
+                    continue;
+                }
+                pins.0.push(handle as usize);
+            }
+            kept.push(m);
+        }
+        (pins, kept)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if crate::stop::in_progress() {
+            // `dlclose` takes the loader's lock, which a stopped thread may hold: keep the
+            // references rather than risk a deadlock.
+            return;
+        }
+        for &handle in &self.0 {
+            // SAFETY: each handle came from a successful `dlopen` in `take`, closed once.
+            unsafe { libc::dlclose(handle as *mut libc::c_void) };
+        }
+    }
 }
 
 impl Checker {
-    /// A checker for every module loaded now (`dsu_sys::modules::loaded`). Takes the loader's
-    /// lock: call it before stopping threads. A module unloaded (`dlclose`) while the checker
-    /// lives must not be unwound through: build a new checker for each update.
+    /// A checker for every module loaded now (`dsu_sys::modules::loaded`), each shared
+    /// library pinned (kept loaded) until the checker is dropped. Takes the loader's lock:
+    /// build and drop it while threads run (a checker dropped during a stop keeps its pins).
     pub fn for_loaded_modules() -> Checker {
-        let modules = dsu_sys::modules::loaded();
+        let (pins, modules) = Pins::take(dsu_sys::modules::loaded());
         // SAFETY: the records come straight from the dynamic loader and describe modules loaded
-        // now; the agent does not unload modules (documented above).
-        unsafe { Checker::new(&modules) }
+        // now; the executable and the vDSO stay for the life of the process, the libraries are
+        // pinned by `pins`, which lives as long as the checker.
+        let mut checker = unsafe { Checker::new(&modules) };
+        checker._pins = pins;
+        checker
     }
 
     /// A checker for `modules`.
@@ -187,6 +241,7 @@ impl Checker {
             tables: unsafe { CfiTables::from_modules(modules) },
             unwinder: Unwinder::new(),
             last_end: None,
+            _pins: Pins::default(),
         }
     }
 
@@ -195,7 +250,7 @@ impl Checker {
     ///
     /// # Safety
     /// As [`CfiTables::add_eh_frame`]: `[start, start + len)` is a `.eh_frame` linked at
-    /// `start`, mapped while the checker is used, and the code it describes is mapped.
+    /// `start`, mapped while the checker is used.
     pub unsafe fn add_eh_frame(&mut self, start: usize, len: usize) -> Result<usize, CheckError> {
         // SAFETY: forwarded from this function's contract.
         unsafe { self.tables.add_eh_frame(start, len) }.map_err(|source| CheckError::EhFrame {
@@ -297,7 +352,7 @@ impl Checker {
     fn scan(
         &self,
         mem: &StackMemory<'_>,
-        region: StackRegion,
+        region: StackBounds,
         sp: usize,
         tid: i32,
         ranges: &Ranges,
@@ -347,5 +402,47 @@ impl Checker {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_find_with_overlaps() {
+        let r: Ranges = [(100, 200, 0), (150, 160, 1), (300, 400, 2), (120, 500, 3)]
+            .into_iter()
+            .collect();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.find(99), None);
+        assert_eq!(r.find(100), Some(0));
+        assert_eq!(r.find(155).map(|t| t == 0 || t == 1 || t == 3), Some(true));
+        assert_eq!(r.find(250), Some(3));
+        assert_eq!(r.find(499), Some(3));
+        assert_eq!(r.find(500), None);
+        let mut single = Ranges::new();
+        single.push(10, 10, 9); // empty: ignored
+        assert!(single.is_empty());
+        single.push(10, 20, 9);
+        assert_eq!(single.find(19), Some(9));
+        assert_eq!(single.find(20), None);
+    }
+
+    #[test]
+    fn return_addresses_match_the_call_before_them() {
+        let r: Ranges = [(100, 200, 0)].into_iter().collect();
+        // A call ending the function returns to its end: still the function's frame.
+        assert_eq!(r.find_return(200), Some(0));
+        assert_eq!(r.find_return(101), Some(0));
+        assert_eq!(r.find_return(100), Some(0));
+        assert_eq!(r.find_return(201), None);
+        assert_eq!(r.find_return(0), None);
+    }
+
+    #[test]
+    fn how_reads_well() {
+        assert_eq!(How::Pc.to_string(), "executing it");
+        assert!(How::StackScan { at: 0x10 }.to_string().contains("0x10"));
     }
 }

@@ -108,12 +108,11 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
             Ok(Some(t)) => {
                 let module = &index.modules()[t.module];
                 let mut warnings = aliases(index, &sym.name, t.address);
-                if let Some(code) = code_of(module, t.address, t.size) {
-                    if let Err(e) =
+                if let Some(code) = code_of(module, t.address, t.size)
+                    && let Err(e) =
                         prepare::plan_redirect(&sym.name, &module.name, t.address, &code, t.address)
-                    {
-                        warnings.push(e.to_string());
-                    }
+                {
+                    warnings.push(e.to_string());
                 }
                 out.replaces.push(Replacement {
                     name: sym.name.clone(),

@@ -10,6 +10,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod agent;
+pub mod callsites;
 mod capi;
 pub mod check;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod inspect;
 pub mod link;
 pub mod load;
+pub mod names;
 pub mod place;
 pub mod prepare;
 pub mod relocate;

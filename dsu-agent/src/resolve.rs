@@ -232,6 +232,26 @@ impl SymbolIndex {
             .collect()
     }
 
+    /// Every function of `module` with a size: `(address, size)`, sorted, duplicates
+    /// (aliases) removed.
+    pub fn functions_in(&self, module: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = self
+            .by_name
+            .values()
+            .flatten()
+            .filter(|s| s.module == module && s.kind == SymbolKind::Function && s.size > 0)
+            .map(|s| (s.address, s.size as usize))
+            .collect();
+        out.sort_unstable();
+        out.dedup_by_key(|f| f.0);
+        out
+    }
+
+    /// The index of the module named `name`.
+    pub fn module_named(&self, name: &str) -> Option<usize> {
+        self.modules.iter().position(|m| m.name == name)
+    }
+
     pub fn module_name(&self, module: usize) -> &str {
         self.modules.get(module).map_or("?", |m| m.name.as_str())
     }

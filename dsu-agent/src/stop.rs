@@ -7,15 +7,19 @@
 //! unique for the life of the process). The agent's thread, in [`StopWorld::stop`]:
 //! 1. opens the round: the slot array's `state` word becomes `(r << 32) | 0` (round, claimed);
 //! 2. lists `/proc/self/task` and `tgkill`s every thread but itself;
-//! 3. waits on the `PARKED_SEQ` futex until every signalled thread has a slot tagged `r`;
-//! 4. lists again; new threads are signalled and waited for, until a listing shows no new tid;
-//! 5. reads `/proc/self/maps` to learn each thread's stack bounds.
+//! 3. publishes how many it signalled and sleeps on the array's `parked` futex until every
+//!    signalled thread has a slot tagged `r` (threads found to have exited are dropped);
+//! 4. checks that no thread appeared meanwhile: when `num_threads` of `/proc/self/stat` is
+//!    not exactly itself plus the parked threads, it lists again, signals the new threads and
+//!    waits for them, until a listing shows no new tid;
+//! 5. looks up the mapping holding each thread's stack pointer (its stack bounds).
 //!
-//! The handler ([`park`]) claims a slot index with a compare-and-swap on `state` that only
+//! The handler (`park`) claims a slot index with a compare-and-swap on `state` that only
 //! succeeds while round `r` is open, copies its interrupted registers into the slot, tags the
-//! slot `(r, tid)`, bumps `PARKED_SEQ`, then sleeps on the `RELEASED` futex until
-//! `RELEASED >= r` (wrapping comparison). Resuming (or aborting) closes the round (`state`
-//! back to 0), then stores `RELEASED = r` and wakes everyone.
+//! slot `(r, tid)`, bumps `parked` (waking the stopper once the count reaches what it waits
+//! for), then sleeps on the `RELEASED` futex until `RELEASED >= r` (wrapping comparison).
+//! Resuming (or aborting) closes the round (`state` back to 0), then stores `RELEASED = r`
+//! and wakes everyone. The tags are the truth; `parked` is only a wake-up hint.
 //!
 //! Why a generation counter: a thread released from round `r` may not have left the handler
 //! when round `r + 1` signals it. Its stop signal stays blocked until it returns, so the new
@@ -44,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use dsu_sys::futex;
 use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers, SavedErrno};
-use dsu_sys::stack::{MapsSnapshot, Region};
+use dsu_sys::stack::StackMaps;
 use dsu_sys::threads;
 
 /// Errors of stopping the world. Every one leaves all threads running.
@@ -55,7 +59,10 @@ pub enum StopError {
          (a real-time signal unused by the program)"
     )]
     SignalInUse { sig: i32, handler: usize },
-    #[error("signal {sig} is ignored by the program; choose another stop signal")]
+    #[error(
+        "signal {sig} is ignored or reset to its default action by the program; choose another \
+         stop signal"
+    )]
     SignalIgnored { sig: i32 },
     #[error("the stop handler is already installed for signal {installed}, not {requested}")]
     OtherSignal { installed: i32, requested: i32 },
@@ -132,6 +139,10 @@ unsafe impl Sync for Slot {}
 struct SlotArray {
     /// `(round << 32) | claimed`; round 0 means no stop in progress.
     state: AtomicU64,
+    /// Threads parked in the current round (a futex word the stopper sleeps on; a hint).
+    parked: AtomicU32,
+    /// How many parked threads the stopper waits for: the handler wakes it from there on.
+    expected: AtomicU32,
     /// Thread id of the stopping thread, which the handler ignores.
     stopper: AtomicI32,
     slots: Box<[Slot]>,
@@ -150,6 +161,8 @@ impl SlotArray {
             .collect();
         Box::leak(Box::new(SlotArray {
             state: AtomicU64::new(0),
+            parked: AtomicU32::new(0),
+            expected: AtomicU32::new(u32::MAX),
             stopper: AtomicI32::new(0),
             slots,
         }))
@@ -160,8 +173,6 @@ impl SlotArray {
 static CURRENT: AtomicPtr<SlotArray> = AtomicPtr::new(std::ptr::null_mut());
 /// Last released (or aborted) round: parked threads sleep on it.
 static RELEASED: AtomicU32 = AtomicU32::new(0);
-/// Bumped by every thread that parks: the stopper sleeps on it.
-static PARKED_SEQ: AtomicU32 = AtomicU32::new(0);
 /// Last round number handed out.
 static ROUND: AtomicU32 = AtomicU32::new(0);
 /// The signal the handler is installed for (0: none yet).
@@ -169,6 +180,14 @@ static INSTALLED: AtomicI32 = AtomicI32::new(0);
 /// Whether a `StopWorld` exists.
 static OWNED: AtomicBool = AtomicBool::new(false);
 static INSTALL_LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+/// Whether a stop round is open (threads may be parked): code that could take a lock a
+/// parked thread holds must not run.
+pub(crate) fn in_progress() -> bool {
+    let array = CURRENT.load(Ordering::Acquire);
+    // SAFETY: slot arrays are leaked, never freed: any non-null pointer stays valid.
+    !array.is_null() && unsafe { &*array }.state.load(Ordering::Acquire) >> 32 != 0
+}
 
 fn tag_round(tag: u64) -> u32 {
     (tag >> 32) as u32
@@ -184,7 +203,8 @@ fn released(r: u32) -> bool {
 }
 
 /// The park handler. *Async-signal-safe*: touches only atomics, the preallocated slot array,
-/// `errno` (saved and restored) and raw syscalls (`gettid`, `getpid`, `futex`).
+/// `errno` (saved and restored) and raw syscalls (`gettid`, `getpid`, `futex`). Copies the
+/// context without stack temporaries: it may run on a nearly full alternate signal stack.
 ///
 /// Acts only on a signal sent by this process with `tgkill` while a round is open; anything
 /// else (a late signal, a `kill` from outside) returns at once.
@@ -242,9 +262,11 @@ extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc:
             Ordering::Release,
         );
     }
-    PARKED_SEQ.fetch_add(1, Ordering::Release);
-    // A failed wake only delays the stopper until its next timeout slice.
-    let _ = futex::wake_all(&PARKED_SEQ);
+    let parked = array.parked.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+    if parked >= array.expected.load(Ordering::Acquire) {
+        // A failed wake only delays the stopper until its next timeout slice.
+        let _ = futex::wake(&array.parked, 1);
+    }
     loop {
         let seen = RELEASED.load(Ordering::Acquire);
         if (seen.wrapping_sub(round) as i32) >= 0 {
@@ -265,7 +287,7 @@ pub struct StopWorld {
     expected: Vec<i32>,
     scratch: Vec<i32>,
     parked: Vec<ParkedThread>,
-    maps: MapsSnapshot,
+    maps: StackMaps,
     /// The group leader exited and is a zombie: never signal it again.
     zombie_leader: bool,
 }
@@ -317,7 +339,7 @@ impl StopWorld {
             expected: Vec::new(),
             scratch: Vec::new(),
             parked: Vec::new(),
-            maps: MapsSnapshot::new(),
+            maps: StackMaps::new(),
             zombie_leader: false,
         })
     }
@@ -364,10 +386,29 @@ impl StopWorld {
                 });
             }
         };
+        // The program may have replaced our handler since: then threads would never park.
+        match signal::disposition(self.sig) {
+            Ok(Disposition::Handler { addr, .. }) if addr == park as *const () as usize => {}
+            Ok(Disposition::Handler { addr, .. }) => {
+                return Err(StopError::SignalInUse {
+                    sig: self.sig,
+                    handler: addr,
+                });
+            }
+            Ok(_) => return Err(StopError::SignalIgnored { sig: self.sig }),
+            Err(source) => {
+                return Err(StopError::Install {
+                    sig: self.sig,
+                    source,
+                });
+            }
+        }
         let deadline = Instant::now() + timeout;
         let round = next_round();
         let me = threads::gettid();
         array.stopper.store(me, Ordering::Relaxed);
+        array.expected.store(u32::MAX, Ordering::Relaxed);
+        array.parked.store(0, Ordering::Relaxed);
         array.state.store(u64::from(round) << 32, Ordering::Release);
         self.expected.clear();
         self.parked.clear();
@@ -393,41 +434,12 @@ impl StopWorld {
         timeout: Duration,
     ) -> Result<(), StopError> {
         loop {
-            let n = threads::list_into(&mut self.dirents, &mut self.listed).map_err(|e| {
-                if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
-                    StopError::PrepareAgain {
-                        what: "thread list",
-                    }
-                } else {
-                    StopError::ListThreads(e)
-                }
-            })?;
-            let before = self.expected.len();
-            let pid = threads::getpid();
-            for i in 0..n {
-                let tid = self.listed[i];
-                if tid == me
-                    || (tid == pid && self.zombie_leader)
-                    || self.expected.binary_search(&tid).is_ok()
-                {
-                    continue;
-                }
-                match threads::tgkill(tid, self.sig) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
-                    Err(source) => return Err(StopError::Signal { tid, source }),
-                }
-                if self.expected.len() == self.expected.capacity() {
-                    return Err(StopError::PrepareAgain {
-                        what: "thread slots",
-                    });
-                }
-                self.expected.push(tid);
-            }
-            let added = self.expected.len() - before;
-            self.expected.sort_unstable();
+            let added = self.signal_listed(me)?;
+            array
+                .expected
+                .store(self.expected.len() as u32, Ordering::Release);
             self.wait_parked(array, round, deadline, timeout)?;
-            if added == 0 {
+            if added == 0 || self.nobody_new() {
                 break;
             }
         }
@@ -445,8 +457,54 @@ impl StopWorld {
         Ok(())
     }
 
+    /// Lists the threads and signals those not signalled yet in this round; returns how many.
+    fn signal_listed(&mut self, me: i32) -> Result<usize, StopError> {
+        let n = threads::list_into(&mut self.dirents, &mut self.listed).map_err(|e| {
+            if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
+                StopError::PrepareAgain {
+                    what: "thread list",
+                }
+            } else {
+                StopError::ListThreads(e)
+            }
+        })?;
+        let before = self.expected.len();
+        let pid = threads::getpid();
+        for i in 0..n {
+            let tid = self.listed[i];
+            if tid == me
+                || (tid == pid && self.zombie_leader)
+                || self.expected[..before].binary_search(&tid).is_ok()
+            {
+                continue;
+            }
+            match threads::tgkill(tid, self.sig) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                Err(source) => return Err(StopError::Signal { tid, source }),
+            }
+            if self.expected.len() == self.expected.capacity() {
+                return Err(StopError::PrepareAgain {
+                    what: "thread slots",
+                });
+            }
+            self.expected.push(tid);
+        }
+        self.expected.sort_unstable();
+        Ok(self.expected.len() - before)
+    }
+
+    /// Whether the process has exactly the caller, the parked threads (`scratch`, as left by
+    /// `wait_parked`) and a known zombie leader: then no thread appeared since the listing
+    /// and another listing is not needed. Parked threads cannot exit, so a new thread always
+    /// shows as a larger count.
+    fn nobody_new(&self) -> bool {
+        let known = 1 + self.scratch.len() + usize::from(self.zombie_leader);
+        threads::count().is_ok_and(|n| n == known)
+    }
+
     /// Waits until every expected thread has a slot tagged `round`, dropping threads that
-    /// exited meanwhile.
+    /// exited meanwhile. Leaves the parked tids, sorted, in `scratch`.
     fn wait_parked(
         &mut self,
         array: &'static SlotArray,
@@ -455,7 +513,7 @@ impl StopWorld {
         timeout: Duration,
     ) -> Result<(), StopError> {
         loop {
-            let seq = PARKED_SEQ.load(Ordering::Acquire);
+            let seen = array.parked.load(Ordering::Acquire);
             let claimed = array.state.load(Ordering::Acquire) as u32 as usize;
             if claimed > array.slots.len() {
                 return Err(StopError::PrepareAgain {
@@ -480,10 +538,14 @@ impl StopWorld {
             };
             let now = Instant::now();
             let slice = deadline.saturating_duration_since(now).min(LIVENESS_SLICE);
-            if slice.is_zero()
-                || futex::wait(&PARKED_SEQ, seq, Some(slice)).ok() == Some(futex::Wake::TimedOut)
-            {
-                self.drop_exited(first_missing)?;
+            let woken = !slice.is_zero()
+                && futex::wait(&array.parked, seen, Some(slice)).ok()
+                    != Some(futex::Wake::TimedOut);
+            if !woken {
+                self.drop_exited(first_missing);
+                array
+                    .expected
+                    .store(self.expected.len() as u32, Ordering::Release);
                 if Instant::now() >= deadline {
                     // Re-check once: the last parker may have arrived with the deadline.
                     if let Some(tid) = self.first_unparked(array, round) {
@@ -492,7 +554,6 @@ impl StopWorld {
                             waited: timeout,
                         });
                     }
-                    return Ok(());
                 }
             }
         }
@@ -511,7 +572,7 @@ impl StopWorld {
 
     /// Removes from `expected[from..]` the unparked threads that exited (gone, or a zombie
     /// group leader). `scratch` holds the parked tids, sorted.
-    fn drop_exited(&mut self, from: usize) -> Result<(), StopError> {
+    fn drop_exited(&mut self, from: usize) {
         let pid = threads::getpid();
         let mut i = from;
         while i < self.expected.len() {
@@ -534,7 +595,6 @@ impl StopWorld {
                 i += 1;
             }
         }
-        Ok(())
     }
 
     /// Copies the slots tagged `round` into `parked`.
@@ -603,22 +663,17 @@ fn reserve_exact<T>(v: &mut Vec<T>, capacity: usize) {
 fn next_round() -> u32 {
     loop {
         let r = ROUND.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        if r != 0 && !released_is_ahead(r) {
+        // 0 means "no round"; after a wrap a number must still be newer than the last release.
+        if r != 0 && !released(r) {
             return r;
         }
     }
 }
 
-/// After a wrap of the round counter, a round number must still compare as newer than the
-/// last released one.
-fn released_is_ahead(r: u32) -> bool {
-    released(r)
-}
-
-/// Bounds for a stack pointer: the alternate signal stack when `sp` is on it, else the
-/// readable mapping containing `sp` (or ending at it: an empty stack).
-fn stack_bounds(maps: &MapsSnapshot, sp: usize, alt: Option<AltStack>) -> Option<StackBounds> {
-    let region: Region = maps
+/// Bounds of the stack `sp` points into: the alternate signal stack when `sp` is on it, else
+/// the readable mapping containing `sp` (or ending at it: an empty stack). Allocates nothing.
+pub fn stack_bounds(maps: &StackMaps, sp: usize, alt: Option<AltStack>) -> Option<StackBounds> {
+    let region = maps
         .find(sp)
         .or_else(|| maps.find(sp.wrapping_sub(1)))
         .filter(|r| r.readable)?;
@@ -644,8 +699,8 @@ impl Stopped<'_> {
         &self.world.parked
     }
 
-    /// The memory map read while stopped (bounds of every mapping).
-    pub fn maps(&self) -> &MapsSnapshot {
+    /// Look-up of the mappings as they are while stopped.
+    pub fn maps(&self) -> &StackMaps {
         &self.world.maps
     }
 

@@ -18,7 +18,9 @@ use std::ops::ControlFlow;
 
 use dsu_sys::modules::LoadedModule;
 use dsu_sys::signal::{AltStack, NGREG, Registers, SIGRETURN_TRAMPOLINE, UCONTEXT_GREGS_OFFSET};
-use dsu_sys::stack::MapsSnapshot;
+use dsu_sys::stack::StackMaps;
+
+use crate::stop::{StackBounds, stack_bounds};
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EhFrameOffset, EndianSlice, NativeEndian,
     ParsedEhFrameHdr, Register, RegisterRule, UnwindContext, UnwindContextStorage, UnwindSection,
@@ -110,7 +112,8 @@ pub struct SkippedModule {
 #[derive(Debug, Default)]
 pub struct CfiTables {
     tables: Vec<Table>,
-    /// Executable segments of the modules, sorted: where the trampoline bytes may be read.
+    /// Executable segments of the modules, sorted and disjoint: where the trampoline bytes may
+    /// be read.
     exec: Vec<(usize, usize)>,
     skipped: Vec<SkippedModule>,
 }
@@ -152,13 +155,12 @@ impl CfiTables {
         t
     }
 
-    /// Registers a `.eh_frame` section of code loaded later (a patch), and its FDEs' code as
-    /// executable. Returns the number of FDEs.
+    /// Registers a `.eh_frame` section of code loaded later (a patch). Returns the number of
+    /// FDEs. Indexes them (allocates): call it before stopping threads.
     ///
     /// # Safety
     /// `[start, start + len)` holds a `.eh_frame` section as linked at `start` (its pointers
-    /// resolved for that address), stays mapped readable while these tables are used, and the
-    /// code its FDEs describe is mapped too.
+    /// resolved for that address) and stays mapped readable while these tables are used.
     pub unsafe fn add_eh_frame(&mut self, start: usize, len: usize) -> gimli::Result<usize> {
         // SAFETY: forwarded from this function's contract.
         let data = unsafe { mapped(start, len) };
@@ -175,14 +177,6 @@ impl CfiTables {
             }
         }
         fdes.sort_unstable();
-        let code: Vec<(usize, usize)> = fdes
-            .iter()
-            .map(|&(s, e, _)| (s as usize, e as usize))
-            .collect();
-        for &c in &code {
-            self.exec.push(c);
-        }
-        self.exec.sort_unstable();
         let n = fdes.len();
         let span = match (fdes.first(), fdes.iter().map(|f| f.1).max()) {
             (Some(first), Some(end)) => vec![(first.0 as usize, end as usize)],
@@ -304,51 +298,33 @@ unsafe fn module_table(m: &LoadedModule) -> Result<Table, String> {
     })
 }
 
-/// `[start, end)` of readable stack memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StackRegion {
-    pub start: usize,
-    pub end: usize,
-}
-
 /// Read access to one stopped thread's stacks: its regular stack and alternate signal stack,
-/// bounded by the memory map taken while the thread was stopped.
+/// bounded by the mappings as they are while the thread is stopped.
 #[derive(Debug, Clone, Copy)]
 pub struct StackMemory<'a> {
-    maps: &'a MapsSnapshot,
+    maps: &'a StackMaps,
     alt: Option<AltStack>,
 }
 
 impl<'a> StackMemory<'a> {
     /// # Safety
-    /// `maps` was refreshed while the thread (and every thread but the caller) was stopped,
-    /// and they are still stopped while this is used: no mapping changes.
-    pub unsafe fn new(maps: &'a MapsSnapshot, alt: Option<AltStack>) -> StackMemory<'a> {
+    /// `maps` was refreshed while every thread but the caller was stopped, and they are still
+    /// stopped while this is used: no mapping changes.
+    pub unsafe fn new(maps: &'a StackMaps, alt: Option<AltStack>) -> StackMemory<'a> {
         StackMemory { maps, alt }
     }
 
-    /// The stack region a stack pointer points into: the alternate signal stack if `sp` is on
-    /// it, else the readable mapping holding `sp` (or ending at it).
-    pub fn region(&self, sp: usize) -> Option<StackRegion> {
-        let r = self
-            .maps
-            .find(sp)
-            .or_else(|| self.maps.find(sp.wrapping_sub(1)))
-            .filter(|r| r.readable)?;
-        let (mut start, mut end) = (r.start, r.end);
-        if let Some(alt) = self.alt.filter(|a| a.contains(sp) || a.base + a.size == sp) {
-            start = start.max(alt.base);
-            end = end.min(alt.base + alt.size);
-        }
-        Some(StackRegion { start, end })
+    /// The stack region a stack pointer points into (see [`stack_bounds`]).
+    pub fn region(&self, sp: usize) -> Option<StackBounds> {
+        stack_bounds(self.maps, sp, self.alt)
     }
 
     /// The word at `addr` if `[addr, addr + 8)` lies in `region`.
-    pub fn read(&self, region: StackRegion, addr: usize) -> Option<u64> {
+    pub fn read(&self, region: StackBounds, addr: usize) -> Option<u64> {
         if addr < region.start || addr.checked_add(8)? > region.end {
             return None;
         }
-        debug_assert!(self.maps.find(addr).is_some_and(|r| r.readable));
+        debug_assert!(region.contains(addr) && region.contains(addr + 7));
         // SAFETY: `region` comes from `self.region`, a readable mapping of the snapshot taken
         // while stopped (contract of `new`), and the word lies inside it (checked above).
         let bytes = unsafe { std::ptr::read_volatile(addr as *const [u8; 8]) };
@@ -357,7 +333,7 @@ impl<'a> StackMemory<'a> {
 
     /// The general registers of a `ucontext_t` at `addr` (a signal frame), if it lies in
     /// `region`.
-    pub fn read_ucontext(&self, region: StackRegion, addr: usize) -> Option<Registers> {
+    pub fn read_ucontext(&self, region: StackBounds, addr: usize) -> Option<Registers> {
         let mut gregs = [0u64; NGREG];
         for (i, g) in gregs.iter_mut().enumerate() {
             *g = self.read(region, addr.checked_add(UCONTEXT_GREGS_OFFSET + 8 * i)?)?;
@@ -414,7 +390,7 @@ pub enum WalkEnd {
     Failed {
         reason: Failure,
         at: Frame,
-        region: Option<StackRegion>,
+        region: Option<StackBounds>,
     },
 }
 
@@ -535,7 +511,7 @@ impl Unwinder {
         &mut self,
         tables: &CfiTables,
         mem: &StackMemory<'_>,
-        region: StackRegion,
+        region: StackBounds,
         frame: &Frame,
         regs: &Regs,
     ) -> Result<Option<Regs>, Failure> {

@@ -14,7 +14,7 @@ use dsu_agent::check::{Checker, How, Ranges};
 use dsu_agent::stop::{ParkedThread, StopError, StopWorld, Stopped};
 use dsu_agent::unwind::WalkEnd;
 use dsu_sys::threads;
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -155,6 +155,8 @@ struct Snapshot {
     listed: Vec<i32>,
     dirents: Vec<u8>,
     count: usize,
+    /// State letters of listed threads that were not parked (exiting threads), by index.
+    states: Vec<u8>,
     progress_frozen: bool,
 }
 
@@ -165,6 +167,7 @@ impl Snapshot {
             listed: vec![0; 4096],
             dirents: vec![0; 16384],
             count: 0,
+            states: vec![0; 4096],
             progress_frozen: false,
         }
     }
@@ -175,6 +178,14 @@ impl Snapshot {
         assert!(stopped.threads().len() <= self.parked.capacity());
         self.parked.extend_from_slice(stopped.threads());
         self.count = threads::list_into(&mut self.dirents, &mut self.listed).unwrap();
+        for i in 0..self.count {
+            let tid = self.listed[i];
+            self.states[i] = if stopped.threads().iter().any(|t| t.tid == tid) {
+                b'P'
+            } else {
+                threads::state(tid).ok().flatten().unwrap_or(b'-')
+            };
+        }
         let progress = PROGRESS.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(2));
         self.progress_frozen = progress == PROGRESS.load(Ordering::SeqCst);
@@ -194,10 +205,12 @@ impl Snapshot {
         for tid in must_include {
             assert!(tids.contains(tid), "thread {tid} not reported");
         }
-        for tid in &self.listed[..self.count] {
+        for (tid, state) in self.listed[..self.count].iter().zip(&self.states) {
+            // Only an exiting thread (dead, or gone since the listing) may be unparked.
             assert!(
-                *tid == me || tids.contains(tid),
-                "thread {tid} runs during the stop"
+                *tid == me || tids.contains(tid) || matches!(state, b'X' | b'Z' | b'-'),
+                "thread {tid} (state {}) runs during the stop",
+                *state as char
             );
         }
         for t in &self.parked {
@@ -455,6 +468,30 @@ fn fn_range(addr: usize) -> (usize, usize) {
     (addr, addr + sym.size() as usize)
 }
 
+/// A checker knowing the modules' code but only the executable's unwind information, given as
+/// a `.eh_frame` address and length (the way patches register theirs).
+fn unsafe_checker_with_registered_exe_eh_frame() -> Checker {
+    let modules: Vec<_> = dsu_sys::modules::loaded()
+        .into_iter()
+        .map(|mut m| {
+            m.eh_frame_hdr = None;
+            m
+        })
+        .collect();
+    let main = modules.iter().find(|m| m.is_main).unwrap();
+    let data = std::fs::read("/proc/self/exe").unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let section = file.section_by_name(".eh_frame").expect(".eh_frame");
+    let start = main.bias + section.address() as usize;
+    // SAFETY: records of loaded modules (minus their unwind tables); the executable's
+    // `.eh_frame` is mapped at its biased address for the life of the process.
+    let mut checker = unsafe { Checker::new(&modules) };
+    // SAFETY: as above.
+    let n = unsafe { checker.add_eh_frame(start, section.size() as usize) }.unwrap();
+    assert!(n > 100, "{n} FDEs");
+    checker
+}
+
 static SIGNAL_PIPE: AtomicU64 = AtomicU64::new(0);
 static IN_HANDLER: AtomicBool = AtomicBool::new(false);
 
@@ -539,6 +576,13 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
     let only_idle: Ranges = [(idle.0, idle.1, 3)].into_iter().collect();
 
     let mut checker = Checker::for_loaded_modules();
+    assert!(
+        checker.tables().skipped().is_empty(),
+        "{:?}",
+        checker.tables().skipped()
+    );
+    // The executable's `.eh_frame` registered as if it were a patch's: its own FDE index.
+    let mut registered = unsafe_checker_with_registered_exe_eh_frame();
     // A checker with the modules' code but none of their unwind tables: scan only.
     let stripped: Vec<_> = dsu_sys::modules::loaded()
         .into_iter()
@@ -573,6 +617,18 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
             let a = checker.find_active(&stopped, t, &only_idle).unwrap();
             assert_eq!(a, None, "thread {}", t.tid);
             ends.push((t.tid, checker.last_walk()));
+        }
+        // Unwinding with the executable's CFI registered by address and length goes from
+        // `spin_target` through the test's and std's frames, up to the C library (whose CFI
+        // this checker lacks).
+        let t = stopped.threads().iter().find(|t| t.tid == tid_a).unwrap();
+        assert_eq!(
+            registered.find_active(&stopped, t, &only_idle).unwrap(),
+            None
+        );
+        match registered.last_walk() {
+            Some(WalkEnd::Failed { at, .. }) => assert!(at.depth >= 3, "{at:?}"),
+            other => panic!("{other:?}"),
         }
         // Scanning alone (the correctness floor) finds the same threads.
         for (tid, target) in [(tid_a, 0), (tid_b, 1), (tid_c, 2)] {
@@ -633,5 +689,40 @@ fn print_round_timings() {
             drop(w);
             workers.join();
         }
+    }
+}
+
+/// Prints how long the activeness check of every thread takes (precise walk, nobody active).
+/// Run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_check_timings() {
+    let _s = serial();
+    let idle = fn_range(idle_target as *const () as usize);
+    let only_idle: Ranges = [(idle.0, idle.1, 0)].into_iter().collect();
+    let mut checker = Checker::for_loaded_modules();
+    for n in [8usize, 64] {
+        let workers = Workers::spawn(&vec![Kind::Pipe; n]);
+        let mut w = world();
+        let mut times = Vec::with_capacity(100);
+        let mut outermost = 0;
+        for _ in 0..100 {
+            let stopped = stop(&mut w, TIMEOUT);
+            let t = Instant::now();
+            for th in stopped.threads() {
+                assert_eq!(checker.find_active(&stopped, th, &only_idle).unwrap(), None);
+                outermost += usize::from(checker.last_walk() == Some(WalkEnd::Outermost));
+            }
+            times.push((t.elapsed(), stopped.threads().len()));
+        }
+        times.sort_unstable();
+        let (median, threads) = times[times.len() / 2];
+        println!(
+            "check of {threads} threads: median {median:?}, max {:?}; {outermost} of {} walks reached the outermost frame",
+            times[times.len() - 1].0,
+            100 * threads
+        );
+        drop(w);
+        workers.join();
     }
 }

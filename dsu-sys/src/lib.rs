@@ -12,6 +12,7 @@
 pub mod code;
 pub mod cpu;
 pub mod dl;
+pub mod frames;
 pub mod futex;
 pub mod maps;
 pub mod mem;

@@ -2,15 +2,18 @@
 //!
 //! While other threads are stopped the agent may not allocate (a stopped thread may hold the
 //! malloc lock), yet it must know how far each thread's stack extends to read it safely.
-//! [`MapsSnapshot`] reads `/proc/self/maps` with raw `open`/`read` into a buffer sized in
-//! advance by [`MapsSnapshot::reserve`], and keeps only the start, end and permissions of each
-//! mapping in a preallocated array. Parsing ([`parse_into`]) is pure.
+//! [`StackMaps`] answers "which mapping contains this address" two ways:
+//! - `PROCMAP_QUERY` (Linux 6.11+): one `ioctl` on an open `/proc/self/maps` per question,
+//!   about 0.4 us, whatever the number of mappings;
+//! - otherwise [`MapsSnapshot`]: `/proc/self/maps` read with raw `open`/`read` into a buffer
+//!   sized in advance, keeping the start, end and permissions of each mapping in a
+//!   preallocated array (about 250 us for 300 mappings). Parsing ([`parse_into`]) is pure.
 //!
-//! No `unsafe` here: the raw reading is `threads::read_whole`.
+//! `unsafe` here: the `PROCMAP_QUERY` ioctl, on a struct of ours.
 
 use std::io;
 
-use crate::threads::{CAPACITY_EXCEEDED, read_whole};
+use crate::threads::{self, CAPACITY_EXCEEDED, Fd, read_whole};
 
 /// One mapping of the address space: `[start, end)` and whether it can be read and written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -126,6 +129,143 @@ impl MapsSnapshot {
     }
 }
 
+/// `struct procmap_query` of `<linux/fs.h>` (Linux 6.11).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+
+/// `_IOWR('f', 17, struct procmap_query)`.
+const PROCMAP_QUERY: u64 =
+    (3 << 30) | ((std::mem::size_of::<ProcmapQuery>() as u64) << 16) | ((b'f' as u64) << 8) | 17;
+const PROCMAP_QUERY_VMA_READABLE: u64 = 1;
+const PROCMAP_QUERY_VMA_WRITABLE: u64 = 2;
+
+/// An open `/proc/self/maps` answering `PROCMAP_QUERY`.
+#[derive(Debug)]
+struct MapQuery {
+    fd: Fd,
+    /// The process the descriptor describes (a forked child must reopen it).
+    pid: i32,
+}
+
+impl MapQuery {
+    /// Opens `/proc/self/maps`; `Ok(None)` when the kernel lacks `PROCMAP_QUERY`.
+    /// Async-signal-safe.
+    fn open() -> io::Result<Option<MapQuery>> {
+        let q = MapQuery {
+            fd: Fd::open(b"/proc/self/maps\0", 0)?,
+            pid: threads::getpid(),
+        };
+        let probe = 0u8;
+        match q.query(std::ptr::addr_of!(probe) as usize) {
+            Ok(Some(_)) => Ok(Some(q)),
+            Ok(None) => Err(io::ErrorKind::NotFound.into()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The mapping containing `addr`, `None` when there is none. Async-signal-safe.
+    fn query(&self, addr: usize) -> io::Result<Option<Region>> {
+        let mut q = ProcmapQuery {
+            size: std::mem::size_of::<ProcmapQuery>() as u64,
+            query_addr: addr as u64,
+            ..ProcmapQuery::default()
+        };
+        // SAFETY: `q` is a live, writable procmap_query of the size it declares; name and
+        // build-id sizes are 0, so the kernel writes nothing else.
+        let rc = unsafe { libc::ioctl(self.fd.0, PROCMAP_QUERY as _, &raw mut q) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(Region {
+            start: q.vma_start as usize,
+            end: q.vma_end as usize,
+            readable: q.vma_flags & PROCMAP_QUERY_VMA_READABLE != 0,
+            writable: q.vma_flags & PROCMAP_QUERY_VMA_WRITABLE != 0,
+        }))
+    }
+}
+
+/// Finds the mapping that contains an address, by `PROCMAP_QUERY` where the kernel has it and
+/// through a [`MapsSnapshot`] otherwise. [`reserve`](StackMaps::reserve) before stopping
+/// threads (allocates), [`refresh`](StackMaps::refresh) once they are stopped (does not), then
+/// [`find`](StackMaps::find) (does not).
+#[derive(Debug, Default)]
+pub struct StackMaps {
+    query: Option<MapQuery>,
+    snapshot: MapsSnapshot,
+}
+
+impl StackMaps {
+    pub fn new() -> StackMaps {
+        StackMaps::default()
+    }
+
+    /// Opens `/proc/self/maps` for queries, or (on kernels without `PROCMAP_QUERY`) sizes and
+    /// takes a snapshot. Allocates.
+    pub fn reserve(&mut self) -> io::Result<()> {
+        if self
+            .query
+            .as_ref()
+            .is_none_or(|q| q.pid != threads::getpid())
+        {
+            self.query = MapQuery::open()?;
+        }
+        match self.query {
+            Some(_) => Ok(()),
+            None => self.snapshot.reserve(),
+        }
+    }
+
+    /// Makes [`find`](StackMaps::find) describe the address space as it is now: nothing to do
+    /// with queries (a forked child reopens the file), a re-read of the snapshot otherwise.
+    /// Allocates nothing: async-signal-safe.
+    pub fn refresh(&mut self) -> io::Result<()> {
+        match &self.query {
+            Some(q) if q.pid == threads::getpid() => Ok(()),
+            Some(_) => {
+                self.query = MapQuery::open()?;
+                self.refresh()
+            }
+            None => self.snapshot.refresh(),
+        }
+    }
+
+    /// Whether lookups use `PROCMAP_QUERY`.
+    pub fn uses_query(&self) -> bool {
+        self.query.is_some()
+    }
+
+    /// The mapping containing `addr`, if any (a failed query counts as none). Async-signal-safe.
+    pub fn find(&self, addr: usize) -> Option<Region> {
+        match &self.query {
+            Some(q) => q.query(addr).ok().flatten(),
+            None => self.snapshot.find(addr),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +314,26 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         assert!(snap.find(0).is_none());
         let sorted = snap.regions().windows(2).all(|w| w[0].end <= w[1].start);
         assert!(sorted);
+    }
+
+    #[test]
+    fn stack_maps_agree_with_snapshot() {
+        let mut maps = StackMaps::new();
+        maps.reserve().unwrap();
+        maps.refresh().unwrap();
+        let local = 0u64;
+        let addr = std::ptr::addr_of!(local) as usize;
+        let r = maps.find(addr).expect("stack mapped");
+        assert!(r.readable && r.writable && r.contains(addr));
+        let mut snap = MapsSnapshot::new();
+        snap.reserve().unwrap();
+        let s = snap.find(addr).unwrap();
+        // Adjacent anonymous mappings may merge or split between reads; the stack is stable.
+        assert_eq!((r.start, r.end), (s.start, s.end));
+        assert!(maps.find(0).is_none());
+        let code = maps
+            .find(stack_maps_agree_with_snapshot as *const () as usize)
+            .unwrap();
+        assert!(code.readable && !code.writable);
     }
 }

@@ -50,11 +50,12 @@ pub fn list() -> io::Result<Vec<i32>> {
 }
 
 /// A file descriptor closed on drop. Async-signal-safe.
-struct Fd(libc::c_int);
+#[derive(Debug)]
+pub(crate) struct Fd(pub(crate) libc::c_int);
 
 impl Fd {
     /// Opens a NUL-terminated path read-only with `extra` flags, without allocating.
-    fn open(path: &[u8], extra: libc::c_int) -> io::Result<Fd> {
+    pub(crate) fn open(path: &[u8], extra: libc::c_int) -> io::Result<Fd> {
         debug_assert_eq!(path.last(), Some(&0));
         if path.last() != Some(&0) {
             return Err(io::ErrorKind::InvalidInput.into());
@@ -96,8 +97,9 @@ impl Drop for Fd {
     }
 }
 
-/// Opens a `/proc` file by NUL-terminated path: exposed for the crate's other non-allocating
-/// readers (`stack`). Async-signal-safe.
+/// Reads a whole file (by NUL-terminated path) into `buf`; returns its length, or
+/// `CAPACITY_EXCEEDED` when it does not fit. For the crate's non-allocating `/proc` readers.
+/// Async-signal-safe.
 pub(crate) fn read_whole(path: &[u8], buf: &mut [u8]) -> io::Result<usize> {
     let fd = Fd::open(path, 0)?;
     let mut len = 0;
@@ -183,6 +185,28 @@ fn parse_decimal(s: &[u8]) -> Option<i32> {
     Some(v)
 }
 
+/// The number of threads of this process (`num_threads` of `/proc/self/stat`), the caller
+/// included. Allocates nothing: async-signal-safe.
+pub fn count() -> io::Result<usize> {
+    let mut buf = [0u8; 1024];
+    let n = match read_whole(b"/proc/self/stat\0", &mut buf) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(CAPACITY_EXCEEDED) => buf.len(),
+        Err(e) => return Err(e),
+    };
+    parse_stat_num_threads(&buf[..n]).ok_or_else(|| io::ErrorKind::InvalidData.into())
+}
+
+/// Pure: field 20 (`num_threads`) of a `stat` line, the 18th after the command name.
+fn parse_stat_num_threads(line: &[u8]) -> Option<usize> {
+    let close = line.iter().rposition(|&b| b == b')')?;
+    let field = line[close + 1..]
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(17)?;
+    usize::try_from(parse_decimal(field)?).ok()
+}
+
 /// The scheduler state letter of thread `tid` of this process (`R`, `S`, `D`, `T`, `t`, `Z`,
 /// `X`, ...), from `/proc/self/task/<tid>/stat`; `None` when no such thread exists any more.
 /// Allocates nothing: async-signal-safe.
@@ -257,6 +281,18 @@ mod tests {
         assert_eq!(parse_stat_state(b"12 (a) b)) S 1 2"), Some(b'S'));
         assert_eq!(parse_stat_state(b"12 (x) Z 1"), Some(b'Z'));
         assert_eq!(parse_stat_state(b"garbage"), None);
+    }
+
+    #[test]
+    fn stat_num_threads() {
+        let line = b"25526 (a) b) S 24749 24746 2941 0 -1 4194304 279 0 0 0 0 0 0 0 20 0 66 0 21";
+        assert_eq!(parse_stat_num_threads(line), Some(66));
+        assert_eq!(parse_stat_num_threads(b"1 (x) S 1 2"), None);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || rx.recv().unwrap());
+        assert!(count().unwrap() >= 2);
+        tx.send(()).unwrap();
+        h.join().unwrap();
     }
 
     #[test]

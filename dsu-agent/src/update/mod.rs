@@ -14,8 +14,11 @@
 //! A revert is the same sequence with the inverse edits, checked against the code it removes.
 
 mod error;
+mod plan;
 mod record;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dsu_sys::code::CodeWriter;
@@ -23,9 +26,10 @@ use sha2::{Digest, Sha256};
 
 pub use self::error::UpdateError;
 pub use self::record::{AppliedFunction, AppliedPatch, Policy, Strategy};
+use crate::callsites::CallIndex;
 use crate::check::{Activity, Checker, Ranges};
 use crate::link::{self, LinkError, LinkedPatch};
-use crate::prepare::{self, Redirect};
+use crate::names::{self, CodeName};
 use crate::resolve::{ResolveError, SymbolIndex};
 use crate::stop::{StopError, StopWorld};
 use crate::write::{self, CodeEdit};
@@ -46,12 +50,17 @@ pub struct Reverted {
     pub elapsed: Duration,
 }
 
+/// Which modules are loaded where: the symbol index is rebuilt when this changes.
+type ModuleKey = Vec<(String, usize)>;
+
 /// The update engine: owns the stop machinery, the code writer and the applied patches.
 /// Runs on the agent's thread only, one update at a time.
 pub struct Engine {
     stopper: StopWorld,
     writer: CodeWriter,
-    index: Option<(Vec<(String, usize)>, SymbolIndex)>,
+    index: Option<(ModuleKey, Arc<SymbolIndex>)>,
+    /// Direct call sites per module (by name), decoded once.
+    calls: HashMap<String, Arc<CallIndex>>,
     patches: Vec<AppliedPatch>,
 }
 
@@ -69,6 +78,7 @@ impl Engine {
             stopper,
             writer,
             index: None,
+            calls: HashMap::new(),
             patches: Vec::new(),
         }
     }
@@ -85,15 +95,16 @@ impl Engine {
     }
 
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
-    fn index(&mut self) -> Result<&SymbolIndex, ResolveError> {
-        let key: Vec<(String, usize)> = dsu_sys::modules::loaded()
+    fn index(&mut self) -> Result<Arc<SymbolIndex>, ResolveError> {
+        let key: ModuleKey = dsu_sys::modules::loaded()
             .into_iter()
             .map(|m| (m.name, m.bias))
             .collect();
         if self.index.as_ref().is_none_or(|(k, _)| *k != key) {
-            self.index = Some((key, SymbolIndex::of_process()?));
+            self.index = Some((key, Arc::new(SymbolIndex::of_process()?)));
+            self.calls.clear();
         }
-        Ok(&self.index.as_ref().expect("just built").1)
+        Ok(self.index.as_ref().expect("just built").1.clone())
     }
 
     /// Applies one patch file's bytes as patch `id`; `file` names it in reports.
@@ -105,28 +116,109 @@ impl Engine {
         policy: &Policy,
     ) -> Result<Applied, UpdateError> {
         let started = Instant::now();
-        self.index().map_err(LinkError::from)?;
-        let index = &self.index.as_ref().expect("built above").1;
-        let linked = link::link(bytes, index, &self.writer)?;
-        let redirects = self.plan(&linked)?;
-        let edits: Vec<CodeEdit> = redirects
-            .iter()
-            .map(|r| CodeEdit {
-                site: r.site,
-                bytes: r.bytes.to_vec(),
-                original: r.original.to_vec(),
-            })
-            .collect();
-        let ranges = self.version_ranges(&redirects);
-        let names: Vec<&str> = redirects.iter().map(|r| r.name.as_str()).collect();
-        let attempts = self.switch(&edits, &ranges, &names, &linked.eh_frames, policy, started)?;
+        let index = self.index().map_err(LinkError::from)?;
+        let maps = dsu_sys::maps::read_self().map_err(UpdateError::Maps)?;
+        let resolved = link::resolve_patch(bytes, &index)?;
 
-        let patch = self.record(linked, &redirects, edits, id, file, bytes);
+        let mut current = Vec::new();
+        let mut pristine = Vec::new();
+        for t in resolved.targets() {
+            let now = plan::current_code(&t.name, &t.module, t.address, t.size, &maps)?;
+            pristine.push(plan::pristine_code(&now, t.address, &self.patches));
+            current.push(now);
+        }
+        let in_place: Vec<usize> = (0..resolved.targets().len())
+            .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
+            .collect();
+        let linked = resolved.link(&self.writer, &in_place)?;
+        let mut functions: Vec<AppliedFunction> =
+            plan::plan_functions(&linked, &pristine, &current)?
+                .into_iter()
+                .map(|p| p.function)
+                .collect();
+        self.plan_call_sites(&mut functions, &index);
+
+        let edits: Vec<CodeEdit> = functions.iter().flat_map(|f| f.edits.clone()).collect();
+        let edit_names: Vec<&str> = functions
+            .iter()
+            .flat_map(|f| f.edits.iter().map(|_| f.name.as_str()))
+            .collect();
+        let ranges = self.version_ranges(&functions);
+        let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
+        // Unwindable before any caller can reach it.
+        let registered = register_frames(&linked.eh_frames);
+        let switched = self.switch(
+            &edits,
+            &edit_names,
+            &ranges,
+            &names,
+            &linked.eh_frames,
+            policy,
+            started,
+        );
+        let attempts = match switched {
+            Ok(attempts) => attempts,
+            Err(e) => {
+                deregister_frames(&registered);
+                return Err(e);
+            }
+        };
+
+        let patch = self.record(linked, functions, id, file, bytes);
+        let _ = names::publish(&code_names(&patch));
         Ok(Applied {
             patch,
             attempts,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Adds call-site edits to each planned function: direct calls to its old entry (or to an
+    /// earlier version's) go straight to the new entry.
+    fn plan_call_sites(&mut self, functions: &mut [AppliedFunction], index: &SymbolIndex) {
+        let mut excluded: Vec<(usize, usize)> = functions
+            .iter()
+            .map(|f| (f.old_address, f.old_address + f.old_size as usize))
+            .collect();
+        excluded.extend(
+            self.patches
+                .iter()
+                .flat_map(|p| &p.functions)
+                .map(|f| (f.old_address, f.old_address + f.old_size as usize)),
+        );
+        for f in functions.iter_mut() {
+            let Some(calls) = self.call_index(&f.module, index) else {
+                continue;
+            };
+            let earlier: Vec<usize> = self
+                .patches
+                .iter()
+                .flat_map(|p| &p.functions)
+                .filter(|g| g.old_address == f.old_address && g.new_address != f.old_address)
+                .map(|g| g.new_address)
+                .collect();
+            plan::rewrite_call_sites(f, &calls, &earlier, &excluded);
+        }
+    }
+
+    /// The call sites of `module`, decoded on first use.
+    fn call_index(&mut self, module: &str, index: &SymbolIndex) -> Option<Arc<CallIndex>> {
+        if let Some(found) = self.calls.get(module) {
+            return Some(found.clone());
+        }
+        let m = index.module_named(module)?;
+        let maps = dsu_sys::maps::read_self().ok()?;
+        let readable = |&(a, size): &(usize, usize)| {
+            maps.iter()
+                .any(|e| e.perms.read && e.start <= a && a + size <= e.end)
+        };
+        let functions: Vec<(usize, usize)> =
+            index.functions_in(m).into_iter().filter(readable).collect();
+        // SAFETY: every range was just checked to lie in one readable mapping of a loaded
+        // module, and loaded modules are not unmapped while the agent decodes them.
+        let calls = Arc::new(unsafe { CallIndex::build(&functions) });
+        self.calls.insert(module.to_string(), calls.clone());
+        Some(calls)
     }
 
     /// Reverts patch `id`, or the newest. Refused when a newer patch replaces one of its
@@ -162,25 +254,39 @@ impl Engine {
                 });
             }
         }
-        let edits: Vec<CodeEdit> = patch
-            .functions
-            .iter()
-            .flat_map(|f| write::inverse(&f.edits))
-            .collect();
-        let mut names: Vec<&str> = patch.functions.iter().map(|f| f.name.as_str()).collect();
+        let mut edits = Vec::new();
+        let mut edit_names = Vec::new();
         let mut ranges = Ranges::new();
         for (i, f) in patch.functions.iter().enumerate() {
-            ranges.push(f.new_address, f.new_address + f.new_size as usize, i);
+            for e in write::inverse(&f.edits) {
+                edits.push(e);
+                edit_names.push(f.name.clone());
+            }
+            let end = match f.strategy {
+                Strategy::InPlace => f.old_address + f.old_size as usize,
+                Strategy::Redirect => f.new_address + f.new_size as usize,
+            };
+            ranges.push(f.new_address, end, i);
         }
-        // Helpers of the patch too: the image is unmapped afterwards.
-        let label = format!("code of patch {}", patch.id);
-        ranges.push(patch.code.0, patch.code.1, names.len());
-        names.push(&label);
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut names: Vec<String> = patch.functions.iter().map(|f| f.name.clone()).collect();
+        // The rest of the patch's code too (its helpers): the image is unmapped afterwards.
+        // Only the parts outside the functions above, so an activity is named precisely.
+        let mut bodies: Vec<(usize, usize)> = ranges.iter().map(|(s, e, _)| (s, e)).collect();
+        bodies.sort_unstable();
+        let mut from = patch.code.0;
+        for (start, end) in bodies.into_iter().chain([(patch.code.1, patch.code.1)]) {
+            if start > from && from < patch.code.1 {
+                ranges.push(from, start.min(patch.code.1), names.len());
+            }
+            from = from.max(end);
+        }
+        names.push(format!("code of patch {}", patch.id));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let attempts = self.switch(&edits, &ranges, &names, &[], policy, started)?;
+        let edit_names: Vec<&str> = edit_names.iter().map(String::as_str).collect();
+        let attempts = self.switch(&edits, &edit_names, &ranges, &names, &[], policy, started)?;
 
         let patch = self.patches.remove(at);
+        deregister_frames(&patch.eh_frames.iter().map(|f| f.0).collect::<Vec<_>>());
         // SAFETY: no thread executes or returns into the image (checked while stopped above,
         // against its whole code range) and no jump leads there any more (its edits were
         // reverted in the same stop). Only a function pointer the program kept to patch code
@@ -193,59 +299,14 @@ impl Engine {
         })
     }
 
-    /// Plans each entry jump, decoding the pristine code even when an earlier patch already
-    /// put a jump there (stacking).
-    fn plan(&self, linked: &LinkedPatch) -> Result<Vec<Redirect>, UpdateError> {
-        let maps = dsu_sys::maps::read_self().map_err(UpdateError::Maps)?;
-        let mut out = Vec::with_capacity(linked.targets.len());
-        for t in &linked.targets {
-            let tg = &t.target;
-            let mut code = prepare::read_code(&tg.name, &tg.module, tg.address, tg.size, &maps)?;
-            let current = self.current_entry_edit(tg.address);
-            if let Some(edit) = current {
-                let at = edit.site - tg.address;
-                code[at..at + edit.len()].copy_from_slice(self.pristine(edit.site));
-            }
-            let mut r =
-                prepare::plan_redirect(&tg.name, &tg.module, tg.address, &code, t.new_address)?;
-            if let Some(edit) = current {
-                // What is there now: the previous patch's jump, which a revert restores.
-                r.original.copy_from_slice(&edit.bytes);
-            }
-            out.push(r);
-        }
-        Ok(out)
-    }
-
-    /// The newest entry edit of a function, if a patch in effect made one.
-    fn current_entry_edit(&self, old_address: usize) -> Option<&CodeEdit> {
-        self.patches
-            .iter()
-            .rev()
-            .flat_map(|p| &p.functions)
-            .find(|f| f.old_address == old_address)
-            .map(AppliedFunction::entry_edit)
-    }
-
-    /// The bytes at an entry `site` before any patch in effect.
-    fn pristine(&self, site: usize) -> &[u8] {
-        self.patches
-            .iter()
-            .flat_map(|p| &p.functions)
-            .map(AppliedFunction::entry_edit)
-            .find(|e| e.site == site)
-            .map(|e| e.original.as_slice())
-            .expect("a current edit has a first edit")
-    }
-
     /// Every version of every target: the original body and each earlier patch's new code.
-    fn version_ranges(&self, redirects: &[Redirect]) -> Ranges {
+    fn version_ranges(&self, functions: &[AppliedFunction]) -> Ranges {
         let mut ranges = Ranges::new();
-        for (i, r) in redirects.iter().enumerate() {
-            ranges.push(r.old_address, r.old_address + r.old_size as usize, i);
-            for f in self.patches.iter().flat_map(|p| &p.functions) {
-                if f.old_address == r.old_address {
-                    ranges.push(f.new_address, f.new_address + f.new_size as usize, i);
+        for (i, f) in functions.iter().enumerate() {
+            ranges.push(f.old_address, f.old_address + f.old_size as usize, i);
+            for g in self.patches.iter().flat_map(|p| &p.functions) {
+                if g.old_address == f.old_address && g.new_address != g.old_address {
+                    ranges.push(g.new_address, g.new_address + g.new_size as usize, i);
                 }
             }
         }
@@ -254,9 +315,11 @@ impl Engine {
 
     /// Stops the world until nothing in `ranges` is active, then writes the edits. Returns
     /// the number of attempts.
+    #[allow(clippy::too_many_arguments)]
     fn switch(
         &mut self,
         edits: &[CodeEdit],
+        edit_names: &[&str],
         ranges: &Ranges,
         names: &[&str],
         new_eh_frames: &[(usize, usize)],
@@ -322,7 +385,7 @@ impl Engine {
                 Ok(Some(unproven)) => unproven,
                 Err(failure) => {
                     return Err(UpdateError::Write {
-                        function: names.get(failure.index).unwrap_or(&"?").to_string(),
+                        function: edit_names.get(failure.index).unwrap_or(&"?").to_string(),
                         site: edits[failure.index].site,
                         source: failure.error,
                     });
@@ -367,34 +430,24 @@ impl Engine {
     fn record(
         &mut self,
         linked: LinkedPatch,
-        redirects: &[Redirect],
-        edits: Vec<CodeEdit>,
+        functions: Vec<AppliedFunction>,
         id: u64,
         file: &str,
         bytes: &[u8],
     ) -> AppliedPatch {
-        let functions = redirects
-            .iter()
-            .zip(edits)
-            .map(|(r, e)| AppliedFunction {
-                name: r.name.clone(),
-                module: r.module.clone(),
-                old_address: r.old_address,
-                old_size: r.old_size,
-                new_address: r.new_address,
-                new_size: linked
-                    .targets
-                    .iter()
-                    .find(|t| t.new_address == r.new_address)
-                    .map_or(0, |t| t.new_size),
-                strategy: Strategy::Redirect,
-                call_sites: 0,
-                edits: vec![e],
-            })
-            .collect();
         let code = linked.code_range();
         let eh_frames = linked.eh_frames.clone();
         let added = linked.added.clone();
+        let extra_names = linked
+            .functions
+            .iter()
+            .filter(|f| !functions.iter().any(|g| g.name == f.name))
+            .map(|f| CodeName {
+                address: f.address,
+                size: f.size,
+                name: f.name.clone(),
+            })
+            .collect();
         let image = linked.into_raw();
         let patch = AppliedPatch {
             id,
@@ -406,10 +459,48 @@ impl Engine {
             code,
             eh_frames,
             added,
+            helpers: extra_names,
         };
         self.patches.push(patch.clone());
         patch
     }
+}
+
+/// Registers each `.eh_frame` with the C runtime's unwinder; returns what was registered.
+fn register_frames(frames: &[(usize, usize)]) -> Vec<usize> {
+    frames
+        .iter()
+        .map(|&(start, _)| {
+            // SAFETY: a relocated `.eh_frame` of a mapped patch image, followed by the zero
+            // terminator `place::layout` reserves; registered once, deregistered before the
+            // image is unmapped.
+            unsafe { dsu_sys::frames::register(start) };
+            start
+        })
+        .collect()
+}
+
+fn deregister_frames(frames: &[usize]) {
+    for &start in frames {
+        // SAFETY: registered by `register_frames` and not deregistered since.
+        unsafe { dsu_sys::frames::deregister(start) };
+    }
+}
+
+/// Names of the patch's code for profilers: new versions (in the image or in place) and
+/// helpers.
+fn code_names(patch: &AppliedPatch) -> Vec<CodeName> {
+    let mut out: Vec<CodeName> = patch
+        .functions
+        .iter()
+        .map(|f| CodeName {
+            address: f.new_address,
+            size: f.new_size,
+            name: format!("{} [dsu patch {}]", f.name, patch.id),
+        })
+        .collect();
+    out.extend(patch.helpers.iter().cloned());
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -32,12 +32,15 @@ impl Default for Policy {
 pub enum Strategy {
     /// Entry jump to new code.
     Redirect,
+    /// New code written over the old function.
+    InPlace,
 }
 
 impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Redirect => "redirect",
+            Strategy::InPlace => "in-place",
         }
     }
 }
@@ -80,4 +83,6 @@ pub struct AppliedPatch {
     pub code: (usize, usize),
     pub eh_frames: Vec<(usize, usize)>,
     pub added: Vec<String>,
+    /// Other functions of the patch (helpers), for profilers.
+    pub helpers: Vec<crate::names::CodeName>,
 }

@@ -1,0 +1,29 @@
+//! Names for tools: new code appears in `/tmp/perf-<pid>.map`, the convention perf (and other
+//! profilers) read for code generated at run time, so profiles and some debuggers name the
+//! patched functions.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+
+/// One named range of code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeName {
+    pub address: usize,
+    pub size: u64,
+    pub name: String,
+}
+
+/// Appends `names` to `/tmp/perf-<pid>.map` (one `START SIZE NAME` line each, hex). Errors are
+/// returned for logging only: naming is best effort and never fails an update.
+pub fn publish(names: &[CodeName]) -> std::io::Result<()> {
+    let path = format!("/tmp/perf-{}.map", std::process::id());
+    let mut text = String::new();
+    for n in names.iter().filter(|n| n.size > 0) {
+        text.push_str(&format!("{:x} {:x} {}\n", n.address, n.size, n.name));
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
+}

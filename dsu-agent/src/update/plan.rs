@@ -1,0 +1,165 @@
+//! Planning an apply, before any thread is stopped: which functions go in place, which get an
+//! entry jump, which direct call sites are rewritten, and every byte each edit writes.
+
+use dsu_sys::maps::MapEntry;
+use dsu_sys::x86::ENDBR64;
+
+use super::UpdateError;
+use super::record::{AppliedFunction, AppliedPatch, Strategy};
+use crate::callsites::{CallIndex, CallSite};
+use crate::link::{LinkedPatch, Resolved};
+use crate::prepare::{self, PrepareError};
+use crate::resolve::SymbolIndex;
+use crate::write::CodeEdit;
+
+/// The bytes of `[address, address + len)` as they are now, checked mapped readable.
+pub(super) fn current_code(
+    name: &str,
+    module: &str,
+    address: usize,
+    len: u64,
+    maps: &[MapEntry],
+) -> Result<Vec<u8>, PrepareError> {
+    prepare::read_code(name, module, address, len, maps)
+}
+
+/// The bytes of `[address, address + len)` before any patch in effect touched them: the
+/// current bytes with every applied edit undone, newest first.
+pub(super) fn pristine_code(current: &[u8], address: usize, applied: &[AppliedPatch]) -> Vec<u8> {
+    let mut code = current.to_vec();
+    let end = address + code.len();
+    let edits = applied
+        .iter()
+        .rev()
+        .flat_map(|p| p.functions.iter().rev())
+        .flat_map(|f| f.edits.iter().rev());
+    for e in edits {
+        let (lo, hi) = (e.site.max(address), (e.site + e.len()).min(end));
+        if lo < hi {
+            code[lo - address..hi - address].copy_from_slice(&e.original[lo - e.site..hi - e.site]);
+        }
+    }
+    code
+}
+
+/// Whether target `i` of `resolved` can be written over the old function (`old`, its pristine
+/// bytes): its new code is alone in its section and fits, keeps `endbr64` where the old code
+/// had it, and no cold part of the old function (`NAME.cold`) jumps back into its body.
+pub(super) fn fits_in_place(
+    resolved: &Resolved,
+    i: usize,
+    old: &[u8],
+    index: &SymbolIndex,
+) -> bool {
+    let Some(new) = resolved.in_place_candidate(i) else {
+        return false;
+    };
+    let name = &resolved.targets()[i].name;
+    let split = [".cold", ".cold.0", ".cold.1"]
+        .iter()
+        .any(|suffix| !index.definitions(&format!("{name}{suffix}")).is_empty());
+    !new.is_empty()
+        && new.len() <= old.len()
+        && (!old.starts_with(&ENDBR64) || new.starts_with(&ENDBR64))
+        && !split
+}
+
+/// One function's switch, planned.
+pub(super) struct Planned {
+    pub function: AppliedFunction,
+}
+
+/// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
+/// `i`'s old code before any patch and now.
+pub(super) fn plan_functions(
+    linked: &LinkedPatch,
+    pristine: &[Vec<u8>],
+    current: &[Vec<u8>],
+) -> Result<Vec<Planned>, UpdateError> {
+    let mut out = Vec::with_capacity(linked.targets.len());
+    for (i, t) in linked.targets.iter().enumerate() {
+        let tg = &t.target;
+        let (strategy, edit) = match &t.in_place {
+            Some(code) => {
+                let mut bytes = code.clone();
+                bytes.resize(current[i].len(), 0xcc); // traps after the new code
+                let edit = CodeEdit {
+                    site: tg.address,
+                    bytes,
+                    original: current[i].clone(),
+                };
+                (Strategy::InPlace, edit)
+            }
+            None => {
+                let r = prepare::plan_redirect(
+                    &tg.name,
+                    &tg.module,
+                    tg.address,
+                    &pristine[i],
+                    t.new_address,
+                )?;
+                let at = r.site - tg.address;
+                let edit = CodeEdit {
+                    site: r.site,
+                    bytes: r.bytes.to_vec(),
+                    original: current[i][at..at + r.bytes.len()].to_vec(),
+                };
+                (Strategy::Redirect, edit)
+            }
+        };
+        out.push(Planned {
+            function: AppliedFunction {
+                name: tg.name.clone(),
+                module: tg.module.clone(),
+                old_address: tg.address,
+                old_size: tg.size,
+                new_address: t.new_address,
+                new_size: t.new_size,
+                strategy,
+                call_sites: 0,
+                edits: vec![edit],
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Adds to `f` the edits that point direct call sites of its old function (or of an earlier
+/// version a patch rewrote them to) at its new entry. Sites inside `excluded` ranges (bodies
+/// being replaced or already replaced) are left alone.
+pub(super) fn rewrite_call_sites(
+    f: &mut AppliedFunction,
+    calls: &CallIndex,
+    earlier_entries: &[usize],
+    excluded: &[(usize, usize)],
+) {
+    let mut sites: Vec<CallSite> = calls.sites(f.old_address).to_vec();
+    for &e in earlier_entries {
+        sites.extend_from_slice(calls.sites(e));
+    }
+    sites.sort_unstable_by_key(|s| s.field);
+    sites.dedup_by_key(|s| s.field);
+    for site in sites {
+        if excluded
+            .iter()
+            .any(|&(lo, hi)| site.at >= lo && site.at < hi)
+        {
+            continue;
+        }
+        let Some(bytes) = site.field_for(f.new_address) else {
+            continue; // out of rel32 reach: it keeps going through the entry
+        };
+        // SAFETY: `site` was decoded from a function's code inside a mapped module (the call
+        // index reads only mapped code), and code mappings of loaded modules stay mapped.
+        let now: [u8; 4] = unsafe { std::ptr::read_unaligned(site.field as *const [u8; 4]) };
+        if now == bytes {
+            continue;
+        }
+        f.edits.push(CodeEdit {
+            site: site.field,
+            bytes: bytes.to_vec(),
+            original: now.to_vec(),
+        });
+        f.call_sites += 1;
+    }
+}
