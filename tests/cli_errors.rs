@@ -195,6 +195,7 @@ fn outcome(request: &dsu_agent::control::Request, status: Status) -> Outcome {
         elapsed_us: 250,
         functions: Vec::new(),
         patch_id: None,
+        stages_us: None,
     }
 }
 
@@ -484,6 +485,7 @@ fn status_shows_the_last_answer() {
         elapsed_us: 90,
         functions: Vec::new(),
         patch_id: None,
+        stages_us: None,
     };
     fs::write(dir.join(RESULT_FILE), serde_json::to_vec(&last).unwrap()).unwrap();
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));

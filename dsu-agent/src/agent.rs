@@ -16,10 +16,10 @@ use dsu_sys::code::CodeWriter;
 use crate::config::Builder;
 use crate::control::{ControlDir, Op, Request};
 use crate::error::Error;
-use crate::report::{FunctionReport, Outcome, PatchReport, Status, StatusReport};
+use crate::report::{FunctionReport, Outcome, PatchReport, StagesReport, Status, StatusReport};
 use crate::stop::StopWorld;
 use crate::trigger::{self, Waiter, Waker};
-use crate::update::{Applied, AppliedPatch, Engine, Policy, Reverted, UpdateError};
+use crate::update::{Applied, AppliedPatch, Engine, Policy, Reverted, Stages, UpdateError};
 
 /// Handle to the installed agent. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -333,6 +333,7 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
         elapsed_us: 0,
         functions: Vec::new(),
         patch_id: None,
+        stages_us: None,
     };
     match request.op {
         Op::Apply {
@@ -352,6 +353,7 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
                     outcome.attempts = applied.attempts;
                     outcome.functions = function_reports(&applied.patch);
                     outcome.patch_id = Some(applied.patch.id);
+                    outcome.stages_us = Some(stages_report(&applied.stages));
                 }
                 Err(e) => refuse(&mut outcome, &e),
             }
@@ -368,6 +370,7 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
                     outcome.attempts = reverted.attempts;
                     outcome.functions = function_reports(&reverted.patch);
                     outcome.patch_id = Some(reverted.patch.id);
+                    outcome.stages_us = Some(stages_report(&reverted.stages));
                 }
                 Err(e) => refuse(&mut outcome, &e),
             }
@@ -378,6 +381,19 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
     }
     outcome.elapsed_us = started.elapsed().as_micros() as u64;
     outcome
+}
+
+fn stages_report(s: &Stages) -> StagesReport {
+    let us = |d: std::time::Duration| d.as_micros() as u64;
+    StagesReport {
+        link_us: us(s.link),
+        prepare_us: us(s.prepare),
+        stop_us: us(s.stop),
+        check_us: us(s.check),
+        write_us: us(s.write),
+        resume_us: us(s.resume),
+        pause_us: us(s.pause()),
+    }
 }
 
 fn refuse(outcome: &mut Outcome, e: &UpdateError) {

@@ -207,6 +207,7 @@ impl ControlError {
             elapsed_us: 0,
             functions: Vec::new(),
             patch_id: None,
+            stages_us: None,
         })
     }
 }

@@ -85,6 +85,21 @@ pub struct Outcome {
     /// The patch applied or reverted: for an apply it equals `seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_id: Option<u64>,
+    /// Where the time went, when the update happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages_us: Option<StagesReport>,
+}
+
+/// `update::Stages` in microseconds. `pause_us` is how long the threads were held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagesReport {
+    pub link_us: u64,
+    pub prepare_us: u64,
+    pub stop_us: u64,
+    pub check_us: u64,
+    pub write_us: u64,
+    pub resume_us: u64,
+    pub pause_us: u64,
 }
 
 /// `status.json`: the patches in effect, oldest first, rewritten after every change.
@@ -159,6 +174,7 @@ mod tests {
                 call_sites: 2,
             }],
             patch_id: None,
+            stages_us: None,
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["outcome"], "refused");

@@ -11,7 +11,9 @@
 //!    signalled thread has a slot tagged `r` (threads found to have exited are dropped);
 //! 4. checks that no thread appeared meanwhile: when `num_threads` of `/proc/self/stat` is
 //!    not exactly itself plus the parked threads, it lists again, signals the new threads and
-//!    waits for them, until a listing shows no new tid;
+//!    waits for them, until a listing shows no new tid *and* is as long as the thread count
+//!    (the kernel cuts a listing short when a thread exits during it; threads that are exiting
+//!    never park but are counted until reaped);
 //! 5. looks up the mapping holding each thread's stack pointer (its stack bounds).
 //!
 //! The handler (`park`) claims a slot index with a compare-and-swap on `state` that only
@@ -78,6 +80,11 @@ pub enum StopError {
         "thread {tid} did not stop within {waited:?} (it may block the stop signal, or be traced or stopped)"
     )]
     NotParked { tid: i32, waited: Duration },
+    #[error(
+        "the threads did not settle: {listed} listed but {counted} counted until the timeout \
+         (threads exiting or being created without end); retry"
+    )]
+    Unsettled { listed: usize, counted: usize },
     #[error("sending the stop signal to thread {tid}: {source}")]
     Signal { tid: i32, source: io::Error },
     #[error("listing the threads of the process: {0}")]
@@ -434,13 +441,27 @@ impl StopWorld {
         timeout: Duration,
     ) -> Result<(), StopError> {
         loop {
-            let added = self.signal_listed(me)?;
+            let (listed, added) = self.signal_listed(me)?;
             array
                 .expected
                 .store(self.expected.len() as u32, Ordering::Release);
             self.wait_parked(array, round, deadline, timeout)?;
-            if added == 0 || self.nobody_new() {
+            let counted = threads::count().map_err(StopError::ListThreads)?;
+            // Every live thread is the caller, parked, or a zombie leader: done.
+            if counted == 1 + self.scratch.len() + usize::from(self.zombie_leader) {
                 break;
+            }
+            // A listing is cut short when a thread exits while the kernel walks the list:
+            // "nothing new" counts only from a listing as long as the thread count.
+            if added == 0 {
+                if listed == counted {
+                    break; // the others are exiting threads, counted until reaped
+                }
+                if Instant::now() >= deadline {
+                    return Err(StopError::Unsettled { listed, counted });
+                }
+                // Let exiting threads finish before listing again.
+                std::thread::yield_now();
             }
         }
         self.collect(array, round)?;
@@ -457,8 +478,9 @@ impl StopWorld {
         Ok(())
     }
 
-    /// Lists the threads and signals those not signalled yet in this round; returns how many.
-    fn signal_listed(&mut self, me: i32) -> Result<usize, StopError> {
+    /// Lists the threads and signals those not signalled yet in this round; returns how many
+    /// were listed and how many signalled.
+    fn signal_listed(&mut self, me: i32) -> Result<(usize, usize), StopError> {
         let n = threads::list_into(&mut self.dirents, &mut self.listed).map_err(|e| {
             if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
                 StopError::PrepareAgain {
@@ -491,16 +513,7 @@ impl StopWorld {
             self.expected.push(tid);
         }
         self.expected.sort_unstable();
-        Ok(self.expected.len() - before)
-    }
-
-    /// Whether the process has exactly the caller, the parked threads (`scratch`, as left by
-    /// `wait_parked`) and a known zombie leader: then no thread appeared since the listing
-    /// and another listing is not needed. Parked threads cannot exit, so a new thread always
-    /// shows as a larger count.
-    fn nobody_new(&self) -> bool {
-        let known = 1 + self.scratch.len() + usize::from(self.zombie_leader);
-        threads::count().is_ok_and(|n| n == known)
+        Ok((n, self.expected.len() - before))
     }
 
     /// Waits until every expected thread has a slot tagged `round`, dropping threads that

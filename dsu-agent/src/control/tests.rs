@@ -360,6 +360,7 @@ fn results_are_written_atomically_with_mode_0600() {
         elapsed_us: 10,
         functions: Vec::new(),
         patch_id: Some(1),
+        stages_us: None,
     };
     dir.write_result(&outcome).unwrap();
     let path = dir.path().join(RESULT_FILE);

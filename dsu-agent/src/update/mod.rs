@@ -25,7 +25,7 @@ use dsu_sys::code::CodeWriter;
 use sha2::{Digest, Sha256};
 
 pub use self::error::UpdateError;
-pub use self::record::{AppliedFunction, AppliedPatch, Policy, Strategy};
+pub use self::record::{AppliedFunction, AppliedPatch, Policy, Stages, Strategy};
 use crate::callsites::CallIndex;
 use crate::check::{Activity, Checker, Ranges};
 use crate::link::{self, LinkError, LinkedPatch};
@@ -40,6 +40,7 @@ pub struct Applied {
     pub patch: AppliedPatch,
     pub attempts: u32,
     pub elapsed: Duration,
+    pub stages: Stages,
 }
 
 /// What a successful revert reports: the patch that is no longer in effect.
@@ -48,6 +49,7 @@ pub struct Reverted {
     pub patch: AppliedPatch,
     pub attempts: u32,
     pub elapsed: Duration,
+    pub stages: Stages,
 }
 
 /// Which modules are loaded where: the symbol index is rebuilt when this changes.
@@ -131,6 +133,7 @@ impl Engine {
             .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
             .collect();
         let linked = resolved.link(&self.writer, &in_place)?;
+        let linked_at = Instant::now();
         let mut functions: Vec<AppliedFunction> =
             plan::plan_functions(&linked, &pristine, &current)?
                 .into_iter()
@@ -156,20 +159,23 @@ impl Engine {
             policy,
             started,
         );
-        let attempts = match switched {
-            Ok(attempts) => attempts,
+        let (attempts, mut stages) = match switched {
+            Ok(done) => done,
             Err(e) => {
                 deregister_frames(&registered);
                 return Err(e);
             }
         };
 
+        stages.link = linked_at - started;
+        stages.prepare -= stages.link.min(stages.prepare);
         let patch = self.record(linked, functions, id, file, bytes);
         let _ = names::publish(&code_names(&patch));
         Ok(Applied {
             patch,
             attempts,
             elapsed: started.elapsed(),
+            stages,
         })
     }
 
@@ -283,7 +289,8 @@ impl Engine {
         names.push(format!("code of patch {}", patch.id));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let edit_names: Vec<&str> = edit_names.iter().map(String::as_str).collect();
-        let attempts = self.switch(&edits, &edit_names, &ranges, &names, &[], policy, started)?;
+        let (attempts, stages) =
+            self.switch(&edits, &edit_names, &ranges, &names, &[], policy, started)?;
 
         let patch = self.patches.remove(at);
         deregister_frames(&patch.eh_frames.iter().map(|f| f.0).collect::<Vec<_>>());
@@ -296,6 +303,7 @@ impl Engine {
             patch,
             attempts,
             elapsed: started.elapsed(),
+            stages,
         })
     }
 
@@ -325,7 +333,7 @@ impl Engine {
         new_eh_frames: &[(usize, usize)],
         policy: &Policy,
         started: Instant,
-    ) -> Result<u32, UpdateError> {
+    ) -> Result<(u32, Stages), UpdateError> {
         let mut checker = Checker::for_loaded_modules();
         let frames = self.patches.iter().flat_map(|p| p.eh_frames.iter());
         for &(start, len) in frames.chain(new_eh_frames) {
@@ -336,6 +344,7 @@ impl Engine {
         }
         let mut backoff = policy.backoff;
         let mut attempts = 0;
+        let mut stages = Stages::default();
         // Per target: in how many attempts it was active, and the latest sighting. Allocated
         // here, only updated in place while threads are stopped.
         let mut rounds_active = vec![0u32; names.len()];
@@ -345,6 +354,8 @@ impl Engine {
             attempts += 1;
             self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
             let outcome = {
+                let t_stop = Instant::now();
+                stages.prepare = t_stop - started;
                 // ---- threads stopped: no allocation, no lock, no output ----
                 let stopped = match self.stopper.stop(policy.park_timeout) {
                     Ok(stopped) => stopped,
@@ -352,6 +363,7 @@ impl Engine {
                     Err(StopError::PrepareAgain { .. }) if attempts < 1000 => continue,
                     Err(e) => return Err(e.into()),
                 };
+                let t_check = Instant::now();
                 active_now.fill(false);
                 let mut unproven = None;
                 for t in stopped.threads() {
@@ -369,6 +381,7 @@ impl Engine {
                     }
                 }
                 let busy = active_now.iter().any(|&a| a) || unproven.is_some();
+                let t_write = Instant::now();
                 let result = if busy {
                     Ok(Some(unproven))
                 } else {
@@ -376,12 +389,17 @@ impl Engine {
                     // (checked just above); sites are in mapped code.
                     unsafe { write::apply_all(&self.writer, edits) }.map(|()| None)
                 };
+                let t_resume = Instant::now();
                 stopped.resume();
                 // ---- threads running ----
+                stages.stop = t_check - t_stop;
+                stages.check = t_write - t_check;
+                stages.write = t_resume - t_write;
+                stages.resume = t_resume.elapsed();
                 result
             };
             let unproven = match outcome {
-                Ok(None) => return Ok(attempts),
+                Ok(None) => return Ok((attempts, stages)),
                 Ok(Some(unproven)) => unproven,
                 Err(failure) => {
                     return Err(UpdateError::Write {

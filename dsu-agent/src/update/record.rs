@@ -86,3 +86,29 @@ pub struct AppliedPatch {
     /// Other functions of the patch (helpers), for profilers.
     pub helpers: Vec<crate::names::CodeName>,
 }
+
+/// Where the time of one update went. `stop`, `check`, `write` and `resume` are those of the
+/// attempt that succeeded; their sum is the pause: how long the application's threads were
+/// held at most.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stages {
+    /// Load, resolve, place and relocate.
+    pub link: Duration,
+    /// Plan the edits (decode targets, call sites) and build the unwind tables.
+    pub prepare: Duration,
+    /// Signal every thread and wait until all are parked.
+    pub stop: Duration,
+    /// The activeness check of every thread.
+    pub check: Duration,
+    /// Write the edits and resynchronise cores.
+    pub write: Duration,
+    /// Release the parked threads.
+    pub resume: Duration,
+}
+
+impl Stages {
+    /// How long threads were held in the successful attempt.
+    pub fn pause(&self) -> Duration {
+        self.stop + self.check + self.write + self.resume
+    }
+}
