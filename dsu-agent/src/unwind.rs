@@ -196,9 +196,13 @@ impl CfiTables {
         &self.skipped
     }
 
+    /// The FDE describing `addr`. Tables registered later (patches, newest last) are searched
+    /// first: code written in place over a module's function is described by its patch's
+    /// table, not by the module's stale one.
     fn fde_for(&self, addr: u64) -> Option<(&Table, gimli::FrameDescriptionEntry<Slice>)> {
         self.tables
             .iter()
+            .rev()
             .filter(|t| t.covers(addr as usize))
             .find_map(|t| t.fde(addr).ok().map(|f| (t, f)))
     }
