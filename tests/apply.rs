@@ -782,3 +782,29 @@ fn a_signal_flood_does_no_harm() {
     no_worker_errors(&mut fx);
     assert!(fx.alive());
 }
+
+/// A patch reading the program's thread-local variable: each thread sees its own copy, with
+/// the general-dynamic model (`cc -fPIC`'s default for an extern `__thread`) and with the
+/// initial-exec one.
+#[test]
+fn patches_read_the_programs_thread_local_variables() {
+    let dir = scratch("tls");
+    let mut fx = busy_c_preloaded(&dir, 1);
+    assert_eq!(fx.send("tls"), "tls 7 9");
+    let source = "
+extern __thread unsigned long dsu_fixture_tls;
+unsigned long dsu_fixture_tls_read(void) { return dsu_fixture_tls * 100 + 1; }
+";
+    let dynamic = cc_object(&dir, "tls_gd", source, &[]);
+    dsu_apply(&fx, &dynamic);
+    assert_eq!(fx.send("tls"), "tls 701 901");
+
+    let initial_exec = cc_object(
+        &dir,
+        "tls_ie",
+        &source.replace("* 100 + 1", "* 1000 + 2"),
+        &["-ftls-model=initial-exec"],
+    );
+    dsu_apply(&fx, &initial_exec);
+    assert_eq!(fx.send("tls"), "tls 7002 9002");
+}

@@ -171,7 +171,7 @@ impl Resolved {
             plan,
         } = self;
         let page = dsu_sys::mem::page_size();
-        let layout = place::layout(&patch, plan.got.len(), plan.stubs.len(), page);
+        let layout = place::layout(&patch, plan.got_slots, plan.stubs.len(), page);
         let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
         let mapping = place::map_image(&layout, anchor, reach)?;
         let base = mapping.addr();
@@ -196,9 +196,16 @@ impl Resolved {
                 image[at..at + s.data.len()].copy_from_slice(&s.data);
             }
         }
-        plan.write_got_and_stubs(&mut image, &layout, base, &addresses);
+        plan.write_got_and_stubs(&mut image, &layout, base, &addresses, &resolution);
         relocate_all(
-            &patch, &plan, &layout, base, &sections, &addresses, &mut image,
+            &patch,
+            &plan,
+            &resolution,
+            &layout,
+            base,
+            &sections,
+            &addresses,
+            &mut image,
         )?;
         // In-place code leaves the image; its slot there is filled with traps.
         let mut moved = HashMap::new();
@@ -219,48 +226,105 @@ impl Resolved {
     }
 }
 
-/// Which symbols need GOT slots and call stubs.
+/// What a GOT entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum GotEntry {
+    /// The address of a symbol (one slot).
+    Address(usize),
+    /// `{module id, offset}` of a thread-local symbol, for `__tls_get_addr` (two slots).
+    TlsPair(usize),
+    /// `{module id, 0}`: a module's TLS block, for local-dynamic access (two slots).
+    TlsModule(usize),
+    /// The offset of a thread-local symbol from the thread pointer (one slot).
+    TpOffset(usize),
+}
+
+impl GotEntry {
+    fn slots(self) -> usize {
+        match self {
+            GotEntry::TlsPair(_) | GotEntry::TlsModule(_) => 2,
+            GotEntry::Address(_) | GotEntry::TpOffset(_) => 1,
+        }
+    }
+}
+
+/// Which symbols need GOT entries and call stubs.
 struct Plan {
-    /// Patch symbol index -> GOT slot number.
-    got: HashMap<usize, usize>,
-    /// Patch symbol index -> stub number (each stub reads the symbol's GOT slot).
+    /// Entry -> first slot number.
+    got: HashMap<GotEntry, usize>,
+    got_slots: usize,
+    /// Patch symbol index -> stub number (each stub reads the symbol's address slot).
     stubs: HashMap<usize, usize>,
     /// Imports reached by a pc-relative data reference: the image must be near them.
     pc_relative_imports: Vec<usize>,
+    /// Static-TLS offsets of thread-local imports reached by initial-exec code.
+    tp_offsets: HashMap<usize, isize>,
 }
 
 impl Plan {
     fn new(patch: &PatchObject, resolution: &Resolution) -> Result<Plan, RelocError> {
         let mut plan = Plan {
             got: HashMap::new(),
+            got_slots: 0,
             stubs: HashMap::new(),
             pc_relative_imports: Vec::new(),
+            tp_offsets: HashMap::new(),
         };
         for r in &patch.relocations {
             let error = |reason| reloc_error(patch, r, reason);
             let form = Form::of(r.r_type).ok_or_else(|| error(RelocProblem::Unsupported))?;
-            let sym = &patch.symbols[r.symbol];
-            if sym.kind == load::SymbolType::ThreadLocal {
-                return Err(error(RelocProblem::ThreadLocal));
+            let tls = resolution.tls.get(&r.symbol).copied();
+            match (form.is_thread_local(), tls.is_some()) {
+                (false, true) => return Err(error(RelocProblem::ThreadLocal)),
+                (true, false) => return Err(error(RelocProblem::NotThreadLocal)),
+                _ => {}
             }
             let import = resolution.imports.contains_key(&r.symbol);
-            match form {
-                Form::GotPcRel => plan.slot(r.symbol),
-                Form::Plt32 if import => {
-                    plan.slot(r.symbol);
+            match (form, tls) {
+                (Form::GotPcRel, _) => plan.entry(GotEntry::Address(r.symbol)),
+                (Form::Plt32, _) if import => {
+                    plan.entry(GotEntry::Address(r.symbol));
                     let n = plan.stubs.len();
                     plan.stubs.entry(r.symbol).or_insert(n);
                 }
-                Form::Pc32 if import => plan.pc_relative_imports.push(r.symbol),
+                (Form::Pc32, _) if import => plan.pc_relative_imports.push(r.symbol),
+                (Form::TlsGd, _) => plan.entry(GotEntry::TlsPair(r.symbol)),
+                (Form::TlsLd, Some((module, _))) => plan.entry(GotEntry::TlsModule(module)),
+                (Form::GotTpOff, Some((module, offset))) => {
+                    // SAFETY: `module` is the TLS module id of a loaded module whose symbol
+                    // table places this variable at `offset` in its TLS block.
+                    let tp =
+                        unsafe { dsu_sys::tls::static_offset(module, offset) }.map_err(|e| {
+                            error(RelocProblem::NotStaticTls {
+                                reason: e.to_string(),
+                            })
+                        })?;
+                    plan.tp_offsets.insert(r.symbol, tp);
+                    plan.entry(GotEntry::TpOffset(r.symbol));
+                }
                 _ => {}
             }
         }
         Ok(plan)
     }
 
-    fn slot(&mut self, symbol: usize) {
-        let n = self.got.len();
-        self.got.entry(symbol).or_insert(n);
+    fn entry(&mut self, entry: GotEntry) {
+        if !self.got.contains_key(&entry) {
+            self.got.insert(entry, self.got_slots);
+            self.got_slots += entry.slots();
+        }
+    }
+
+    /// The GOT slot a relocation of `form` against `symbol` reads, if any.
+    fn slot_for(&self, form: Form, symbol: usize, resolution: &Resolution) -> Option<usize> {
+        let entry = match form {
+            Form::GotPcRel | Form::Plt32 => GotEntry::Address(symbol),
+            Form::TlsGd => GotEntry::TlsPair(symbol),
+            Form::TlsLd => GotEntry::TlsModule(resolution.tls.get(&symbol)?.0),
+            Form::GotTpOff => GotEntry::TpOffset(symbol),
+            _ => return None,
+        };
+        self.got.get(&entry).copied()
     }
 
     /// Addresses every byte of the image must reach with a rel32.
@@ -284,15 +348,35 @@ impl Plan {
         layout: &Layout,
         base: usize,
         addresses: &[Option<usize>],
+        resolution: &Resolution,
     ) {
-        for (&symbol, &n) in &self.got {
-            let at = layout.got_slot(n);
-            let value = addresses[symbol].unwrap_or(0) as u64;
+        let mut put = |slot: usize, value: u64| {
+            let at = layout.got_slot(slot);
             image[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        };
+        for (&entry, &slot) in &self.got {
+            match entry {
+                GotEntry::Address(symbol) => put(slot, addresses[symbol].unwrap_or(0) as u64),
+                GotEntry::TlsPair(symbol) => {
+                    let (module, offset) = resolution.tls.get(&symbol).copied().unwrap_or((0, 0));
+                    put(slot, module as u64);
+                    put(slot + 1, offset as u64);
+                }
+                GotEntry::TlsModule(module) => {
+                    put(slot, module as u64);
+                    put(slot + 1, 0);
+                }
+                GotEntry::TpOffset(symbol) => {
+                    put(
+                        slot,
+                        self.tp_offsets.get(&symbol).copied().unwrap_or(0) as u64,
+                    );
+                }
+            }
         }
         for (&symbol, &n) in &self.stubs {
             let at = layout.stub(n);
-            let slot = base + layout.got_slot(self.got[&symbol]);
+            let slot = base + layout.got_slot(self.got[&GotEntry::Address(symbol)]);
             // The GOT follows the code in one mapping far smaller than 2 GiB.
             let jump = x86::jmp_indirect_rip(base + at, slot).expect("GOT within rel32 of stubs");
             image[at..at + jump.len()].copy_from_slice(&jump);
@@ -338,9 +422,11 @@ fn symbol_addresses(
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn relocate_all(
     patch: &PatchObject,
     plan: &Plan,
+    resolution: &Resolution,
     layout: &Layout,
     base: usize,
     sections: &HashMap<usize, usize>,
@@ -361,9 +447,8 @@ fn relocate_all(
             addresses[r.symbol].ok_or_else(|| error(RelocProblem::SymbolNotLoaded))?
         };
         let got_slot = plan
-            .got
-            .get(&r.symbol)
-            .map_or(0, |&n| base + layout.got_slot(n));
+            .slot_for(form, r.symbol, resolution)
+            .map_or(0, |n| base + layout.got_slot(n));
         let mut target = symbol;
         if form == Form::Plt32 {
             // A call out of reach (libc, far from the executable) goes through its stub.

@@ -26,6 +26,17 @@ pub enum Form {
     GotPcRel,
     /// `GOT + A - P`, signed 32 bits.
     GotPc32,
+    /// General dynamic TLS: pc-relative to a GOT pair `{module id, offset}` for
+    /// `__tls_get_addr`.
+    TlsGd,
+    /// Local dynamic TLS: pc-relative to a GOT pair `{module id, 0}`.
+    TlsLd,
+    /// Initial exec TLS: pc-relative to a GOT slot holding the offset from the thread pointer.
+    GotTpOff,
+    /// Offset of the variable in its module's TLS block, signed 32 bits.
+    DtpOff32,
+    /// Offset of the variable in its module's TLS block, 64 bits.
+    DtpOff64,
 }
 
 impl Form {
@@ -42,6 +53,11 @@ impl Form {
                 Form::GotPcRel
             }
             elf::R_X86_64_GOTPC32 => Form::GotPc32,
+            elf::R_X86_64_TLSGD => Form::TlsGd,
+            elf::R_X86_64_TLSLD => Form::TlsLd,
+            elf::R_X86_64_GOTTPOFF => Form::GotTpOff,
+            elf::R_X86_64_DTPOFF32 => Form::DtpOff32,
+            elf::R_X86_64_DTPOFF64 => Form::DtpOff64,
             _ => return None,
         })
     }
@@ -49,9 +65,17 @@ impl Form {
     /// Bytes written at the place.
     pub fn width(self) -> usize {
         match self {
-            Form::Abs64 | Form::Pc64 => 8,
+            Form::Abs64 | Form::Pc64 | Form::DtpOff64 => 8,
             _ => 4,
         }
+    }
+
+    /// Whether it refers to a thread-local variable (its symbol value is a TLS offset).
+    pub fn is_thread_local(self) -> bool {
+        matches!(
+            self,
+            Form::TlsGd | Form::TlsLd | Form::GotTpOff | Form::DtpOff32 | Form::DtpOff64
+        )
     }
 
     /// Whether the value depends on the distance to the symbol (a constraint on placement).
@@ -124,8 +148,14 @@ pub enum RelocProblem {
     OutsideSection { size: u64 },
     #[error("the symbol is not in a loaded section")]
     SymbolNotLoaded,
-    #[error("the symbol is thread-local; thread-local access is not supported yet")]
+    #[error("the symbol is thread-local but the relocation is not a TLS one")]
     ThreadLocal,
+    #[error("a TLS relocation against a symbol that is not thread-local")]
+    NotThreadLocal,
+    #[error(
+        "initial-exec TLS access to a variable outside the static TLS block ({reason}); build the patch with -ftls-model=global-dynamic"
+    )]
+    NotStaticTls { reason: String },
 }
 
 /// Inputs of one relocation, as addresses in the running process.
@@ -163,10 +193,12 @@ pub fn compute(form: Form, i: Inputs) -> Result<Value, RelocProblem> {
     let a = i128::from(i.addend);
     let p = i128::from(i.place);
     let value = match form {
-        Form::Abs64 => return Ok(Value::U64((s + a) as u64)),
+        Form::Abs64 | Form::DtpOff64 => return Ok(Value::U64((s + a) as u64)),
         Form::Pc64 => return Ok(Value::U64((s + a - p) as u64)),
         Form::Pc32 | Form::Plt32 => s + a - p,
-        Form::GotPcRel => i128::from(i.got_slot) + a - p,
+        Form::GotPcRel | Form::TlsGd | Form::TlsLd | Form::GotTpOff => {
+            i128::from(i.got_slot) + a - p
+        }
         Form::GotPc32 => i128::from(i.got) + a - p,
         Form::Abs32 => {
             let v = s + a;
@@ -174,7 +206,7 @@ pub fn compute(form: Form, i: Inputs) -> Result<Value, RelocProblem> {
                 .map(Value::U32)
                 .map_err(|_| RelocProblem::OutOfRange { value: v, bits: 32 });
         }
-        Form::Abs32S => s + a,
+        Form::Abs32S | Form::DtpOff32 => s + a,
     };
     i32::try_from(value)
         .map(|v| Value::U32(v as u32))
@@ -287,8 +319,31 @@ mod tests {
         assert_eq!(Form::of(elf::R_X86_64_GOTPCRELX.0), Some(Form::GotPcRel));
         assert_eq!(Form::of(elf::R_X86_64_PLT32.0), Some(Form::Plt32));
         assert_eq!(Form::of(elf::R_X86_64_TPOFF32.0), None);
+        assert_eq!(Form::of(elf::R_X86_64_TLSGD.0), Some(Form::TlsGd));
+        assert!(
+            Form::of(elf::R_X86_64_GOTTPOFF.0)
+                .unwrap()
+                .is_thread_local()
+        );
         assert_eq!(type_name(elf::R_X86_64_GOTTPOFF.0), "R_X86_64_GOTTPOFF");
         assert_eq!(type_name(999), "relocation type 999");
+    }
+
+    #[test]
+    fn tls_forms_address_their_got_entries_or_offsets() {
+        let i = Inputs {
+            symbol: 0x10,
+            addend: -4,
+            place: 0x1000,
+            got_slot: 0x3000,
+            got: 0,
+        };
+        for form in [Form::TlsGd, Form::TlsLd, Form::GotTpOff] {
+            assert_eq!(compute(form, i).unwrap(), Value::U32(0x3000 - 4 - 0x1000));
+        }
+        let i = Inputs { addend: 8, ..i };
+        assert_eq!(compute(Form::DtpOff32, i).unwrap(), Value::U32(0x18));
+        assert_eq!(compute(Form::DtpOff64, i).unwrap(), Value::U64(0x18));
     }
 
     #[test]

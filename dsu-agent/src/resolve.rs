@@ -351,6 +351,8 @@ pub struct Resolution {
     pub imports: HashMap<usize, usize>,
     /// Names of those imports, for messages.
     pub import_names: HashMap<usize, String>,
+    /// Thread-local imports: patch symbol index -> (TLS module id, offset in its block).
+    pub tls: HashMap<usize, (usize, usize)>,
 }
 
 /// Name the linker gives the GOT; a patch may refer to it and gets its own GOT.
@@ -388,6 +390,10 @@ pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, R
         }
         match index.resolve(&sym.name)? {
             Some(found) => {
+                if found.kind == SymbolKind::ThreadLocal {
+                    let modid = index.modules()[found.module].tls_modid;
+                    out.tls.insert(i, (modid, found.address));
+                }
                 out.imports.insert(i, found.address);
                 out.import_names.insert(i, sym.name.clone());
             }

@@ -659,31 +659,44 @@ fn activeness_pc_return_address_signal_frame_and_inactive() {
     }
 }
 
-/// Prints stop/resume round timings at 1, 8 and 64 threads (idle and busy). Not a test of
-/// speed: run with `--ignored --nocapture` to read the figures.
+/// Prints stop/resume round timings at 1, 8 and 64 worker threads (idle in `sleep`, blocked
+/// in `read`, or spinning), back to back and with the threads settled for 20 ms before each
+/// stop. Not a test of speed: run with `--ignored --nocapture` to read the figures.
 #[test]
 #[ignore]
 fn print_round_timings() {
     let _s = serial();
     let mut out = std::io::stdout().lock();
+    let median = |v: &mut Vec<Duration>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
     for n in [1usize, 8, 64] {
         for kind in [Kind::Sleep, Kind::Pipe, Kind::Spin] {
             let workers = Workers::spawn(&vec![kind; n]);
             let mut w = world();
-            let mut times = Vec::new();
-            for _ in 0..200 {
+            let total = threads::list().unwrap().len();
+            let (mut back_to_back, mut settled) = (Vec::new(), Vec::new());
+            for round in 0..100 {
+                if round % 2 == 1 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 let t = Instant::now();
                 let stopped = w.stop(TIMEOUT).expect("stop");
                 drop(stopped);
-                times.push(t.elapsed());
+                let took = t.elapsed();
+                if round % 2 == 1 {
+                    settled.push(took);
+                } else {
+                    back_to_back.push(took);
+                }
             }
-            times.sort_unstable();
             writeln!(
                 out,
-                "{n:>3} {kind:?} threads: median {:?}, p90 {:?}, max {:?}",
-                times[times.len() / 2],
-                times[times.len() * 9 / 10],
-                times[times.len() - 1]
+                "{n:>3} {kind:?} workers ({total} threads): stop+resume median {:?} back to back, \
+                 {:?} after 20 ms",
+                median(&mut back_to_back),
+                median(&mut settled),
             )
             .unwrap();
             drop(w);

@@ -20,4 +20,5 @@ pub mod modules;
 pub mod signal;
 pub mod stack;
 pub mod threads;
+pub mod tls;
 pub mod x86;

@@ -125,6 +125,10 @@ pub(crate) fn read_whole(path: &[u8], buf: &mut [u8]) -> io::Result<usize> {
 ///
 /// Errors with `CAPACITY_EXCEEDED` (`ENOBUFS`) when `out` is too small or `buf` cannot hold one
 /// directory entry (use at least 4 KiB).
+///
+/// A listing taken while threads exit can be cut short: the kernel ends its walk of the thread
+/// list at a thread that died meanwhile. Compare its length with [`count`] to know it is
+/// complete.
 pub fn list_into(buf: &mut [u8], out: &mut [i32]) -> io::Result<usize> {
     let dir = Fd::open(b"/proc/self/task\0", libc::O_DIRECTORY)?;
     let mut count = 0;
