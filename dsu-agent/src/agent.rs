@@ -19,7 +19,9 @@ use crate::error::Error;
 use crate::report::{FunctionReport, Outcome, PatchReport, StagesReport, Status, StatusReport};
 use crate::stop::StopWorld;
 use crate::trigger::{self, Waiter, Waker};
-use crate::update::{Applied, AppliedPatch, Engine, Policy, Reverted, Stages, UpdateError};
+use crate::update::{
+    Applied, AppliedPatch, Engine, Policy, Reverted, Stages, Switched, UpdateError,
+};
 
 /// Handle to the installed agent. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -341,39 +343,17 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
             file,
             timeout,
         } => {
-            let mut policy = shared.config.policy;
-            if let Some(t) = timeout {
-                policy.timeout = t;
-            }
+            let policy = policy_with(shared, timeout);
             let label = file.display().to_string();
             let result = guarded(|| engine.apply(&bytes, seq, &label, &policy));
             log_applied(shared, &label, &result);
-            match result {
-                Ok(applied) => {
-                    outcome.attempts = applied.attempts;
-                    outcome.functions = function_reports(&applied.patch);
-                    outcome.patch_id = Some(applied.patch.id);
-                    outcome.stages_us = Some(stages_report(&applied.stages));
-                }
-                Err(e) => refuse(&mut outcome, &e),
-            }
+            report_switch(&mut outcome, &result);
         }
         Op::Revert { patch_id, timeout } => {
-            let mut policy = shared.config.policy;
-            if let Some(t) = timeout {
-                policy.timeout = t;
-            }
+            let policy = policy_with(shared, timeout);
             let result = guarded(|| engine.revert(patch_id, &policy));
             log_reverted(shared, &result);
-            match result {
-                Ok(reverted) => {
-                    outcome.attempts = reverted.attempts;
-                    outcome.functions = function_reports(&reverted.patch);
-                    outcome.patch_id = Some(reverted.patch.id);
-                    outcome.stages_us = Some(stages_report(&reverted.stages));
-                }
-                Err(e) => refuse(&mut outcome, &e),
-            }
+            report_switch(&mut outcome, &result);
         }
         Op::Status => {
             outcome.functions = engine.patches().iter().flat_map(function_reports).collect();
@@ -381,6 +361,15 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
     }
     outcome.elapsed_us = started.elapsed().as_micros() as u64;
     outcome
+}
+
+/// The agent's policy, with the request's timeout when it gives one.
+fn policy_with(shared: &Shared, timeout: Option<std::time::Duration>) -> Policy {
+    let mut policy = shared.config.policy;
+    if let Some(t) = timeout {
+        policy.timeout = t;
+    }
+    policy
 }
 
 fn stages_report(s: &Stages) -> StagesReport {
@@ -393,6 +382,19 @@ fn stages_report(s: &Stages) -> StagesReport {
         write_us: us(s.write),
         resume_us: us(s.resume),
         pause_us: us(s.pause()),
+    }
+}
+
+/// Fills `outcome` from the result of an apply or a revert.
+fn report_switch(outcome: &mut Outcome, result: &Result<Switched, UpdateError>) {
+    match result {
+        Ok(done) => {
+            outcome.attempts = done.attempts;
+            outcome.functions = function_reports(&done.patch);
+            outcome.patch_id = Some(done.patch.id);
+            outcome.stages_us = Some(stages_report(&done.stages));
+        }
+        Err(e) => refuse(outcome, e),
     }
 }
 

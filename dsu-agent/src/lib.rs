@@ -34,7 +34,7 @@ pub mod write;
 pub use agent::Agent;
 pub use config::Builder;
 pub use error::Error;
-pub use update::{Applied, AppliedPatch, Policy, Reverted, Stages, UpdateError};
+pub use update::{Applied, AppliedPatch, Policy, Reverted, Stages, Switched, UpdateError};
 
 /// Installs the agent with the default configuration (see [`Builder`]). Idempotent: later
 /// calls return the same agent. The agent runs for the life of the process.

@@ -34,23 +34,21 @@ use crate::resolve::{ResolveError, SymbolIndex};
 use crate::stop::{StopError, StopWorld};
 use crate::write::{self, CodeEdit};
 
-/// What a successful apply reports.
+/// What a successful apply or revert reports: the patch that took effect (or, for a revert,
+/// the patch that no longer does).
 #[derive(Debug, Clone)]
-pub struct Applied {
+pub struct Switched {
     pub patch: AppliedPatch,
     pub attempts: u32,
     pub elapsed: Duration,
     pub stages: Stages,
 }
 
-/// What a successful revert reports: the patch that is no longer in effect.
-#[derive(Debug, Clone)]
-pub struct Reverted {
-    pub patch: AppliedPatch,
-    pub attempts: u32,
-    pub elapsed: Duration,
-    pub stages: Stages,
-}
+/// What a successful apply reports.
+pub type Applied = Switched;
+
+/// What a successful revert reports.
+pub type Reverted = Switched;
 
 /// Which modules are loaded where: the symbol index is rebuilt when this changes.
 type ModuleKey = Vec<(String, usize)>;
