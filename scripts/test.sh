@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # The test command: builds what the end-to-end tests need (the agent's static and shared
-# libraries, the dsu binary, the example programs), then runs every test of the workspace.
+# libraries, the dsu binary, the example programs), then runs every test of the workspace and
+# closes with one line counting them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --all-targets -q
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;/) p += $(i-1); if ($i ~ /^failed;/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
