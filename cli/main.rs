@@ -144,9 +144,23 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
     if args.json {
         // The agent rewrites status.json after every change; before its first write the
         // answer is an empty list.
-        let text =
-            status_text.unwrap_or_else(|| format!("{{\"pid\":{},\"patches\":[]}}", target.pid));
-        println!("{}", text.trim_end());
+        // Parsed and written again: only what the protocol defines reaches the terminal.
+        let status = match status_text {
+            Some(text) => {
+                serde_json::from_str::<StatusReport>(&text).map_err(|e| CliError::Malformed {
+                    path: status_path.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+            None => StatusReport {
+                pid: target.pid,
+                patches: Vec::new(),
+            },
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&status).expect("a status report serialises")
+        );
         return Ok(());
     }
     let status = status_text
@@ -172,13 +186,42 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A file's text, `None` when it does not exist.
+/// Largest answer file `dsu` reads from a control directory.
+const MAX_ANSWER_BYTES: u64 = 16 << 20;
+
+/// A file's text, `None` when it does not exist. The directory belongs to the target's user,
+/// who may plant anything there: never follow a link, never block on a FIFO, never read
+/// without a bound (`dsu` may run as root).
 fn read_optional(path: &std::path::Path) -> Result<Option<String>, CliError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CliError::proc(path.to_path_buf(), e)),
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CliError::proc(path.to_path_buf(), e)),
+    };
+    let malformed = |reason: &str| CliError::Malformed {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| CliError::proc(path.to_path_buf(), e))?;
+    if !meta.is_file() {
+        return Err(malformed("not a regular file"));
     }
+    let mut text = String::new();
+    file.take(MAX_ANSWER_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| CliError::proc(path.to_path_buf(), e))?;
+    if text.len() as u64 > MAX_ANSWER_BYTES {
+        return Err(malformed("over 16 MiB"));
+    }
+    Ok(Some(text))
 }
 
 fn locate(args: &TargetArgs) -> Result<Target, CliError> {

@@ -52,7 +52,7 @@ pub fn status_lines(
                     "patch {}: {} (sha256 {}), applied at {} (unix time)",
                     p.id,
                     p.file,
-                    &p.sha256[..p.sha256.len().min(16)],
+                    p.sha256.get(..16).unwrap_or(&p.sha256),
                     p.applied_at
                 ));
                 lines.extend(

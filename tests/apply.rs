@@ -523,19 +523,28 @@ fn spinning_function_is_replaced_only_after_it_returns() {
     let dir = scratch("apply-spin");
     let patch = rustc_object(&dir, "spin_and_compute", RUST_SPIN_AND_COMPUTE);
     let mut fx = busy_c_linked(&dir, 3);
+    // A first update builds the agent's caches (the module's call sites); after it, the next
+    // one reaches its first activeness check well within the time the thread spins below.
+    let warm_up = cc_object(
+        &dir,
+        "warm_up",
+        "#include <unistd.h>\nunsigned long dsu_fixture_block(int fd) { char b = 0; return (unsigned long)read(fd, &b, 1) + 100; }\n",
+        &[],
+    );
+    dsu_apply(&fx, &warm_up);
     fx.expect("spin", "spinning");
 
     place_and_signal(&fx, &fs::read(&patch).unwrap());
-    wait_claimed(&fx, 1);
+    wait_claimed(&fx, 2);
     keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
     assert_eq!(
         last_seq(&fx),
-        0,
+        1,
         "answered while the spinning thread was inside"
     );
 
     unspin_old(&mut fx);
-    let outcome = wait_result(&fx, 1, WAIT);
+    let outcome = wait_result(&fx, 2, WAIT);
     assert_eq!(outcome.outcome, Status::Applied, "{:?}", outcome.error);
     assert!(
         outcome.attempts > 1,

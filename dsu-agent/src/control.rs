@@ -678,12 +678,20 @@ enum Limited {
 
 /// Reads a regular file of at most `limit` bytes, without following a symbolic link.
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, Limited> {
+    // Non-blocking: a FIFO planted as `patch` must not hang the agent thread in `open`.
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(Limited::Io)?;
-    let size = file.metadata().map_err(Limited::Io)?.len();
+    let meta = file.metadata().map_err(Limited::Io)?;
+    if !meta.is_file() {
+        return Err(Limited::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let size = meta.len();
     if size > limit {
         return Err(Limited::TooLarge(size));
     }

@@ -172,6 +172,14 @@ impl Resolved {
         } = self;
         let page = dsu_sys::mem::page_size();
         let layout = place::layout(&patch, plan.got_slots, plan.stubs.len(), page);
+        // Sections and commons are capped at load; alignment padding and the GOT add little.
+        if layout.size as u64 > 2 * load::MAX_IMAGE_BYTES {
+            return Err(LoadError::TooLarge {
+                size: layout.size as u64,
+                limit: 2 * load::MAX_IMAGE_BYTES,
+            }
+            .into());
+        }
         let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
         let mapping = place::map_image(&layout, anchor, reach)?;
         let base = mapping.addr();
@@ -274,9 +282,14 @@ impl Plan {
             let error = |reason| reloc_error(patch, r, reason);
             let form = Form::of(r.r_type).ok_or_else(|| error(RelocProblem::Unsupported))?;
             let tls = resolution.tls.get(&r.symbol).copied();
-            match (form.is_thread_local(), tls.is_some()) {
-                (false, true) => return Err(error(RelocProblem::ThreadLocal)),
-                (true, false) => return Err(error(RelocProblem::NotThreadLocal)),
+            match (form.is_thread_local(), tls) {
+                (false, Some(_)) => return Err(error(RelocProblem::ThreadLocal)),
+                (true, None) => return Err(error(RelocProblem::NotThreadLocal)),
+                (true, Some((0, _))) => {
+                    return Err(error(RelocProblem::NotStaticTls {
+                        reason: "its module has no TLS block".into(),
+                    }));
+                }
                 _ => {}
             }
             let import = resolution.imports.contains_key(&r.symbol);
@@ -439,6 +452,9 @@ fn relocate_all(
         let section = patch
             .section(r.section)
             .ok_or_else(|| error(RelocProblem::SymbolNotLoaded))?;
+        if r.offset >= section.size {
+            return Err(error(RelocProblem::OutsideSection { size: section.size }));
+        }
         let section_at = layout.sections[&r.section];
         let place = sections[&r.section] as u64 + r.offset;
         let symbol = if r.symbol == 0 {

@@ -38,9 +38,35 @@ pub enum LoadError {
     RelRelocations { section: String },
     #[error("the object has no symbol table")]
     NoSymbolTable,
+    #[error(
+        "symbol {symbol} ({offset:#x}, {size} bytes) lies outside its section {section} ({section_size:#x} bytes)"
+    )]
+    SymbolOutsideSection {
+        symbol: String,
+        section: String,
+        offset: u64,
+        size: u64,
+        section_size: u64,
+    },
+    #[error("common symbol {symbol} has an invalid alignment {align}")]
+    CommonAlignment { symbol: String, align: u64 },
+    #[error(
+        "the patch needs {size} bytes of memory, over the limit of {limit} bytes for one patch"
+    )]
+    TooLarge { size: u64, limit: u64 },
+    #[error("function {symbol} is an indirect function (IFUNC); a patch cannot define one")]
+    IndirectFunction { symbol: String },
+    #[error(
+        "section {section} holds constructors or destructors, which dsu does not run; initialise state on first use instead"
+    )]
+    Constructors { section: String },
     #[error("the object defines no function")]
     NoFunctions,
 }
+
+/// Most memory one patch may occupy: far above any real patch, it keeps a malformed or
+/// hostile file from making the process commit gigabytes.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
 /// What a loaded section holds, which decides where it is placed and its final protection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +186,11 @@ pub struct PatchObject {
 
 impl PatchObject {
     pub fn section(&self, index: usize) -> Option<&Section> {
-        self.sections.iter().find(|s| s.index == index)
+        // Sections are kept in ELF index order: a binary search, not a scan per relocation.
+        self.sections
+            .binary_search_by_key(&index, |s| s.index)
+            .ok()
+            .map(|i| &self.sections[i])
     }
 
     /// Name for messages: the symbol's name, or its section's name for section symbols.
@@ -213,7 +243,8 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
     if symtab.is_empty() {
         return Err(LoadError::NoSymbolTable);
     }
-    let loaded = |i: usize| sections.iter().any(|s| s.index == i);
+    // Sections are pushed in ELF index order.
+    let loaded = |i: usize| sections.binary_search_by_key(&i, |s| s.index).is_ok();
     let mut symbols = Vec::with_capacity(symtab.len());
     for (index, sym) in symtab.enumerate() {
         let name = symtab.symbol_name(endian, sym).map_err(malformed)?;
@@ -221,7 +252,28 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
         let section = symtab
             .symbol_section(endian, sym, index)
             .map_err(malformed)?;
-        symbols.push(convert_symbol(name, sym, section, endian, &loaded));
+        let symbol = convert_symbol(name, sym, section, endian, &loaded);
+        check_symbol(&symbol, &sections)?;
+        if sym.st_type() == elf::STT_GNU_IFUNC && symbol.definition != Definition::Undefined {
+            return Err(LoadError::IndirectFunction {
+                symbol: symbol.name,
+            });
+        }
+        symbols.push(symbol);
+    }
+    let total = sections.iter().map(|s| s.size).sum::<u64>()
+        + symbols
+            .iter()
+            .map(|s| match s.definition {
+                Definition::Common { size, .. } => size,
+                _ => 0,
+            })
+            .sum::<u64>();
+    if total > MAX_IMAGE_BYTES {
+        return Err(LoadError::TooLarge {
+            size: total,
+            limit: MAX_IMAGE_BYTES,
+        });
     }
 
     let mut relocations = Vec::new();
@@ -357,6 +409,24 @@ fn load_section(
     if flags.contains(elf::SHF_TLS) {
         return Err(LoadError::ThreadLocalSection { section: name });
     }
+    if [
+        ".init_array",
+        ".fini_array",
+        ".preinit_array",
+        ".ctors",
+        ".dtors",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+    {
+        return Err(LoadError::Constructors { section: name });
+    }
+    if size > MAX_IMAGE_BYTES {
+        return Err(LoadError::TooLarge {
+            size,
+            limit: MAX_IMAGE_BYTES,
+        });
+    }
     if flags.contains(elf::SHF_COMPRESSED) {
         return Err(LoadError::Compressed { section: name });
     }
@@ -398,6 +468,44 @@ fn load_section(
         size,
         data: bytes,
     }))
+}
+
+/// A defined symbol must lie inside its section, and a common one have a sane alignment and
+/// size, or the layout and relocation arithmetic would address memory outside the image.
+fn check_symbol(symbol: &Symbol, sections: &[Section]) -> Result<(), LoadError> {
+    match symbol.definition {
+        Definition::Section { section, offset } => {
+            let Some(s) = sections.iter().find(|s| s.index == section) else {
+                return Ok(());
+            };
+            let end = offset.checked_add(symbol.size);
+            if offset > s.size || end.is_none_or(|end| end > s.size) {
+                return Err(LoadError::SymbolOutsideSection {
+                    symbol: symbol.name.clone(),
+                    section: s.name.clone(),
+                    offset,
+                    size: symbol.size,
+                    section_size: s.size,
+                });
+            }
+        }
+        Definition::Common { size, align } => {
+            if !align.is_power_of_two() || align > 1 << 16 {
+                return Err(LoadError::CommonAlignment {
+                    symbol: symbol.name.clone(),
+                    align,
+                });
+            }
+            if size > MAX_IMAGE_BYTES {
+                return Err(LoadError::TooLarge {
+                    size,
+                    limit: MAX_IMAGE_BYTES,
+                });
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn convert_symbol(

@@ -4,6 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 /// One named range of code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +22,22 @@ pub fn publish(names: &[CodeName]) -> std::io::Result<()> {
     for n in names.iter().filter(|n| n.size > 0) {
         text.push_str(&format!("{:x} {:x} {}\n", n.address, n.size, n.name));
     }
-    OpenOptions::new()
+    // /tmp is shared: never follow a link planted there, create the file private, and
+    // append only to a file this user owns.
+    let mut file = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?
-        .write_all(text.as_bytes())
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)?;
+    let meta = file.metadata()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != euid {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{path} is not a regular file owned by uid {euid}"),
+        ));
+    }
+    file.write_all(text.as_bytes())
 }

@@ -62,6 +62,9 @@ pub struct Layout {
     pub exec_end: usize,
     /// `[exec_end, read_only_end)` is read-only after relocation; the rest is writable.
     pub read_only_end: usize,
+    /// End of initialised data: `[init_end, size)` is `.bss` and commons, left to the
+    /// kernel's zero pages.
+    pub init_end: usize,
     /// ELF section index -> offset.
     pub sections: HashMap<usize, usize>,
     /// Symbol index of a common symbol -> offset.
@@ -127,7 +130,9 @@ pub fn layout(patch: &PatchObject, got_count: usize, stub_count: usize, page: us
     at = align_up(at, page);
     out.read_only_end = at;
 
-    put(&mut out, &mut at, &[SectionKind::Data, SectionKind::Bss]);
+    put(&mut out, &mut at, &[SectionKind::Data]);
+    out.init_end = at;
+    put(&mut out, &mut at, &[SectionKind::Bss]);
     for (i, sym) in patch.symbols.iter().enumerate() {
         if let Definition::Common { size, align } = sym.definition {
             at = align_up(at, align as usize);
@@ -199,10 +204,11 @@ pub fn publish(
     unsafe { writer.write(base, code) }
         .map_err(|source| PlaceError::WriteCode { addr: base, source })?;
     dsu_sys::cpu::flush_icache(base, code.len());
-    let data = &image[layout.exec_end..];
+    // Only initialised data: the zeroed tail stays untouched, costing no memory until used.
+    let data = &image[layout.exec_end..layout.init_end.max(layout.exec_end)];
     if !data.is_empty() {
-        // SAFETY: `[exec_end, size)` of the mapping is read+write (set by `map_image`) and owned
-        // by this image; `data` has exactly that length.
+        // SAFETY: `[exec_end, init_end)` lies in the mapping's read+write part (set by
+        // `map_image`), owned by this image; `data` has exactly that length.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 data.as_ptr(),
@@ -270,6 +276,7 @@ mod tests {
         assert_eq!(l.got, 4096 + 48 + 8); // after the .eh_frame terminator, aligned
         assert_eq!(l.read_only_end, 8192);
         assert_eq!(l.sections[&4], 8192);
+        assert_eq!(l.init_end, 8192 + 8);
         assert_eq!(l.sections[&6], 8192 + 32);
         assert_eq!(l.size, 3 * 4096);
     }

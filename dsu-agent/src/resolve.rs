@@ -30,6 +30,14 @@ pub enum ResolveError {
     },
     #[error("{name} is an indirect function (IFUNC) in {module}; it cannot be replaced")]
     IndirectTarget { name: String, module: String },
+    #[error(
+        "{first} and {second} are the same function in the process (at {address:#x}): replace it under one name only"
+    )]
+    OverlappingTargets {
+        first: String,
+        second: String,
+        address: usize,
+    },
     #[error("cannot resolve indirect function {name} in {module}")]
     IndirectUnresolved { name: String, module: String },
     #[error(
@@ -371,6 +379,21 @@ pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, R
                 size: t.size,
             }),
             None => out.added.push(sym.name.clone()),
+        }
+    }
+    // Two names of one function (an alias, folded code) would get two edits of the same
+    // bytes, the last one winning: refuse.
+    for (i, a) in out.targets.iter().enumerate() {
+        let overlaps = |b: &Target| {
+            a.address < b.address + (b.size as usize).max(1)
+                && b.address < a.address + (a.size as usize).max(1)
+        };
+        if let Some(b) = out.targets[i + 1..].iter().find(|b| overlaps(b)) {
+            return Err(ResolveError::OverlappingTargets {
+                first: a.name.clone(),
+                second: b.name.clone(),
+                address: a.address,
+            });
         }
     }
     if out.targets.is_empty() {

@@ -569,3 +569,69 @@ impl Unwinder {
         Ok(Some(next))
     }
 }
+
+/// Checks a patch's `.eh_frame` before anyone unwinds with it: it must parse, use only the
+/// pointer encodings the C runtime's unwinder handles (absolute or pc-relative, 4 or 8
+/// bytes), and describe only code of the patch (`allowed`): a table covering another module's
+/// code would shadow that module's own unwind information for every exception and for the
+/// activeness check.
+///
+/// # Safety
+/// `[start, start + len)` is mapped readable while this runs.
+pub unsafe fn validate_patch_eh_frame(
+    start: usize,
+    len: usize,
+    allowed: &[(usize, usize)],
+) -> Result<usize, String> {
+    use gimli::constants::{
+        DW_EH_PE_absptr, DW_EH_PE_pcrel, DW_EH_PE_sdata4, DW_EH_PE_sdata8, DW_EH_PE_udata4,
+        DW_EH_PE_udata8,
+    };
+    // SAFETY: forwarded from this function's contract.
+    let data = unsafe { mapped(start, len) };
+    let eh_frame = EhFrame::new(data, NativeEndian);
+    let bases = BaseAddresses::default().set_eh_frame(start as u64);
+    let supported = |e: gimli::DwEhPe| {
+        let format = gimli::DwEhPe(e.0 & 0x0f);
+        let application = gimli::DwEhPe(e.0 & 0x70);
+        e.0 & 0x80 == 0
+            && [
+                DW_EH_PE_absptr,
+                DW_EH_PE_udata4,
+                DW_EH_PE_sdata4,
+                DW_EH_PE_udata8,
+                DW_EH_PE_sdata8,
+            ]
+            .contains(&format)
+            && [DW_EH_PE_absptr, DW_EH_PE_pcrel].contains(&application)
+    };
+    let mut entries = eh_frame.entries(&bases);
+    let mut fdes = 0;
+    while let Some(entry) = entries
+        .next()
+        .map_err(|e| format!("malformed .eh_frame: {e}"))?
+    {
+        let gimli::CieOrFde::Fde(partial) = entry else {
+            continue;
+        };
+        let fde = partial
+            .parse(EhFrame::cie_from_offset)
+            .map_err(|e| format!("malformed FDE: {e}"))?;
+        let cie = fde.cie();
+        let personality = cie.personality_with_encoding().map(|(e, _)| e);
+        let encodings = [cie.fde_address_encoding(), cie.lsda_encoding(), personality];
+        // The personality pointer may be indirect (through `DW.ref.*`), as compilers emit it.
+        let personality_ok = personality.is_none_or(|e| supported(gimli::DwEhPe(e.0 & 0x7f)));
+        if !encodings[..2].iter().flatten().all(|&e| supported(e)) || !personality_ok {
+            return Err("unsupported pointer encoding in a CIE".into());
+        }
+        let (lo, hi) = (fde.initial_address() as usize, fde.end_address() as usize);
+        if !allowed.iter().any(|&(a, b)| a <= lo && hi <= b) {
+            return Err(format!(
+                "an FDE describes {lo:#x}..{hi:#x}, outside the patch's code"
+            ));
+        }
+        fdes += 1;
+    }
+    Ok(fdes)
+}

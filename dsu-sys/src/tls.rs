@@ -37,6 +37,12 @@ fn thread_pointer() -> usize {
 /// `module` is the TLS module id of a loaded module that has a TLS block, and `offset` lies
 /// inside that block (`__tls_get_addr` allocates the calling thread's block if needed).
 pub unsafe fn static_offset(module: usize, offset: usize) -> io::Result<isize> {
+    if module == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the module has no thread-local storage (TLS module id 0)",
+        ));
+    }
     let index = TlsIndex { module, offset };
     // SAFETY: a valid `tls_index` for a loaded module with TLS, by the caller's contract.
     let address = unsafe { __tls_get_addr(&index) } as usize;

@@ -46,6 +46,8 @@ pub enum UpdateError {
     StopPrepare(std::io::Error),
     #[error("unwind information: {0}")]
     Unwind(CheckError),
+    #[error("the patch's unwind information (.eh_frame) is refused: {0}")]
+    UnwindInfo(String),
     #[error("cannot read the process's memory map: {0}")]
     Maps(std::io::Error),
     #[error("no applied patch has id {0}")]
@@ -53,7 +55,7 @@ pub enum UpdateError {
     #[error("no patch is applied")]
     NothingApplied,
     #[error(
-        "patch {id} cannot be reverted: patch {by} replaces {function} again; revert patch {by} first"
+        "patch {id} cannot be reverted: patch {by}, applied after it, changes {function} again; revert patch {by} first"
     )]
     Superseded { id: u64, by: u64, function: String },
     #[error("the agent thread has stopped")]

@@ -32,6 +32,7 @@ use crate::link::{self, LinkError, LinkedPatch};
 use crate::names::{self, CodeName};
 use crate::resolve::{ResolveError, SymbolIndex};
 use crate::stop::{StopError, StopWorld};
+use crate::unwind;
 use crate::write::{self, CodeEdit};
 
 /// What a successful apply or revert reports: the patch that took effect (or, for a revert,
@@ -146,7 +147,20 @@ impl Engine {
             .collect();
         let ranges = self.version_ranges(&functions);
         let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
-        // Unwindable before any caller can reach it.
+        // Unwindable before any caller can reach it, with tables checked first.
+        let mut code_ranges = vec![linked.code_range()];
+        code_ranges.extend(
+            functions
+                .iter()
+                .filter(|f| f.strategy == Strategy::InPlace)
+                .map(|f| (f.old_address, f.old_address + f.old_size as usize)),
+        );
+        for &(start, len) in &linked.eh_frames {
+            // SAFETY: the `.eh_frame` lies in the read-only part of the mapped image, which
+            // `linked` owns for this whole function.
+            unsafe { unwind::validate_patch_eh_frame(start, len, &code_ranges) }
+                .map_err(UpdateError::UnwindInfo)?;
+        }
         let registered = register_frames(&linked.eh_frames);
         let switched = self.switch(
             &edits,
@@ -243,20 +257,40 @@ impl Engine {
                 .ok_or(UpdateError::UnknownPatch(id))?,
         };
         let patch = &self.patches[at];
+        // A newer patch that replaces the same function, or whose edits touch the same bytes
+        // (a call site inside a function it redirected, say), must go first: writing back
+        // this patch's original bytes would tear its code.
+        let spans = |p: &AppliedPatch| -> Vec<(usize, usize, String)> {
+            p.functions
+                .iter()
+                .flat_map(|f| {
+                    f.edits
+                        .iter()
+                        .map(move |e| (e.site, e.site + e.len(), f.name.clone()))
+                })
+                .collect()
+        };
+        let mine = spans(patch);
         for newer in &self.patches[at + 1..] {
-            let again = newer.functions.iter().find(|f| {
+            let same_function = newer.functions.iter().find(|f| {
                 patch
                     .functions
                     .iter()
                     .any(|g| g.old_address == f.old_address)
             });
-            if let Some(f) = again {
-                return Err(UpdateError::Superseded {
-                    id: patch.id,
-                    by: newer.id,
-                    function: f.name.clone(),
-                });
-            }
+            let overlapping = spans(newer)
+                .into_iter()
+                .find(|(lo, hi, _)| mine.iter().any(|(mlo, mhi, _)| lo < mhi && mlo < hi));
+            let function = match (same_function, overlapping) {
+                (Some(f), _) => f.name.clone(),
+                (None, Some((_, _, name))) => name,
+                (None, None) => continue,
+            };
+            return Err(UpdateError::Superseded {
+                id: patch.id,
+                by: newer.id,
+                function,
+            });
         }
         let mut edits = Vec::new();
         let mut edit_names = Vec::new();
@@ -292,11 +326,14 @@ impl Engine {
 
         let patch = self.patches.remove(at);
         deregister_frames(&patch.eh_frames.iter().map(|f| f.0).collect::<Vec<_>>());
-        // SAFETY: no thread executes or returns into the image (checked while stopped above,
-        // against its whole code range) and no jump leads there any more (its edits were
-        // reverted in the same stop). Only a function pointer the program kept to patch code
-        // could still lead there, which the guide documents.
-        let _ = unsafe { dsu_sys::mem::unmap(patch.image.0, patch.image.1) };
+        // Only the code is released. Its data stays mapped: the program may keep pointers to
+        // what the patch returned (a string literal, a static), and reading them must not
+        // fault.
+        // SAFETY: no thread executes or returns into the code (checked while stopped above,
+        // against its whole range) and no jump or rewritten call leads there any more (its
+        // edits were reverted in the same stop). Only a function pointer the program kept to
+        // patch code could still lead there, which the guide documents.
+        let _ = unsafe { dsu_sys::mem::unmap(patch.code.0, patch.code.1 - patch.code.0) };
         Ok(Reverted {
             patch,
             attempts,
@@ -353,7 +390,11 @@ impl Engine {
             self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
             let outcome = {
                 let t_stop = Instant::now();
-                stages.prepare = t_stop - started;
+                if attempts == 1 {
+                    // Up to the first stop only: time spent waiting for active functions to
+                    // return is the rest of `elapsed`.
+                    stages.prepare = t_stop - started;
+                }
                 // ---- threads stopped: no allocation, no lock, no output ----
                 let stopped = match self.stopper.stop(policy.park_timeout) {
                     Ok(stopped) => stopped,

@@ -94,7 +94,8 @@ pub struct AppliedPatch {
 pub struct Stages {
     /// Load, resolve, place and relocate.
     pub link: Duration,
-    /// Plan the edits (decode targets, call sites) and build the unwind tables.
+    /// Plan the edits (decode targets, call sites) and build the unwind tables, up to the
+    /// first stop. Time spent retrying while a function was active is not in any stage.
     pub prepare: Duration,
     /// Signal every thread and wait until all are parked.
     pub stop: Duration,
