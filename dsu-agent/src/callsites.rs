@@ -4,6 +4,11 @@
 //!
 //! Built before any thread is stopped, once per module, and kept: decoding a large executable
 //! takes tens of milliseconds.
+//!
+//! Unsafe code is allowed here: this module reads the code of loaded modules to decode it; every
+//! block states its invariant.
+
+#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 

@@ -13,6 +13,11 @@
 //!
 //! The calling thread (the agent) is never checked: it is not in the stop's thread list and
 //! does not run code being replaced.
+//!
+//! Unsafe code is allowed here: this module reads stopped threads' stacks and registers through the
+//! unwinder; every block states its invariant.
+
+#![allow(unsafe_code)]
 
 use std::ops::ControlFlow;
 

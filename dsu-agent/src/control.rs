@@ -289,7 +289,11 @@ impl ControlDir {
     /// uid (see [`ControlDir::resolve_with`]), made absolute against the current directory so
     /// a relative `DSU_CONTROL_DIR` keeps meaning the same place after a `chdir`.
     pub fn resolve(pid: u32) -> PathBuf {
-        let path = Self::resolve_with(|name| std::env::var_os(name), pid, effective_uid());
+        let path = Self::resolve_with(
+            |name| std::env::var_os(name),
+            pid,
+            dsu_sys::ids::effective_uid(),
+        );
         std::path::absolute(&path).unwrap_or(path)
     }
 
@@ -315,7 +319,7 @@ impl ControlDir {
     /// checks it with [`verify_dir`] against this process's effective uid.
     pub fn open_or_create(path: impl Into<PathBuf>) -> Result<ControlDir, ControlError> {
         let path = path.into();
-        let owner = effective_uid();
+        let owner = dsu_sys::ids::effective_uid();
         if let Err(source) = fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -704,11 +708,6 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, Limited> {
         return Err(Limited::TooLarge(bytes.len() as u64));
     }
     Ok(bytes)
-}
-
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //! [`stop`] -> [`check`] -> [`mod@write`] -> [`report`], driven by [`update`].
 
 #![deny(unsafe_op_in_unsafe_fn)]
+// Unsafe code only in the modules that say why they need it (`#![allow(unsafe_code)]`).
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod callsites;

@@ -31,8 +31,7 @@ pub fn publish(names: &[CodeName]) -> std::io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)?;
     let meta = file.metadata()?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = dsu_sys::ids::effective_uid();
     if !meta.is_file() || meta.uid() != euid {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,

@@ -12,6 +12,11 @@
 //! a process under `PR_SET_MDWE` refuses), the data parts are then switched to read+write (no
 //! longer executable), filled, and the read-only part is sealed. Code bytes are written through
 //! [`dsu_sys::code::CodeWriter`]; the image is never writable and executable at once.
+//!
+//! Unsafe code is allowed here: this module writes the relocated image into its fresh mapping;
+//! every block states its invariant.
+
+#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 

@@ -5,6 +5,11 @@
 //! with `endbr64`, which is kept so indirect calls still land on a valid target under CET) and
 //! no branch inside the function into the overwritten bytes 1..4: a thread taking such a branch
 //! after the update would execute half an instruction. The function is decoded to check.
+//!
+//! Unsafe code is allowed here: this module reads the code of the functions being replaced; every
+//! block states its invariant.
+
+#![allow(unsafe_code)]
 
 use dsu_sys::x86::{self, ENDBR64, JMP_REL32_LEN};
 use iced_x86::{Decoder, DecoderOptions};

@@ -42,6 +42,11 @@
 //! `unsafe` here: reading `siginfo`/`ucontext` in the handler, the slots' interior mutability
 //! (one writer per slot per round, published by a release store of the tag), and installing the
 //! handler.
+//!
+//! Unsafe code is allowed here: this module installs the park signal handler and shares parked
+//! threads' contexts; every block states its invariant.
+
+#![allow(unsafe_code)]
 
 use std::cell::UnsafeCell;
 use std::io;

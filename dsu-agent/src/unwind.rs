@@ -13,6 +13,11 @@
 //!
 //! `unsafe` here: turning module and stack memory into slices / reading words from it. Every
 //! read is bounds-checked against a mapping recorded in advance.
+//!
+//! Unsafe code is allowed here: this module reads unwind tables and stack memory of stopped
+//! threads; every block states its invariant.
+
+#![allow(unsafe_code)]
 
 use std::ops::ControlFlow;
 

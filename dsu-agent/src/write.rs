@@ -3,6 +3,11 @@
 //!
 //! **Runs while threads are stopped**: everything here is async-signal-safe. It allocates
 //! nothing, takes no lock and prints nothing; errors carry only an index and an OS error code.
+//!
+//! Unsafe code is allowed here: this module writes code while other threads are stopped; every
+//! block states its invariant.
+
+#![allow(unsafe_code)]
 
 use std::io;
 

@@ -138,7 +138,7 @@ fn a_world_writable_parent_without_sticky_bit_is_refused() {
 fn wrong_owner_and_non_directories_are_refused() {
     let scratch = Scratch::new();
     let dir = open(&scratch);
-    let uid = effective_uid();
+    let uid = dsu_sys::ids::effective_uid();
     let err = verify_dir(dir.path(), uid + 1).unwrap_err();
     assert!(
         matches!(err, ControlError::WrongOwner { found, expected, .. }

@@ -35,7 +35,7 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
-        "writing the entry jump of {function} at {site:#x} failed: {source}; nothing was changed"
+        "writing the code of {function} at {site:#x} failed: {source}; the edits written before it were rolled back"
     )]
     Write {
         function: String,

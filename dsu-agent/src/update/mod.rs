@@ -12,6 +12,11 @@
 //! ```
 //!
 //! A revert is the same sequence with the inverse edits, checked against the code it removes.
+//!
+//! Unsafe code is allowed here: this module registers unwind tables with the C runtime and releases
+//! reverted code; every block states its invariant.
+
+#![allow(unsafe_code)]
 
 mod error;
 mod plan;

@@ -1,5 +1,10 @@
 //! Planning an apply, before any thread is stopped: which functions go in place, which get an
 //! entry jump, which direct call sites are rewritten, and every byte each edit writes.
+//!
+//! Unsafe code is allowed here: this module reads the current bytes of call sites; every block
+//! states its invariant.
+
+#![allow(unsafe_code)]
 
 use dsu_sys::maps::MapEntry;
 use dsu_sys::x86::ENDBR64;
