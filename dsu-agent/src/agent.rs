@@ -208,14 +208,16 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
                 } => {
                     let result = guarded(|| engine.apply(&bytes, seq, &file, &policy));
                     log_applied(shared, &file, &result);
-                    publish_status(shared, &engine);
+                    remember_patches(shared, &engine);
                     let _ = reply.send(result);
+                    write_status(shared, &engine);
                 }
                 Job::Revert { id, policy, reply } => {
                     let result = guarded(|| engine.revert(id, &policy));
                     log_reverted(shared, &result);
-                    publish_status(shared, &engine);
+                    remember_patches(shared, &engine);
                     let _ = reply.send(result);
+                    write_status(shared, &engine);
                 }
             }
         }
@@ -226,6 +228,8 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
                 Ok(Some(request)) => {
                     seq = next;
                     let outcome = serve(shared, &mut engine, request, seq);
+                    // status.json before the answer: a `dsu status` run right after
+                    // `dsu apply` returns must see the patch.
                     publish_status(shared, &engine);
                     let _ = shared.control.write_result(&outcome);
                 }
@@ -248,12 +252,21 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
 
 /// Mirrors the patches in effect into memory (for `Agent::patches`) and `status.json`.
 fn publish_status(shared: &Shared, engine: &Engine) {
-    let patches = engine.patches().to_vec();
+    remember_patches(shared, engine);
+    write_status(shared, engine);
+}
+
+/// The in-memory mirror, updated before an in-process caller gets its answer.
+fn remember_patches(shared: &Shared, engine: &Engine) {
+    *shared.patches.lock().unwrap_or_else(|e| e.into_inner()) = engine.patches().to_vec();
+}
+
+/// `status.json`, written after the answer: renaming a file is slower than the answer itself.
+fn write_status(shared: &Shared, engine: &Engine) {
     let report = StatusReport {
         pid: std::process::id(),
-        patches: patches.iter().map(patch_report).collect(),
+        patches: engine.patches().iter().map(patch_report).collect(),
     };
-    *shared.patches.lock().unwrap_or_else(|e| e.into_inner()) = patches;
     if let Err(e) = shared.control.write_status(&report)
         && shared.config.log
     {

@@ -68,6 +68,9 @@ pub struct LinkedPatch {
     pub functions: Vec<LinkedFunction>,
     /// `.eh_frame` sections of the image: (address, length).
     pub eh_frames: Vec<(usize, usize)>,
+    /// Whether the image holds data the program may come to point into (`.rodata`,
+    /// `.data.rel.ro`, `.data`, `.bss`, commons), as opposed to unwind tables, GOT and stubs.
+    pub keeps_data: bool,
     symbols: HashMap<String, usize>,
 }
 
@@ -551,8 +554,15 @@ fn finish(
         .filter(|s| s.kind == SectionKind::EhFrame)
         .map(|s| (base + layout.sections[&s.index], s.size as usize))
         .collect();
+    let keeps_data = patch.sections.iter().any(|s| {
+        matches!(
+            s.kind,
+            SectionKind::ReadOnly | SectionKind::RelRo | SectionKind::Data | SectionKind::Bss
+        )
+    }) || !layout.commons.is_empty();
     LinkedPatch {
         mapping,
+        keeps_data,
         layout,
         targets,
         added: resolution.added,

@@ -169,11 +169,7 @@ pub fn read_code(
     maps: &[dsu_sys::maps::MapEntry],
 ) -> Result<Vec<u8>, PrepareError> {
     let end = address.checked_add(size as usize);
-    let mapped = end.is_some_and(|end| {
-        maps.iter()
-            .any(|m| m.start <= address && end <= m.end && m.perms.read)
-    });
-    if !mapped {
+    if !end.is_some_and(|end| readable(maps, address, end)) {
         return Err(PrepareError::NotMapped {
             name: name.into(),
             module: module.into(),
@@ -181,10 +177,26 @@ pub fn read_code(
             size,
         });
     }
-    // SAFETY: `[address, address + size)` lies inside one readable mapping (checked above);
+    // SAFETY: `[address, address + size)` is covered by readable mappings (checked above);
     // code mappings of loaded modules are not unmapped while the agent runs.
     let code = unsafe { std::slice::from_raw_parts(address as *const u8, size as usize) };
     Ok(code.to_vec())
+}
+
+/// Whether `[start, end)` is covered by readable mappings without a gap: a text mapping split
+/// by an `mprotect` elsewhere in it still reads as one range.
+pub fn readable(maps: &[dsu_sys::maps::MapEntry], start: usize, end: usize) -> bool {
+    let mut at = start;
+    for m in maps.iter().filter(|m| m.perms.read && m.end > start) {
+        if m.start > at {
+            return false;
+        }
+        at = at.max(m.end);
+        if at >= end {
+            return true;
+        }
+    }
+    at >= end
 }
 
 #[cfg(test)]
@@ -192,6 +204,32 @@ mod tests {
     use super::*;
 
     const AT: usize = 0x40_0000;
+
+    fn map(start: usize, end: usize, read: bool) -> dsu_sys::maps::MapEntry {
+        dsu_sys::maps::MapEntry {
+            start,
+            end,
+            perms: dsu_sys::maps::Perms {
+                read,
+                exec: true,
+                ..Default::default()
+            },
+            offset: 0,
+            path: None,
+        }
+    }
+
+    #[test]
+    fn a_range_across_split_mappings_is_readable() {
+        let maps = [map(0x1000, 0x2000, true), map(0x2000, 0x3000, true)];
+        assert!(readable(&maps, 0x1ff0, 0x2010));
+        assert!(readable(&maps, 0x1000, 0x3000));
+        assert!(!readable(&maps, 0x1000, 0x3001));
+        let gap = [map(0x1000, 0x2000, true), map(0x2100, 0x3000, true)];
+        assert!(!readable(&gap, 0x1ff0, 0x2110));
+        let unreadable = [map(0x1000, 0x2000, true), map(0x2000, 0x3000, false)];
+        assert!(!readable(&unreadable, 0x1ff0, 0x2010));
+    }
 
     #[test]
     fn plain_function_gets_a_jump_at_its_entry() {

@@ -35,6 +35,7 @@ use crate::callsites::CallIndex;
 use crate::check::{Activity, Checker, Ranges};
 use crate::link::{self, LinkError, LinkedPatch};
 use crate::names::{self, CodeName};
+use crate::prepare;
 use crate::resolve::{ResolveError, SymbolIndex};
 use crate::stop::{StopError, StopWorld};
 use crate::unwind;
@@ -231,10 +232,7 @@ impl Engine {
         }
         let m = index.module_named(module)?;
         let maps = dsu_sys::maps::read_self().ok()?;
-        let readable = |&(a, size): &(usize, usize)| {
-            maps.iter()
-                .any(|e| e.perms.read && e.start <= a && a + size <= e.end)
-        };
+        let readable = |&(a, size): &(usize, usize)| prepare::readable(&maps, a, a + size);
         let functions: Vec<(usize, usize)> =
             index.functions_in(m).into_iter().filter(readable).collect();
         // SAFETY: every range was just checked to lie in one readable mapping of a loaded
@@ -331,14 +329,21 @@ impl Engine {
 
         let patch = self.patches.remove(at);
         deregister_frames(&patch.eh_frames.iter().map(|f| f.0).collect::<Vec<_>>());
-        // Only the code is released. Its data stays mapped: the program may keep pointers to
-        // what the patch returned (a string literal, a static), and reading them must not
-        // fault.
+        // The code is released. Data the program may keep pointers to (a string literal or a
+        // static the patch returned) stays mapped; an image holding only unwind tables, GOT
+        // and stubs goes whole.
+        let len = if patch.keeps_data {
+            patch.code.1 - patch.code.0
+        } else {
+            patch.image.1
+        };
+        debug_assert!(patch.image.0 == patch.code.0 && len <= patch.image.1);
         // SAFETY: no thread executes or returns into the code (checked while stopped above,
-        // against its whole range) and no jump or rewritten call leads there any more (its
-        // edits were reverted in the same stop). Only a function pointer the program kept to
-        // patch code could still lead there, which the guide documents.
-        let _ = unsafe { dsu_sys::mem::unmap(patch.code.0, patch.code.1 - patch.code.0) };
+        // against its whole range), no jump or rewritten call leads there any more (its edits
+        // were reverted in the same stop), and the unwind tables were just deregistered. Only
+        // a function pointer the program kept to patch code could still lead there, which the
+        // guide documents.
+        let _ = unsafe { dsu_sys::mem::unmap(patch.image.0, len) };
         Ok(Reverted {
             patch,
             attempts,
@@ -498,6 +503,7 @@ impl Engine {
         bytes: &[u8],
     ) -> AppliedPatch {
         let code = linked.code_range();
+        let keeps_data = linked.keeps_data;
         let eh_frames = linked.eh_frames.clone();
         let added = linked.added.clone();
         let extra_names = linked
@@ -519,6 +525,7 @@ impl Engine {
             functions,
             image,
             code,
+            keeps_data,
             eh_frames,
             added,
             helpers: extra_names,

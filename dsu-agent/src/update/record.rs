@@ -81,6 +81,9 @@ pub struct AppliedPatch {
     pub image: (usize, usize),
     /// The code part of the image.
     pub code: (usize, usize),
+    /// Whether the image holds data the program may point into (`.rodata`, `.data`, `.bss`),
+    /// which then stays mapped after a revert.
+    pub keeps_data: bool,
     pub eh_frames: Vec<(usize, usize)>,
     pub added: Vec<String>,
     /// Other functions of the patch (helpers), for profilers.
