@@ -375,17 +375,6 @@ fn unspin_old(fx: &mut Fixture) {
     );
 }
 
-fn no_worker_errors(fx: &mut Fixture) {
-    let (errors, calls) = fx.errors();
-    assert_eq!(
-        errors,
-        0,
-        "workers saw impossible results; log:\n{}",
-        fx.log()
-    );
-    assert!(calls > 0, "the workers never ran");
-}
-
 // ---- the tests ----
 
 /// Rust program, several busy threads: a C patch through `dsu apply`, then a Rust patch
@@ -415,7 +404,7 @@ fn rust_program_takes_c_and_rust_patches_by_dsu_and_raw_trigger() {
     assert_eq!(fx.compute(), 71);
     fx.workers_see(71);
 
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
     assert!(fx.alive());
 }
 
@@ -456,7 +445,7 @@ fn c_program_with_static_agent_takes_patches() {
     fx.workers_see(70);
     fx.expect("block", "blocking");
     fx.expect("unblock", "unblocked 101");
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// An unmodified C program made patchable by `LD_PRELOAD=libdsu_agent.so`.
@@ -478,7 +467,7 @@ fn unmodified_c_program_under_ld_preload_takes_patches() {
     raw_trigger_applied(&fx, &rust_patch);
     assert_eq!(fx.compute(), 71);
     fx.workers_see(71);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
     assert!(fx.alive());
 }
 
@@ -513,7 +502,7 @@ fn blocked_function_is_replaced_only_after_it_returns() {
     assert_ne!(fx.code("block"), block_code);
     fx.expect("block", "blocking");
     fx.expect("unblock", "unblocked 101");
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// A thread spinning in a loop without calls inside `dsu_fixture_spin` (C program, -O2) holds
@@ -554,7 +543,7 @@ fn spinning_function_is_replaced_only_after_it_returns() {
     fx.workers_see(70);
     fx.expect("spin", "spinning");
     fx.expect("unspin", "unspun 5");
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// With a short timeout, an update whose target stays active is refused naming the function,
@@ -610,7 +599,7 @@ fn active_function_at_the_timeout_is_refused_and_nothing_changes() {
     fx.expect("unblock", "unblocked 101");
     fx.expect("spin", "spinning");
     fx.expect("unspin", "unspun 5");
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// A patch of two functions, one of which calls a symbol the process lacks: neither function
@@ -637,7 +626,7 @@ fn unresolvable_patch_changes_neither_function() {
     fx.expect("unblock", "unblocked 1");
     assert_eq!(fx.code("compute"), compute_code);
     assert_eq!(fx.code("block"), block_code);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// A function already replaced is replaced again; the newest version wins, whichever way and
@@ -667,7 +656,7 @@ fn replaced_function_is_replaced_again_and_the_newest_wins() {
     dsu_apply(&fx, &rust_x10);
     assert_eq!(fx.compute(), 70);
     fx.workers_see(70);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// Busy threads calling the target, allocating and printing, while two versions are applied
@@ -744,7 +733,7 @@ fn malformed_patches_are_refused_and_the_process_is_untouched() {
     assert_eq!(fx.code("compute"), compute_code);
     assert!(fx.alive());
     assert_eq!(fx.compute(), ORIGINAL);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 
     dsu_apply(&fx, &good);
     assert_eq!(fx.compute(), 70);
@@ -788,7 +777,7 @@ fn a_signal_flood_does_no_harm() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(consumed, ["1.patch"]);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
     assert!(fx.alive());
 }
 

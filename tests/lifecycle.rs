@@ -264,17 +264,6 @@ fn code(fx: &Fixture, name: &str) -> Vec<u8> {
     fx.read_memory(fx.address(name), CODE_LEN)
 }
 
-fn no_worker_errors(fx: &mut Fixture) {
-    let (errors, calls) = fx.errors();
-    assert_eq!(
-        errors,
-        0,
-        "workers saw impossible results; log:\n{}",
-        fx.log()
-    );
-    assert!(calls > 0, "the workers never ran");
-}
-
 // ---- the tests ----
 
 /// Two patches of one function stack; `dsu status` lists both with what identifies them; two
@@ -372,7 +361,7 @@ fn stacked_patches_are_listed_and_revert_to_the_original_bytes() {
     assert_eq!(revert(&fx, Some(again.id)), again.id);
     assert_eq!(fx.compute(), ORIGINAL);
     assert_eq!(code(&fx, "compute"), original);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// A patch that a newer patch replaces again cannot be reverted before the newer one; by id,
@@ -409,7 +398,7 @@ fn revert_under_a_newer_patch_of_the_same_function_is_refused() {
     assert_eq!(revert(&fx, Some(first)), first);
     assert_eq!(fx.compute(), ORIGINAL);
     assert_eq!(code(&fx, "compute"), original);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// A revert waits, as an apply does, while a thread is inside the code it would remove: with
@@ -490,7 +479,7 @@ fn revert_waits_while_blocked(name: &str, source: &str) -> String {
     assert!(status_ids(&fx).is_empty());
     fx.expect("block", "blocking");
     fx.expect("unblock", "unblocked 1");
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
     // Checked last, so that everything above is checked even while this fails.
     assert!(
         line.contains("dsu_fixture_block is active"),
@@ -520,7 +509,7 @@ fn revert_of_an_unknown_id_is_refused_naming_it() {
     let line = refused(&fx, "dsu revert of a reverted id", &out);
     assert!(line.contains(&format!("id {id}")), "{line}");
     assert_eq!(fx.compute(), ORIGINAL);
-    no_worker_errors(&mut fx);
+    fx.no_worker_errors();
 }
 
 /// `examples/in_process` applies, lists and reverts a patch through `dsu_agent::Agent`, and

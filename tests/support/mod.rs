@@ -229,6 +229,18 @@ impl Fixture {
         }
     }
 
+    /// Asserts the workers ran and saw no result that no version of the function gives.
+    pub fn no_worker_errors(&mut self) {
+        let (errors, calls) = self.errors();
+        assert_eq!(
+            errors,
+            0,
+            "workers saw impossible results; log:\n{}",
+            self.log()
+        );
+        assert!(calls > 0, "the workers never ran");
+    }
+
     /// Waits until the workers' most recent result is `value` (they call through the same
     /// entry as everyone else, so they see a new version right after it is applied).
     pub fn workers_see(&mut self, value: u64) {
