@@ -276,20 +276,6 @@ impl Checker {
         self.last_end
     }
 
-    /// The first of `stopped`'s threads active in `ranges`, if any. Allocates nothing.
-    pub fn find_any_active(
-        &mut self,
-        stopped: &Stopped<'_>,
-        ranges: &Ranges,
-    ) -> Result<Option<Activity>, CheckError> {
-        for t in stopped.threads() {
-            if let Some(a) = self.find_active(stopped, t, ranges)? {
-                return Ok(Some(a));
-            }
-        }
-        Ok(None)
-    }
-
     /// Whether `thread`, parked in `stopped`, executes or returns into a range. Allocates
     /// nothing. An error means the thread cannot be proven inactive.
     ///

@@ -1,7 +1,8 @@
 //! `/proc/self/maps`: parsing (pure) and reading.
 //!
-//! `parse` is a pure function of the text so it can be unit-tested and fuzzed. `MapsSnapshot`
-//! re-reads the maps while other threads are stopped without allocating.
+//! `parse` is a pure function of the text so it can be unit-tested and fuzzed. While other
+//! threads are stopped, `stack::StackMaps` answers "which mapping holds this address" without
+//! allocating.
 //!
 //! The line format (`fs/proc/task_mmu.c`, `show_map_vma`):
 //!
@@ -15,7 +16,6 @@
 //! removed; a ` (deleted)` suffix stays part of it. Paths are bytes, not necessarily UTF-8.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Permissions of one mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,7 +55,7 @@ impl MapEntry {
 }
 
 /// One parsed line borrowing its path from the text, so it can be produced without
-/// allocating (see `MapsSnapshot`).
+/// allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapLine<'a> {
     pub start: usize,
@@ -225,106 +225,6 @@ fn check_dev(s: &[u8]) -> Result<(), &'static str> {
     }
 }
 
-/// A buffer, allocated up front, into which `/proc/self/maps` can be re-read and walked
-/// without allocating, e.g. while other threads are stopped.
-///
-/// Reading the maps file takes the kernel's `mmap_lock` for reading only, and a thread stopped
-/// in a signal handler never holds it, so this cannot deadlock against stopped threads.
-#[derive(Debug)]
-pub struct MapsSnapshot {
-    buf: Box<[u8]>,
-    len: usize,
-}
-
-impl MapsSnapshot {
-    /// A snapshot buffer of `capacity` bytes, empty until `refresh`. Allocates.
-    pub fn with_capacity(capacity: usize) -> MapsSnapshot {
-        MapsSnapshot {
-            buf: vec![0; capacity].into_boxed_slice(),
-            len: 0,
-        }
-    }
-
-    /// A buffer sized for the current maps with room to grow. Allocates.
-    pub fn sized_for_self() -> io::Result<MapsSnapshot> {
-        let now = std::fs::read("/proc/self/maps")?.len();
-        // Twice the current size and at least 64 KiB: the patch itself adds mappings.
-        let mut snap = MapsSnapshot::with_capacity((now * 2).max(64 * 1024));
-        snap.refresh()?;
-        Ok(snap)
-    }
-
-    /// Re-reads `/proc/self/maps` into the buffer. Async-signal-safe: raw `open`, `read`,
-    /// `close`; errors carry only an OS error code (`ENOBUFS` when the buffer is too small).
-    pub fn refresh(&mut self) -> io::Result<()> {
-        self.len = 0;
-        let fd = open_maps()?;
-        let mut filled = 0;
-        loop {
-            let room = &mut self.buf[filled..];
-            if room.is_empty() {
-                // Full: the file may continue; a truncated snapshot would look valid.
-                return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
-            }
-            // SAFETY: `room` is a live, writable slice of `room.len()` bytes and `fd` is open.
-            let n = unsafe { libc::read(fd.as_raw_fd(), room.as_mut_ptr().cast(), room.len()) };
-            match n {
-                0 => break,
-                n if n > 0 => filled += n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        self.len = filled;
-        Ok(())
-    }
-
-    /// The raw text of the last `refresh`.
-    pub fn text(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-
-    /// The entries of the last `refresh`, in address order. Does not allocate; a malformed
-    /// line yields a bare `InvalidData` error (use `parse_bytes(self.text())` outside the
-    /// stopped world for a message naming it).
-    pub fn entries(&self) -> impl Iterator<Item = io::Result<MapLine<'_>>> {
-        lines(self.text())
-            .map(|l| MapLine::parse(l).map_err(|_| io::Error::from(io::ErrorKind::InvalidData)))
-    }
-
-    /// The entry containing `addr`, if any. Does not allocate.
-    pub fn find(&self, addr: usize) -> io::Result<Option<MapLine<'_>>> {
-        for entry in self.entries() {
-            let entry = entry?;
-            if entry.contains(addr) {
-                return Ok(Some(entry));
-            }
-        }
-        Ok(None)
-    }
-}
-
-/// Opens `/proc/self/maps` with raw `open` (async-signal-safe, no allocation).
-fn open_maps() -> io::Result<OwnedFd> {
-    let path = c"/proc/self/maps";
-    loop {
-        // SAFETY: `path` is a NUL-terminated C string literal.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd >= 0 {
-            // SAFETY: `fd` was just returned by `open` and is owned by nobody else.
-            return Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,25 +337,5 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         assert!(m.perms.exec && m.perms.read && !m.perms.write);
         assert!(maps.iter().any(|m| m.path.as_deref() == Some("[stack]")));
         assert!(maps.windows(2).all(|w| w[0].end <= w[1].start), "sorted");
-    }
-
-    #[test]
-    fn snapshot_matches_read_self() {
-        let mut snap = MapsSnapshot::sized_for_self().unwrap();
-        snap.refresh().unwrap();
-        let here = snapshot_matches_read_self as *const () as usize;
-        let line = snap.find(here).unwrap().expect("own code in snapshot");
-        assert!(line.perms.exec);
-        let all: Vec<_> = snap.entries().collect::<io::Result<_>>().unwrap();
-        assert!(all.len() > 3);
-        assert!(parse_bytes(snap.text()).is_ok());
-    }
-
-    #[test]
-    fn snapshot_too_small_is_enobufs() {
-        let mut snap = MapsSnapshot::with_capacity(16);
-        let err = snap.refresh().unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS));
-        assert!(snap.text().is_empty());
     }
 }
