@@ -34,6 +34,8 @@ pub enum LinkError {
     Place(#[from] PlaceError),
     #[error("cannot write code into the process: {0}")]
     CodeWriter(std::io::Error),
+    #[error("cannot read the process's memory map: {0}")]
+    Maps(std::io::Error),
 }
 
 /// A replaced function and where its new version lives.
@@ -112,7 +114,9 @@ pub fn link(
     index: &SymbolIndex,
     writer: &CodeWriter,
 ) -> Result<LinkedPatch, LinkError> {
-    resolve_patch(bytes, index)?.link(writer, &[])
+    let resolved = resolve_patch(bytes, index)?;
+    let maps = dsu_sys::maps::read_self().map_err(LinkError::Maps)?;
+    resolved.link(writer, &[], &maps)
 }
 
 /// Loads and resolves a patch: the first phase of linking, before anything is mapped, when
@@ -171,8 +175,13 @@ impl Resolved {
     /// Maps and relocates the patch. The targets listed in `in_place` get their new code
     /// relocated for the old function's address (returned in [`LinkedTarget::in_place`], to
     /// be written over the old function while threads are stopped); all others live in the
-    /// new image.
-    pub fn link(self, writer: &CodeWriter, in_place: &[usize]) -> Result<LinkedPatch, LinkError> {
+    /// new image, placed in a gap of `maps` (the caller's snapshot of the memory map).
+    pub fn link(
+        self,
+        writer: &CodeWriter,
+        in_place: &[usize],
+        maps: &[dsu_sys::maps::MapEntry],
+    ) -> Result<LinkedPatch, LinkError> {
         let Resolved {
             patch,
             resolution,
@@ -189,7 +198,7 @@ impl Resolved {
             .into());
         }
         let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
-        let mapping = place::map_image(&layout, anchor, reach)?;
+        let mapping = place::map_image(&layout, anchor, reach, maps)?;
         let base = mapping.addr();
 
         // Section address at run time: in the image, or over the old function when in place.

@@ -169,15 +169,19 @@ pub fn window(points: &[usize], image_len: usize) -> Result<(usize, usize), Plac
 }
 
 /// Maps the image within `reach` of `anchor`: code part read+execute, the rest read+write.
-pub fn map_image(layout: &Layout, anchor: usize, reach: usize) -> Result<Mapping, PlaceError> {
-    let mapping =
-        Mapping::map_near(anchor, layout.size, reach, Prot::ReadExec).map_err(|source| {
-            PlaceError::NoSpace {
-                anchor,
-                len: layout.size,
-                source,
-            }
-        })?;
+pub fn map_image(
+    layout: &Layout,
+    anchor: usize,
+    reach: usize,
+    maps: &[dsu_sys::maps::MapEntry],
+) -> Result<Mapping, PlaceError> {
+    let mapping = Mapping::map_near_in(maps, anchor, layout.size, reach, Prot::ReadExec).map_err(
+        |source| PlaceError::NoSpace {
+            anchor,
+            len: layout.size,
+            source,
+        },
+    )?;
     if layout.size > layout.exec_end {
         mapping
             .protect(

@@ -184,9 +184,21 @@ impl Mapping {
     /// mapping lies within `reach` bytes of `anchor`, using `MAP_FIXED_NOREPLACE` on the
     /// candidates from `free_candidates`.
     pub fn map_near(anchor: usize, len: usize, reach: usize, prot: Prot) -> io::Result<Mapping> {
+        Self::map_near_in(&crate::maps::read_self()?, anchor, len, reach, prot)
+    }
+
+    /// As [`Mapping::map_near`], choosing candidates from a snapshot of the maps the caller
+    /// already read. A stale snapshot is safe: `MAP_FIXED_NOREPLACE` refuses an address taken
+    /// since, and the next candidate is tried.
+    pub fn map_near_in(
+        maps: &[crate::maps::MapEntry],
+        anchor: usize,
+        len: usize,
+        reach: usize,
+        prot: Prot,
+    ) -> io::Result<Mapping> {
         let len = rounded_len(len)?;
-        let maps = crate::maps::read_self()?;
-        for addr in free_candidates(&maps, anchor, len, reach) {
+        for addr in free_candidates(maps, anchor, len, reach) {
             if let Some(mapping) = try_map_at(addr, len, prot)? {
                 debug_assert!(far_distance(mapping.addr, len, anchor) <= reach);
                 return Ok(mapping);

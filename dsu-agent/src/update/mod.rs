@@ -130,21 +130,17 @@ impl Engine {
         let mut current = Vec::new();
         let mut pristine = Vec::new();
         for t in resolved.targets() {
-            let now = plan::current_code(&t.name, &t.module, t.address, t.size, &maps)?;
+            let now = prepare::read_code(&t.name, &t.module, t.address, t.size, &maps)?;
             pristine.push(plan::pristine_code(&now, t.address, &self.patches));
             current.push(now);
         }
         let in_place: Vec<usize> = (0..resolved.targets().len())
             .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
             .collect();
-        let linked = resolved.link(&self.writer, &in_place)?;
+        let linked = resolved.link(&self.writer, &in_place, &maps)?;
         let linked_at = Instant::now();
-        let mut functions: Vec<AppliedFunction> =
-            plan::plan_functions(&linked, &pristine, &current)?
-                .into_iter()
-                .map(|p| p.function)
-                .collect();
-        self.plan_call_sites(&mut functions, &index);
+        let mut functions = plan::plan_functions(&linked, &pristine, &current)?;
+        self.plan_call_sites(&mut functions, &index, &maps);
 
         let edits: Vec<CodeEdit> = functions.iter().flat_map(|f| f.edits.clone()).collect();
         let edit_names: Vec<&str> = functions
@@ -199,7 +195,12 @@ impl Engine {
 
     /// Adds call-site edits to each planned function: direct calls to its old entry (or to an
     /// earlier version's) go straight to the new entry.
-    fn plan_call_sites(&mut self, functions: &mut [AppliedFunction], index: &SymbolIndex) {
+    fn plan_call_sites(
+        &mut self,
+        functions: &mut [AppliedFunction],
+        index: &SymbolIndex,
+        maps: &[dsu_sys::maps::MapEntry],
+    ) {
         let mut excluded: Vec<(usize, usize)> = functions
             .iter()
             .map(|f| (f.old_address, f.old_address + f.old_size as usize))
@@ -211,7 +212,7 @@ impl Engine {
                 .map(|f| (f.old_address, f.old_address + f.old_size as usize)),
         );
         for f in functions.iter_mut() {
-            let Some(calls) = self.call_index(&f.module, index) else {
+            let Some(calls) = self.call_index(&f.module, index, maps) else {
                 continue;
             };
             let earlier: Vec<usize> = self
@@ -225,17 +226,22 @@ impl Engine {
         }
     }
 
-    /// The call sites of `module`, decoded on first use.
-    fn call_index(&mut self, module: &str, index: &SymbolIndex) -> Option<Arc<CallIndex>> {
+    /// The call sites of `module`, decoded on first use. `maps` is the apply's snapshot:
+    /// module code does not move while the agent runs.
+    fn call_index(
+        &mut self,
+        module: &str,
+        index: &SymbolIndex,
+        maps: &[dsu_sys::maps::MapEntry],
+    ) -> Option<Arc<CallIndex>> {
         if let Some(found) = self.calls.get(module) {
             return Some(found.clone());
         }
         let m = index.module_named(module)?;
-        let maps = dsu_sys::maps::read_self().ok()?;
-        let readable = |&(a, size): &(usize, usize)| prepare::readable(&maps, a, a + size);
+        let readable = |&(a, size): &(usize, usize)| prepare::readable(maps, a, a + size);
         let functions: Vec<(usize, usize)> =
             index.functions_in(m).into_iter().filter(readable).collect();
-        // SAFETY: every range was just checked to lie in one readable mapping of a loaded
+        // SAFETY: every range was just checked to be covered by readable mappings of a loaded
         // module, and loaded modules are not unmapped while the agent decodes them.
         let calls = Arc::new(unsafe { CallIndex::build(&functions) });
         self.calls.insert(module.to_string(), calls.clone());

@@ -6,27 +6,15 @@
 
 #![allow(unsafe_code)]
 
-use dsu_sys::maps::MapEntry;
 use dsu_sys::x86::ENDBR64;
 
 use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
 use crate::callsites::{CallIndex, CallSite};
 use crate::link::{LinkedPatch, Resolved};
-use crate::prepare::{self, PrepareError};
+use crate::prepare;
 use crate::resolve::SymbolIndex;
 use crate::write::CodeEdit;
-
-/// The bytes of `[address, address + len)` as they are now, checked mapped readable.
-pub(super) fn current_code(
-    name: &str,
-    module: &str,
-    address: usize,
-    len: u64,
-    maps: &[MapEntry],
-) -> Result<Vec<u8>, PrepareError> {
-    prepare::read_code(name, module, address, len, maps)
-}
 
 /// The bytes of `[address, address + len)` before any patch in effect touched them: the
 /// current bytes with every applied edit undone, newest first.
@@ -69,18 +57,13 @@ pub(super) fn fits_in_place(
         && !split
 }
 
-/// One function's switch, planned.
-pub(super) struct Planned {
-    pub function: AppliedFunction,
-}
-
 /// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
 /// `i`'s old code before any patch and now.
 pub(super) fn plan_functions(
     linked: &LinkedPatch,
     pristine: &[Vec<u8>],
     current: &[Vec<u8>],
-) -> Result<Vec<Planned>, UpdateError> {
+) -> Result<Vec<AppliedFunction>, UpdateError> {
     let mut out = Vec::with_capacity(linked.targets.len());
     for (i, t) in linked.targets.iter().enumerate() {
         let tg = &t.target;
@@ -112,18 +95,16 @@ pub(super) fn plan_functions(
                 (Strategy::Redirect, edit)
             }
         };
-        out.push(Planned {
-            function: AppliedFunction {
-                name: tg.name.clone(),
-                module: tg.module.clone(),
-                old_address: tg.address,
-                old_size: tg.size,
-                new_address: t.new_address,
-                new_size: t.new_size,
-                strategy,
-                call_sites: 0,
-                edits: vec![edit],
-            },
+        out.push(AppliedFunction {
+            name: tg.name.clone(),
+            module: tg.module.clone(),
+            old_address: tg.address,
+            old_size: tg.size,
+            new_address: t.new_address,
+            new_size: t.new_size,
+            strategy,
+            call_sites: 0,
+            edits: vec![edit],
         });
     }
     Ok(out)
