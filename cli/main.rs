@@ -11,7 +11,6 @@ mod request;
 mod sys;
 mod target;
 
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -186,42 +185,27 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Largest answer file `dsu` reads from a control directory.
-const MAX_ANSWER_BYTES: u64 = 16 << 20;
-
 /// A file's text, `None` when it does not exist. The directory belongs to the target's user,
-/// who may plant anything there: never follow a link, never block on a FIFO, never read
-/// without a bound (`dsu` may run as root).
+/// who may plant anything there (`dsu` may run as root): read as the agent reads requests.
 fn read_optional(path: &std::path::Path) -> Result<Option<String>, CliError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(CliError::proc(path.to_path_buf(), e)),
-    };
-    let malformed = |reason: &str| CliError::Malformed {
+    use dsu_agent::control::{Limited, MAX_ANSWER_SIZE, read_limited};
+    let malformed = |reason: String| CliError::Malformed {
         path: path.to_path_buf(),
-        reason: reason.to_string(),
+        reason,
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| CliError::proc(path.to_path_buf(), e))?;
-    if !meta.is_file() {
-        return Err(malformed("not a regular file"));
+    match read_limited(path, MAX_ANSWER_SIZE) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|e| malformed(e.to_string())),
+        Err(Limited::Io(e)) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(Limited::Io(e)) if e.kind() == io::ErrorKind::InvalidInput => {
+            Err(malformed(e.to_string()))
+        }
+        Err(Limited::Io(e)) => Err(CliError::proc(path.to_path_buf(), e)),
+        Err(Limited::TooLarge(size)) => Err(malformed(format!(
+            "{size} bytes, over the limit of {MAX_ANSWER_SIZE}"
+        ))),
     }
-    let mut text = String::new();
-    file.take(MAX_ANSWER_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| CliError::proc(path.to_path_buf(), e))?;
-    if text.len() as u64 > MAX_ANSWER_BYTES {
-        return Err(malformed("over 16 MiB"));
-    }
-    Ok(Some(text))
 }
 
 fn locate(args: &TargetArgs) -> Result<Target, CliError> {

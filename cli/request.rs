@@ -91,7 +91,12 @@ pub fn exchange(
 /// Reads `result.json` if it answers request `id`. An unreadable or older answer is no answer
 /// yet: the agent replaces the file atomically, so a torn read cannot happen.
 pub fn read_answer(dir: &Path, id: &str) -> Option<Outcome> {
-    let bytes = fs::read(dir.join(RESULT_FILE)).ok()?;
+    // Bounded and link-free: the directory belongs to the target's user.
+    let bytes = dsu_agent::control::read_limited(
+        &dir.join(RESULT_FILE),
+        dsu_agent::control::MAX_ANSWER_SIZE,
+    )
+    .ok()?;
     let outcome: Outcome = serde_json::from_slice(&bytes).ok()?;
     (outcome.request.as_deref() == Some(id)).then_some(outcome)
 }

@@ -54,6 +54,8 @@ pub const CONSUMED_DIR: &str = "consumed";
 pub const MAX_PATCH_SIZE: u64 = 64 << 20;
 /// Largest `request.json` accepted.
 pub const MAX_REQUEST_SIZE: u64 = 64 << 10;
+/// Largest answer (`result.json`, `status.json`) `dsu` reads.
+pub const MAX_ANSWER_SIZE: u64 = 16 << 20;
 
 /// Names a request may not use as its patch `file`: moving them into `consumed/` would break
 /// the directory.
@@ -675,13 +677,19 @@ fn remove_if_exists(path: &Path) -> Result<(), ControlError> {
     }
 }
 
-enum Limited {
+/// Why [`read_limited`] read nothing.
+#[derive(Debug)]
+pub enum Limited {
+    /// The file holds more than the limit (its size, or what was read past it).
     TooLarge(u64),
+    /// It could not be opened or read, or is not a regular file (`InvalidInput`).
     Io(io::Error),
 }
 
-/// Reads a regular file of at most `limit` bytes, without following a symbolic link.
-fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, Limited> {
+/// Reads a regular file of at most `limit` bytes from a directory another user may control:
+/// never follows a symbolic link, never blocks on a FIFO, never reads past the limit. The
+/// agent reads requests and patches with it, `dsu` the agent's answers.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, Limited> {
     // Non-blocking: a FIFO planted as `patch` must not hang the agent thread in `open`.
     let file = OpenOptions::new()
         .read(true)
