@@ -15,31 +15,16 @@
 mod support;
 
 use std::fs;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use dsu_agent::report::{Outcome, Status};
-use support::{Fixture, WAIT, cargo_bin, cc_object, cc_program, rustc_object, scratch};
-
-/// What `dsu_fixture_compute(7)` returns before any patch (7 + 1).
-const ORIGINAL: u64 = 8;
-
-const RUST_X10: &str = r#"
-#[unsafe(no_mangle)]
-pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
-    x * 10
-}
-"#;
-
-const RUST_X10_PLUS_1: &str = r#"
-#[unsafe(no_mangle)]
-pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
-    x * 10 + 1
-}
-"#;
+use support::{
+    Fixture, ORIGINAL, RUST_X10, RUST_X10_PLUS_1, WAIT, cargo_bin, cc_object, cc_program, finish,
+    rustc_object, scratch,
+};
 
 const C_X10: &str = "
 unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
@@ -125,28 +110,12 @@ const BUSY_C: &str = include_str!("fixtures/busy.c");
 
 fn busy_target(dir: &Path, workers: u32) -> Fixture {
     let program = cargo_bin("busy_target");
-    assert!(
-        program.exists(),
-        "{} is missing: run `cargo build --workspace --all-targets` first",
-        program.display()
-    );
     Fixture::start(dir, &program, &[&workers.to_string()], &[])
-}
-
-/// An artifact of the agent crate (`libdsu_agent.a`, `libdsu_agent.so`) built by cargo.
-fn agent_library(name: &str) -> PathBuf {
-    let path = cargo_bin(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --all-targets` first",
-        path.display()
-    );
-    path
 }
 
 /// `tests/fixtures/busy.c` linked with `libdsu_agent.a`, calling `dsu_install()` in `main`.
 fn busy_c_linked(dir: &Path, workers: u32) -> Fixture {
-    let archive = agent_library("libdsu_agent.a");
+    let archive = cargo_bin("libdsu_agent.a");
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
     let mut flags = vec![
         "-pthread".to_string(),
@@ -163,7 +132,7 @@ fn busy_c_linked(dir: &Path, workers: u32) -> Fixture {
 /// `tests/fixtures/busy.c` built without any dsu code, started with
 /// `LD_PRELOAD=libdsu_agent.so`.
 fn busy_c_preloaded(dir: &Path, workers: u32) -> Fixture {
-    let library = agent_library("libdsu_agent.so");
+    let library = cargo_bin("libdsu_agent.so");
     let program = cc_program(dir, "busy_plain", &[("busy.c", BUSY_C)], &["-pthread"]);
     let symbols = Command::new("nm").arg(&program).output().unwrap();
     assert!(
@@ -191,42 +160,6 @@ fn spawn_dsu_apply(fx: &Fixture, patch: &Path, timeout_secs: u32) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run dsu")
-}
-
-/// Waits for a `dsu` started by [`spawn_dsu_apply`]; fails the test if it runs longer than
-/// `limit`.
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("dsu apply did not return within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_end(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_end(&mut stderr)
-        .unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
 }
 
 /// `dsu` is allowed its `--timeout`, plus the 2 s it waits beyond, plus slack for a loaded

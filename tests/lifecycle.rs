@@ -12,33 +12,20 @@
 
 mod support;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Fixture, cargo_bin, cc_object, rustc_object, scratch};
+use support::{
+    Fixture, ORIGINAL, RUST_X10, RUST_X10_PLUS_1, cargo_bin, cc_object, finish, rustc_object,
+    scratch,
+};
 
-/// `dsu_fixture_compute(7)` before any patch (7 + 1), and with each patch below.
-const ORIGINAL: u64 = 8;
+/// `dsu_fixture_compute(7)` with each patch (`support::ORIGINAL` before any).
 const X10: u64 = 70;
 const X10_PLUS_1: u64 = 71;
-
-const RUST_X10: &str = r#"
-#[unsafe(no_mangle)]
-pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
-    x * 10
-}
-"#;
-
-const RUST_X10_PLUS_1: &str = r#"
-#[unsafe(no_mangle)]
-pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
-    x * 10 + 1
-}
-"#;
 
 /// A `dsu_fixture_block` that still reads its byte but returns 100 more (`unblocked 101`
 /// instead of `unblocked 1`). It calls libc's `read`, so a thread blocked in it has a return
@@ -76,48 +63,8 @@ const _: () = {
 // ---- helpers ----
 
 fn busy_target(dir: &Path) -> Fixture {
-    let program = built("busy_target");
+    let program = cargo_bin("busy_target");
     Fixture::start(dir, &program, &["2"], &[])
-}
-
-/// A program cargo built for this workspace, which must exist.
-fn built(name: &str) -> PathBuf {
-    let path = cargo_bin(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --all-targets` first",
-        path.display()
-    );
-    path
-}
-
-/// Waits for `child`, killing it and failing the test if it runs longer than `limit`.
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{child:?} did not return within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_end(&mut stdout).unwrap();
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_end(&mut stderr).unwrap();
-    }
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
 }
 
 /// Starts `dsu COMMAND -p PID ARGS..` without waiting for it.
@@ -518,7 +465,7 @@ fn revert_of_an_unknown_id_is_refused_naming_it() {
 fn in_process_api_applies_lists_and_reverts() {
     let dir = scratch("lifecycle-in-process");
     let patch = rustc_object(&dir, "price_x9", RUST_PRICE_X9);
-    let example = built("in_process");
+    let example = cargo_bin("in_process");
     let run = |arg: &Path| {
         let child = Command::new(&example)
             .arg(arg)

@@ -84,16 +84,72 @@ pub fn rustc() -> String {
     std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string())
 }
 
-/// Path of a binary built by cargo for this workspace (`dsu`, examples).
+/// Path of an artifact cargo built for this workspace (`dsu`, examples, `libdsu_agent.*`),
+/// which must exist.
 pub fn cargo_bin(name: &str) -> PathBuf {
     let deps = std::env::current_exe().unwrap();
     let profile_dir = deps.parent().unwrap().parent().unwrap();
     let direct = profile_dir.join(name);
-    if direct.exists() {
-        return direct;
-    }
-    profile_dir.join("examples").join(name)
+    let path = if direct.exists() {
+        direct
+    } else {
+        profile_dir.join("examples").join(name)
+    };
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first",
+        path.display()
+    );
+    path
 }
+
+/// Waits for `child`, killing it and failing the test if it runs longer than `limit`.
+pub fn finish(mut child: std::process::Child, limit: std::time::Duration) -> std::process::Output {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{child:?} did not return within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_end(&mut stdout).unwrap();
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_end(&mut stderr).unwrap();
+    }
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// What `dsu_fixture_compute(7)` returns before any patch (7 + 1), in the fixture programs.
+pub const ORIGINAL: u64 = 8;
+
+/// Rust patches of the fixtures' `dsu_fixture_compute`: 7 -> 70 and 7 -> 71.
+pub const RUST_X10: &str = r#"
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
+    x * 10
+}
+"#;
+
+pub const RUST_X10_PLUS_1: &str = r#"
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_fixture_compute(x: u64) -> u64 {
+    x * 10 + 1
+}
+"#;
 
 /// How long any single wait of a test may take before it fails instead of hanging.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(15);
