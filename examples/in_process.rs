@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! price 3       -> price(3) = 30
-//! apply PATCH.o -> applied patch 1 from PATCH.o in 812 us after 1 attempt: dsu_example_price (redirect)
+//! apply PATCH.o -> applied patch 1 from PATCH.o in 812 us after 1 attempt: dsu_example_price (in-place)
 //! price 3       -> price(3) = 27              (whatever the patch computes)
 //! patches       -> patch 1: PATCH.o, sha256 <64 hex digits>, replaces dsu_example_price
 //! revert        -> reverted patch 1
