@@ -61,18 +61,12 @@ pub enum PrepareError {
 /// The entry jump that switches one function to its new version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
-    pub name: String,
-    pub module: String,
-    /// Address of the old function.
-    pub old_address: usize,
-    pub old_size: u64,
     /// Where the jump is written: the entry, or just after its `endbr64`.
     pub site: usize,
     /// The jump.
     pub bytes: [u8; JMP_REL32_LEN],
-    /// What the jump overwrites (for rollback and revert).
+    /// What the jump overwrites in the code given (the function's pristine bytes).
     pub original: [u8; JMP_REL32_LEN],
-    pub new_address: usize,
 }
 
 /// Checks the function's code (`code` is its bytes, read from `address`) and builds its jump.
@@ -107,14 +101,9 @@ pub fn plan_redirect(
     let mut original = [0; JMP_REL32_LEN];
     original.copy_from_slice(&code[skip..skip + JMP_REL32_LEN]);
     Ok(Redirect {
-        name: name.into(),
-        module: module.into(),
-        old_address: address,
-        old_size: code.len() as u64,
         site,
         bytes,
         original,
-        new_address,
     })
 }
 

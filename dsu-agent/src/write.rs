@@ -38,6 +38,8 @@ impl CodeEdit {
 pub struct WriteFailure {
     pub index: usize,
     pub error: io::Error,
+    /// Whether every edit written before the failing one was restored.
+    pub rolled_back: bool,
 }
 
 /// Applies all `edits` or none: on a failure the edits already written are restored.
@@ -50,14 +52,18 @@ pub unsafe fn apply_all(writer: &CodeWriter, edits: &[CodeEdit]) -> Result<(), W
     for (index, edit) in edits.iter().enumerate() {
         // SAFETY: guaranteed by the caller: mapped, and no thread executes these bytes.
         if let Err(error) = unsafe { writer.write(edit.site, &edit.bytes) } {
+            let mut rolled_back = true;
             for done in edits[..index].iter().rev() {
-                // SAFETY: as above; restoring bytes this function just wrote. A failure here
-                // cannot be reported better than the first one, which is returned.
-                let _ = unsafe { writer.write(done.site, &done.original) };
+                // SAFETY: as above; restoring bytes this function just wrote.
+                rolled_back &= unsafe { writer.write(done.site, &done.original) }.is_ok();
                 cpu::flush_icache(done.site, done.original.len());
             }
             let _ = cpu::sync_cores();
-            return Err(WriteFailure { index, error });
+            return Err(WriteFailure {
+                index,
+                error,
+                rolled_back,
+            });
         }
         cpu::flush_icache(edit.site, edit.bytes.len());
     }

@@ -7,7 +7,9 @@ use crate::link::LinkError;
 use crate::prepare::PrepareError;
 use crate::stop::StopError;
 
-/// Why an update did not happen. In every case the process's code is as it was.
+/// Why an update did not happen. The process's code is as it was in every case but one: a
+/// failed code write whose rollback failed too (`Write` with `rolled_back: false`), which says
+/// so.
 #[derive(Debug, Error)]
 pub enum UpdateError {
     #[error(transparent)]
@@ -35,12 +37,18 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
-        "writing the code of {function} at {site:#x} failed: {source}; the edits written before it were rolled back"
+        "writing the code of {function} at {site:#x} failed: {source}; {}",
+        if *.rolled_back {
+            "the edits written before it were rolled back: nothing was changed"
+        } else {
+            "rolling back the edits written before it failed too: the process's code is partly patched"
+        }
     )]
     Write {
         function: String,
         site: usize,
         source: std::io::Error,
+        rolled_back: bool,
     },
     #[error("cannot prepare to stop threads: {0}")]
     StopPrepare(std::io::Error),

@@ -461,6 +461,7 @@ impl Engine {
                         function: edit_names.get(failure.index).unwrap_or(&"?").to_string(),
                         site: edits[failure.index].site,
                         source: failure.error,
+                        rolled_back: failure.rolled_back,
                     });
                 }
             };
