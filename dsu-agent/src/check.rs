@@ -23,8 +23,12 @@ use std::ops::ControlFlow;
 
 use dsu_sys::modules::LoadedModule;
 
-use crate::stop::{ParkedThread, StackBounds, Stopped};
-use crate::unwind::{CfiTables, FrameKind, StackMemory, Unwinder, WalkEnd};
+use dsu_sys::signal::Registers;
+use dsu_sys::stack::StackMaps;
+
+use crate::hold::Holds;
+use crate::stop::{ParkedThread, StackBounds, Stopped, stack_bounds};
+use crate::unwind::{CfiTables, FrameKind, StackCopy, StackMemory, Unwinder, WalkEnd};
 
 /// Address ranges `[start, end)` of the function versions being replaced, each labelled with
 /// the index of its target (the function it is a version of).
@@ -150,12 +154,29 @@ pub enum CheckError {
          cannot be proven inactive; retry later"
     )]
     TooManySignalFrames { tid: i32 },
+    #[error(
+        "thread {tid} waits with {size} bytes of stack, more than the {copied} bytes copied to \
+         check it without stopping it"
+    )]
+    StackNotCopied {
+        tid: i32,
+        size: usize,
+        copied: usize,
+    },
     #[error("unwind information of a patch (.eh_frame at {start:#x}, {len} bytes): {source}")]
     EhFrame {
         start: usize,
         len: usize,
         source: gimli::Error,
     },
+}
+
+/// Where a walk starts.
+enum Start<'a> {
+    /// A stopped thread's interrupted registers.
+    Registers(&'a Registers),
+    /// A waiting thread's stack and instruction pointers.
+    SpPc(u64, u64),
 }
 
 /// Signal frames the scan follows from one thread (nested signals).
@@ -295,36 +316,99 @@ impl Checker {
         // SAFETY: the map was read while `stopped` holds every other thread, and it still does
         // (it is borrowed for this call).
         let mem = unsafe { StackMemory::new(stopped.maps(), thread.alt_stack) };
-        let tid = thread.tid;
-        let mut found = None;
-        let end = self
-            .unwinder
-            .walk(&self.tables, &mem, &thread.regs, |frame| {
-                let pc = frame.pc as usize;
-                let hit = match frame.kind {
-                    FrameKind::Interrupted => ranges.find(pc).map(|t| (t, How::Pc)),
-                    FrameKind::Return => ranges.find_return(pc).map(|t| {
-                        let depth = frame.depth;
-                        (t, How::ReturnAddress { depth })
-                    }),
-                    FrameKind::Signal => ranges.find(pc).map(|t| {
-                        let depth = frame.depth;
-                        (t, How::Interrupted { depth })
-                    }),
-                };
-                match hit {
-                    Some((target, how)) => {
-                        found = Some(Activity {
-                            target,
-                            tid,
-                            pc: frame.pc,
-                            how,
-                        });
-                        ControlFlow::Break(())
-                    }
-                    None => ControlFlow::Continue(()),
-                }
+        self.check_walk(&mem, thread.tid, Start::Registers(&thread.regs), ranges)
+    }
+
+    /// Whether a thread that waits in a system call, at stack pointer `sp` and instruction
+    /// pointer `pc` as `/proc/self/task/<tid>/syscall` showed them, executes or returns into a
+    /// range. The thread is not stopped: its stack is first copied into `buf` (through
+    /// `process_vm_readv`, so a thread that exits meanwhile costs an error, not a fault), and
+    /// only the copy is read. The caller must make sure the thread did not run between the
+    /// `syscall` read and the end of this call (its switch count), or the copy may mix two
+    /// states. Allocates nothing.
+    ///
+    /// Only `sp` and `pc` are known, so frames whose CFA needs another register are covered
+    /// by the conservative scan of the copy. A stack larger than `buf` that the precise walk
+    /// cannot finish is unproven ([`CheckError::StackNotCopied`]).
+    pub fn find_active_waiting(
+        &mut self,
+        maps: &StackMaps,
+        tid: i32,
+        (sp, pc): (u64, u64),
+        buf: &mut [u8],
+        ranges: &Ranges,
+    ) -> Result<Option<Activity>, CheckError> {
+        self.last_end = None;
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        let region =
+            stack_bounds(maps, sp as usize, None).ok_or(CheckError::NoStack { tid, sp })?;
+        let start = (sp as usize & !7).max(region.start);
+        let want = (region.end - start).min(buf.len());
+        let got = dsu_sys::mem::copy_from_self(start, &mut buf[..want])
+            .map_err(|_| CheckError::NoStack { tid, sp })?;
+        if got == 0 {
+            return Err(CheckError::NoStack { tid, sp });
+        }
+        let truncated = start + got < region.end;
+        let copy = StackCopy {
+            start,
+            bytes: &buf[..got],
+        };
+        let mem = StackMemory::copied(maps, copy);
+        let found = self.check_walk(&mem, tid, Start::SpPc(sp, pc), ranges)?;
+        if found.is_none() && truncated && matches!(self.last_end, Some(WalkEnd::Failed { .. })) {
+            return Err(CheckError::StackNotCopied {
+                tid,
+                size: region.end - start,
+                copied: got,
             });
+        }
+        Ok(found)
+    }
+
+    fn check_walk(
+        &mut self,
+        mem: &StackMemory<'_>,
+        tid: i32,
+        start: Start<'_>,
+        ranges: &Ranges,
+    ) -> Result<Option<Activity>, CheckError> {
+        let holds = Holds;
+        let mut found = None;
+        let visit = |frame: &crate::unwind::Frame| {
+            let pc = frame.pc as usize;
+            let hit = match frame.kind {
+                FrameKind::Interrupted => ranges.find(pc).map(|t| (t, How::Pc)),
+                FrameKind::Return => ranges.find_return(pc).map(|t| {
+                    let depth = frame.depth;
+                    (t, How::ReturnAddress { depth })
+                }),
+                // A thread held at a breakpoint has not executed the site it trapped at.
+                FrameKind::Signal if holds.is_hold(tid, frame.pc, frame.sp) => None,
+                FrameKind::Signal => ranges.find(pc).map(|t| {
+                    let depth = frame.depth;
+                    (t, How::Interrupted { depth })
+                }),
+            };
+            match hit {
+                Some((target, how)) => {
+                    found = Some(Activity {
+                        target,
+                        tid,
+                        pc: frame.pc,
+                        how,
+                    });
+                    ControlFlow::Break(())
+                }
+                None => ControlFlow::Continue(()),
+            }
+        };
+        let end = match start {
+            Start::Registers(regs) => self.unwinder.walk(&self.tables, mem, regs, visit),
+            Start::SpPc(sp, pc) => self.unwinder.walk_sp_pc(&self.tables, mem, sp, pc, visit),
+        };
         if found.is_some() {
             return Ok(found);
         }
@@ -332,7 +416,7 @@ impl Checker {
         match end {
             WalkEnd::Outermost | WalkEnd::Stopped => Ok(None),
             WalkEnd::Failed { at, region, .. } => match region {
-                Some(region) => self.scan(&mem, region, at.sp as usize, tid, ranges),
+                Some(region) => self.scan(mem, region, at.sp as usize, tid, ranges),
                 None => Err(CheckError::NoStack { tid, sp: at.sp }),
             },
         }
@@ -378,8 +462,11 @@ impl Checker {
                             how,
                         }));
                     }
-                    let next = mem.region(regs.rsp as usize);
-                    if let Some(next) = next.filter(|n| !done[..seen].contains(n)) {
+                    // A stack that cannot be read cannot be proven inactive.
+                    let next = mem
+                        .region(regs.rsp as usize)
+                        .ok_or(CheckError::NoStack { tid, sp: regs.rsp })?;
+                    if !done[..seen].contains(&next) {
                         if pending == MAX_SCAN_REGIONS || seen == MAX_SCAN_REGIONS {
                             return Err(CheckError::TooManySignalFrames { tid });
                         }

@@ -361,6 +361,12 @@ impl StopWorld {
         self.sig
     }
 
+    /// Look-up of the mappings (prepared by [`prepare`](Self::prepare)); for threads that are
+    /// not stopped, whose stacks are read through copies.
+    pub fn maps(&self) -> &StackMaps {
+        &self.maps
+    }
+
     /// How many threads a stop can hold without [`prepare`](Self::prepare) again.
     pub fn capacity(&self) -> usize {
         self.array.map_or(0, |a| a.slots.len())
@@ -390,6 +396,25 @@ impl StopWorld {
     /// Stops every other thread of the process, within `timeout`. Allocates nothing, takes no
     /// lock, prints nothing. On any error all threads run again.
     pub fn stop(&mut self, timeout: Duration) -> Result<Stopped<'_>, StopError> {
+        self.stop_selected(None, timeout)
+    }
+
+    /// Stops only the threads `tids` (the threads found running; threads that wait in a system
+    /// call are left alone), within `timeout`. Threads that exit meanwhile are dropped. Allocates
+    /// nothing, takes no lock, prints nothing. On any error all threads run again.
+    pub fn stop_threads(
+        &mut self,
+        tids: &[i32],
+        timeout: Duration,
+    ) -> Result<Stopped<'_>, StopError> {
+        self.stop_selected(Some(tids), timeout)
+    }
+
+    fn stop_selected(
+        &mut self,
+        only: Option<&[i32]>,
+        timeout: Duration,
+    ) -> Result<Stopped<'_>, StopError> {
         let array = match self.array {
             Some(a) if std::ptr::eq(CURRENT.load(Ordering::Acquire), a) => a,
             _ => {
@@ -424,7 +449,11 @@ impl StopWorld {
         array.state.store(u64::from(round) << 32, Ordering::Release);
         self.expected.clear();
         self.parked.clear();
-        match self.stop_round(array, round, me, deadline, timeout) {
+        let stopped = match only {
+            None => self.stop_round(array, round, me, deadline, timeout),
+            Some(tids) => self.stop_listed(array, round, tids, deadline, timeout),
+        };
+        match stopped {
             Ok(()) => Ok(Stopped {
                 world: self,
                 round,
@@ -470,6 +499,42 @@ impl StopWorld {
             }
         }
         self.collect(array, round)?;
+        self.bound_stacks()
+    }
+
+    /// A round for the given threads only: signal each, wait until each has parked or exited.
+    fn stop_listed(
+        &mut self,
+        array: &'static SlotArray,
+        round: u32,
+        tids: &[i32],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), StopError> {
+        for &tid in tids {
+            match threads::tgkill(tid, self.sig) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                Err(source) => return Err(StopError::Signal { tid, source }),
+            }
+            if self.expected.len() == self.expected.capacity() {
+                return Err(StopError::PrepareAgain {
+                    what: "thread slots",
+                });
+            }
+            self.expected.push(tid);
+        }
+        self.expected.sort_unstable();
+        array
+            .expected
+            .store(self.expected.len() as u32, Ordering::Release);
+        self.wait_parked(array, round, deadline, timeout)?;
+        self.collect(array, round)?;
+        self.bound_stacks()
+    }
+
+    /// Looks up the stack mapping of every parked thread.
+    fn bound_stacks(&mut self) -> Result<(), StopError> {
         self.maps.refresh().map_err(|e| {
             if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
                 StopError::PrepareAgain { what: "memory map" }

@@ -309,10 +309,22 @@ unsafe fn module_table(m: &LoadedModule) -> Result<Table, String> {
 
 /// Read access to one stopped thread's stacks: its regular stack and alternate signal stack,
 /// bounded by the mappings as they are while the thread is stopped.
+///
+/// For a thread that is not stopped (it waits in a system call and may wake up or exit at any
+/// time), the memory is a copy of its stack taken beforehand ([`StackMemory::copied`]): reads
+/// outside the copy find nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct StackMemory<'a> {
     maps: &'a StackMaps,
     alt: Option<AltStack>,
+    copy: Option<StackCopy<'a>>,
+}
+
+/// A copy of `bytes.len()` bytes of stack that lay at `start`.
+#[derive(Debug, Clone, Copy)]
+pub struct StackCopy<'a> {
+    pub start: usize,
+    pub bytes: &'a [u8],
 }
 
 impl<'a> StackMemory<'a> {
@@ -320,12 +332,34 @@ impl<'a> StackMemory<'a> {
     /// `maps` was refreshed while every thread but the caller was stopped, and they are still
     /// stopped while this is used: no mapping changes.
     pub unsafe fn new(maps: &'a StackMaps, alt: Option<AltStack>) -> StackMemory<'a> {
-        StackMemory { maps, alt }
+        StackMemory {
+            maps,
+            alt,
+            copy: None,
+        }
     }
 
-    /// The stack region a stack pointer points into (see [`stack_bounds`]).
+    /// Memory of a thread that is not stopped: only `copy` is read, never live memory.
+    pub fn copied(maps: &'a StackMaps, copy: StackCopy<'a>) -> StackMemory<'a> {
+        StackMemory {
+            maps,
+            alt: None,
+            copy: Some(copy),
+        }
+    }
+
+    /// The stack region a stack pointer points into (see [`stack_bounds`]); for a copy, the
+    /// part of it the copy holds.
     pub fn region(&self, sp: usize) -> Option<StackBounds> {
-        stack_bounds(self.maps, sp, self.alt)
+        let bounds = stack_bounds(self.maps, sp, self.alt)?;
+        match self.copy {
+            None => Some(bounds),
+            Some(c) => {
+                let start = bounds.start.max(c.start);
+                let end = bounds.end.min(c.start + c.bytes.len());
+                (start < end && sp >= start && sp <= end).then_some(StackBounds { start, end })
+            }
+        }
     }
 
     /// The word at `addr` if `[addr, addr + 8)` lies in `region`.
@@ -334,6 +368,11 @@ impl<'a> StackMemory<'a> {
             return None;
         }
         debug_assert!(region.contains(addr) && region.contains(addr + 7));
+        if let Some(c) = self.copy {
+            let at = addr.checked_sub(c.start)?;
+            let word: [u8; 8] = c.bytes.get(at..at + 8)?.try_into().ok()?;
+            return Some(u64::from_ne_bytes(word));
+        }
         // SAFETY: `region` comes from `self.region`, a readable mapping of the snapshot taken
         // while stopped (contract of `new`), and the word lies inside it (checked above).
         let bytes = unsafe { std::ptr::read_volatile(addr as *const [u8; 8]) };
@@ -459,9 +498,35 @@ impl Unwinder {
         tables: &CfiTables,
         mem: &StackMemory<'_>,
         regs: &Registers,
+        visit: impl FnMut(&Frame) -> ControlFlow<()>,
+    ) -> WalkEnd {
+        self.walk_regs(tables, mem, dwarf_regs(regs), visit)
+    }
+
+    /// As [`walk`](Self::walk), for a thread of which only the stack and instruction pointers
+    /// are known (a thread waiting in a system call): frames whose CFA needs another register
+    /// end the walk with [`Failure::LostRegister`].
+    pub fn walk_sp_pc(
+        &mut self,
+        tables: &CfiTables,
+        mem: &StackMemory<'_>,
+        sp: u64,
+        pc: u64,
+        visit: impl FnMut(&Frame) -> ControlFlow<()>,
+    ) -> WalkEnd {
+        let mut regs: Regs = [None; dwarf::COUNT];
+        regs[dwarf::RSP as usize] = Some(sp);
+        regs[dwarf::RA as usize] = Some(pc);
+        self.walk_regs(tables, mem, regs, visit)
+    }
+
+    fn walk_regs(
+        &mut self,
+        tables: &CfiTables,
+        mem: &StackMemory<'_>,
+        mut regs: Regs,
         mut visit: impl FnMut(&Frame) -> ControlFlow<()>,
     ) -> WalkEnd {
-        let mut regs = dwarf_regs(regs);
         let mut frame = Frame {
             depth: 0,
             pc: regs[dwarf::RA as usize].unwrap_or(0),

@@ -1,5 +1,7 @@
-//! Write: store the prepared entry jumps while every other thread is parked, then make every
-//! core resynchronise before any of them runs again.
+//! Write: store the prepared edits and make every core resynchronise before any thread runs
+//! them. With every other thread parked, [`apply_all`] writes each edit at once; while threads
+//! that wait in system calls keep running, [`place_breakpoints`] and
+//! [`finish_behind_breakpoints`] write in the three steps of [`crate::hold`].
 //!
 //! **Runs while threads are stopped**: everything here is async-signal-safe. It allocates
 //! nothing, takes no lock and prints nothing; errors carry only an index and an OS error code.
@@ -13,6 +15,8 @@ use std::io;
 
 use dsu_sys::code::CodeWriter;
 use dsu_sys::cpu;
+
+use crate::hold::BREAKPOINT;
 
 /// One code change: `bytes` replace `original` (of the same length) at `site`. Built before
 /// the stop; writing it only reads the buffers.
@@ -69,6 +73,128 @@ pub unsafe fn apply_all(writer: &CodeWriter, edits: &[CodeEdit]) -> Result<(), W
     }
     // Parked threads resume through `sigreturn`, which serialises, but a thread interrupted
     // by the kernel elsewhere must not run stale prefetched bytes either.
+    let _ = cpu::sync_cores();
+    Ok(())
+}
+
+/// Step 1 of a write while some threads run ([`crate::hold`]): an `int3` on the first byte of
+/// every edit, then every core resynchronised. From then on a thread that reaches a site is
+/// held there. On a failure the breakpoints already placed are removed again.
+/// Runs while threads are held: async-signal-safe.
+///
+/// # Safety
+/// Each `site` lies in mapped code and starts an instruction (or is the entry of a function);
+/// a breakpoint window is open ([`crate::hold::Window`]) and every site is registered.
+pub unsafe fn place_breakpoints(
+    writer: &CodeWriter,
+    edits: &[CodeEdit],
+) -> Result<(), WriteFailure> {
+    for (index, edit) in edits.iter().enumerate() {
+        // SAFETY: a one-byte store is atomic for every core: a thread executes either the old
+        // instruction or the breakpoint (the caller vouches for the site).
+        if let Err(error) = unsafe { writer.write(edit.site, &[BREAKPOINT]) } {
+            let rolled_back = restore_first_bytes(writer, &edits[..index]);
+            let _ = cpu::sync_cores();
+            return Err(WriteFailure {
+                index,
+                error,
+                rolled_back,
+            });
+        }
+    }
+    let _ = cpu::sync_cores();
+    Ok(())
+}
+
+/// Undoes [`place_breakpoints`]: the original first byte of every edit, then every core
+/// resynchronised. Returns whether every byte was restored. Async-signal-safe.
+///
+/// # Safety
+/// As for [`place_breakpoints`], and only the first bytes were changed.
+pub unsafe fn remove_breakpoints(writer: &CodeWriter, edits: &[CodeEdit]) -> bool {
+    let restored = restore_first_bytes(writer, edits);
+    let _ = cpu::sync_cores();
+    restored
+}
+
+fn restore_first_bytes(writer: &CodeWriter, edits: &[CodeEdit]) -> bool {
+    let mut restored = true;
+    for edit in edits.iter().rev() {
+        let Some(&first) = edit.original.first() else {
+            continue;
+        };
+        // SAFETY: puts back the byte this write replaced with a breakpoint (see callers).
+        restored &= unsafe { writer.write(edit.site, &[first]) }.is_ok();
+    }
+    restored
+}
+
+/// Steps 2 and 3 of a write while some threads run: the bytes after the first of every edit,
+/// every core resynchronised, then the first bytes, and every core resynchronised again. No
+/// thread executes a site meanwhile: its first byte traps. On a failure every edit is put back
+/// and the breakpoints removed. Async-signal-safe.
+///
+/// # Safety
+/// [`place_breakpoints`] succeeded for `edits`, and the activeness check showed no thread
+/// inside any edited range after that (threads held at a site have not executed it).
+pub unsafe fn finish_behind_breakpoints(
+    writer: &CodeWriter,
+    edits: &[CodeEdit],
+) -> Result<(), WriteFailure> {
+    for (index, edit) in edits.iter().enumerate() {
+        if edit.len() < 2 {
+            continue;
+        }
+        // SAFETY: no thread executes these bytes: the instruction they belong to starts with a
+        // breakpoint and no thread was inside (caller's contract).
+        if let Err(error) = unsafe { writer.write(edit.site + 1, &edit.bytes[1..]) } {
+            let mut rolled_back = true;
+            for done in edits[..index].iter().rev().filter(|e| e.len() >= 2) {
+                // SAFETY: as above; restoring bytes this function just wrote.
+                rolled_back &= unsafe { writer.write(done.site + 1, &done.original[1..]) }.is_ok();
+            }
+            let _ = cpu::sync_cores();
+            rolled_back &= restore_first_bytes(writer, edits);
+            let _ = cpu::sync_cores();
+            return Err(WriteFailure {
+                index,
+                error,
+                rolled_back,
+            });
+        }
+        cpu::flush_icache(edit.site + 1, edit.len() - 1);
+    }
+    let _ = cpu::sync_cores();
+    for (index, edit) in edits.iter().enumerate() {
+        let Some(&first) = edit.bytes.first() else {
+            continue;
+        };
+        // SAFETY: one atomic byte completes an instruction whose other bytes are in place and
+        // synchronised on every core.
+        if let Err(error) = unsafe { writer.write(edit.site, &[first]) } {
+            // Rare (the same pages were just written): undo every edit, breakpoints first.
+            let _ = cpu::sync_cores();
+            let mut rolled_back = true;
+            for e in edits {
+                // SAFETY: restoring the original bytes of edits this function wrote.
+                rolled_back &= unsafe { writer.write(e.site, &[BREAKPOINT]) }.is_ok();
+            }
+            let _ = cpu::sync_cores();
+            for e in edits.iter().filter(|e| e.len() >= 2) {
+                // SAFETY: as above.
+                rolled_back &= unsafe { writer.write(e.site + 1, &e.original[1..]) }.is_ok();
+            }
+            let _ = cpu::sync_cores();
+            rolled_back &= restore_first_bytes(writer, edits);
+            let _ = cpu::sync_cores();
+            return Err(WriteFailure {
+                index,
+                error,
+                rolled_back,
+            });
+        }
+        cpu::flush_icache(edit.site, 1);
+    }
     let _ = cpu::sync_cores();
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod mem;
 pub mod modules;
 pub mod signal;
 pub mod stack;
+pub mod tasks;
 pub mod threads;
 pub mod tls;
 pub mod x86;

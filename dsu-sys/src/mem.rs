@@ -353,9 +353,54 @@ fn try_map_at(addr: usize, len: usize, prot: Prot) -> io::Result<Option<Mapping>
     Ok(Some(mapping))
 }
 
+/// Copies `buf.len()` bytes of this process's memory from `addr` into `buf` without faulting
+/// on an unmapped page: `process_vm_readv` on the own process, which returns how many bytes it
+/// could copy (fewer when the range reaches an unmapped page, 0 or `EFAULT` when `addr` is
+/// unmapped). For memory another thread may unmap meanwhile, such as the stack of a thread
+/// that is not stopped and may exit. Async-signal-safe.
+pub fn copy_from_self(addr: usize, buf: &mut [u8]) -> io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, a live writable slice of its length; `remote` is only
+    // read by the kernel, which checks it against this process's mappings.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_from_self_stops_at_unmapped_memory() {
+        let data = [7u8, 8, 9, 10];
+        let mut buf = [0u8; 4];
+        assert_eq!(copy_from_self(data.as_ptr() as usize, &mut buf).unwrap(), 4);
+        assert_eq!(buf, data);
+        let page = Mapping::map_anywhere(1, Prot::Read).unwrap();
+        let mut big = vec![0u8; page.len() + 16];
+        // Up to the end of the mapping (the next page is unmapped or another mapping).
+        let n = copy_from_self(page.addr(), &mut big).unwrap_or(0);
+        assert!(n >= page.len() || n == 0);
+        let (addr, len) = page.leak();
+        // SAFETY: the page was just mapped here and nothing refers to it.
+        unsafe { unmap(addr, len) }.unwrap();
+        assert!(copy_from_self(addr, &mut buf).map_or(true, |n| n == 0));
+        assert_eq!(copy_from_self(0, &mut []).unwrap(), 0);
+    }
     use crate::maps::Perms;
 
     const PAGE: usize = 0x1000;

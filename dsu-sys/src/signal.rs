@@ -101,6 +101,9 @@ pub enum BlockDuring {
     Nothing,
     /// Every blockable signal: no other handler can run on a thread inside this one.
     Everything,
+    /// Every blockable signal but this one (so a thread waiting inside the handler can still be
+    /// stopped with it).
+    EverythingBut(i32),
 }
 
 /// Installs `handler` for `sig` with `SA_SIGINFO | SA_RESTART | SA_ONSTACK`; returns the
@@ -126,6 +129,10 @@ pub unsafe fn install(
         match block {
             BlockDuring::Nothing => libc::sigemptyset(&mut (*act_ptr).sa_mask),
             BlockDuring::Everything => libc::sigfillset(&mut (*act_ptr).sa_mask),
+            BlockDuring::EverythingBut(other) => {
+                libc::sigfillset(&mut (*act_ptr).sa_mask);
+                libc::sigdelset(&mut (*act_ptr).sa_mask, other)
+            }
         };
     }
     let mut old = MaybeUninit::<libc::sigaction>::zeroed();
@@ -247,6 +254,32 @@ impl Registers {
         unsafe { copy_gregs(uc, &mut gregs) };
         Registers::from_gregs(&gregs)
     }
+}
+
+/// The interrupted instruction and stack pointers of a signal context. Async-signal-safe.
+///
+/// # Safety
+/// `uc` points to a live `ucontext_t`.
+pub unsafe fn ucontext_pc_sp(uc: *const libc::ucontext_t) -> (u64, u64) {
+    // SAFETY: the caller guarantees `uc` is live; the indices are within `gregs`.
+    unsafe {
+        let g = &(*uc).uc_mcontext.gregs;
+        (
+            g[libc::REG_RIP as usize] as u64,
+            g[libc::REG_RSP as usize] as u64,
+        )
+    }
+}
+
+/// Sets the instruction pointer the thread resumes at when the handler returns.
+/// Async-signal-safe.
+///
+/// # Safety
+/// `uc` points to the live `ucontext_t` of the running handler, and `pc` is an instruction
+/// boundary the interrupted code may resume at.
+pub unsafe fn set_ucontext_pc(uc: *mut libc::ucontext_t, pc: u64) {
+    // SAFETY: the caller guarantees `uc` is the live, writable context of this handler.
+    unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64 };
 }
 
 /// Copies the general registers of a signal context into `out` (indices `libc::REG_*`), with no

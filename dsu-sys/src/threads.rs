@@ -175,7 +175,7 @@ fn parse_dirents(raw: &[u8], out: &mut [i32], mut count: usize) -> io::Result<us
 }
 
 /// Pure: a positive decimal `i32`, or `None` (`.`, `..`, overflow, empty).
-fn parse_decimal(s: &[u8]) -> Option<i32> {
+pub(crate) fn parse_decimal(s: &[u8]) -> Option<i32> {
     if s.is_empty() {
         return None;
     }
@@ -246,7 +246,7 @@ fn parse_stat_state(line: &[u8]) -> Option<u8> {
 }
 
 /// Pure: writes `v` in decimal at the start of `out`, returns the length (at most 10).
-fn write_decimal(mut v: u32, out: &mut [u8]) -> usize {
+pub(crate) fn write_decimal(mut v: u32, out: &mut [u8]) -> usize {
     let mut tmp = [0u8; 10];
     let mut n = 0;
     loop {

@@ -236,7 +236,7 @@ impl Fixture {
         match self.lines.recv_timeout(WAIT) {
             Ok(line) => line,
             Err(e) => {
-                let alive = self.alive();
+                let alive = self.state();
                 panic!(
                     "no line from process {} within {WAIT:?} ({e}); alive: {alive}; its log:\n{}",
                     self.pid,
@@ -250,7 +250,7 @@ impl Fixture {
     pub fn send(&mut self, command: &str) -> String {
         use std::io::Write;
         if let Err(e) = writeln!(self.stdin, "{command}").and_then(|()| self.stdin.flush()) {
-            let alive = self.alive();
+            let alive = self.state();
             panic!(
                 "cannot send {command:?} to process {}: {e}; alive: {alive}; its log:\n{}",
                 self.pid,
@@ -336,6 +336,15 @@ impl Fixture {
 
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// "yes", or how the process ended (exit code or signal), for failure messages.
+    pub fn state(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(None) => "yes".to_string(),
+            Ok(Some(status)) => format!("no, {status}"),
+            Err(e) => format!("unknown ({e})"),
+        }
     }
 
     /// The program's stderr without the workers' progress lines: the agent's log.

@@ -37,6 +37,26 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
+        "thread {tid} ({name}) runs with the stop signal {signal} blocked, so it cannot be \
+         stopped and checked; after {attempts} attempts over {waited_ms} ms nothing was changed. \
+         Retry when that thread waits in a system call (waiting threads are checked without a \
+         signal), or give the agent a stop signal the thread does not block (DSU_STOP_SIGNAL)"
+    )]
+    StopSignalBlocked {
+        tid: i32,
+        name: String,
+        signal: i32,
+        attempts: u32,
+        waited_ms: u64,
+    },
+    #[error(
+        "the threads did not settle after {attempts} attempts over {waited_ms} ms (threads \
+         were being created or exiting the whole time); nothing was changed"
+    )]
+    Unsettled { attempts: u32, waited_ms: u64 },
+    #[error("cannot survey the process's threads: {0}")]
+    Survey(#[from] crate::survey::SurveyError),
+    #[error(
         "writing the code of {function} at {site:#x} failed: {source}; {}",
         if *.rolled_back {
             "the edits written before it were rolled back: nothing was changed"
@@ -88,9 +108,10 @@ impl UpdateError {
     /// Number of activeness checks made before giving up, when known.
     pub fn attempts(&self) -> u32 {
         match self {
-            UpdateError::Active { attempts, .. } | UpdateError::Unproven { attempts, .. } => {
-                *attempts
-            }
+            UpdateError::Active { attempts, .. }
+            | UpdateError::Unproven { attempts, .. }
+            | UpdateError::StopSignalBlocked { attempts, .. }
+            | UpdateError::Unsettled { attempts, .. } => *attempts,
             _ => 0,
         }
     }

@@ -18,6 +18,7 @@
 
 #![allow(unsafe_code)]
 
+mod attempt;
 mod error;
 mod plan;
 mod record;
@@ -32,12 +33,12 @@ use sha2::{Digest, Sha256};
 pub use self::error::UpdateError;
 pub use self::record::{AppliedFunction, AppliedPatch, Policy, Stages, Strategy};
 use crate::callsites::CallIndex;
-use crate::check::{Activity, Checker, Ranges};
+use crate::check::{Checker, Ranges};
 use crate::link::{self, LinkError, LinkedPatch};
 use crate::names::{self, CodeName};
 use crate::prepare;
 use crate::resolve::{ResolveError, SymbolIndex};
-use crate::stop::{StopError, StopWorld};
+use crate::stop::StopWorld;
 use crate::unwind;
 use crate::write::{self, CodeEdit};
 
@@ -69,6 +70,7 @@ pub struct Engine {
     /// Direct call sites per module (by name), decoded once.
     calls: HashMap<String, Arc<CallIndex>>,
     patches: Vec<AppliedPatch>,
+    live: attempt::LiveBuffers,
 }
 
 impl std::fmt::Debug for Engine {
@@ -81,12 +83,15 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     pub fn new(stopper: StopWorld, writer: CodeWriter) -> Engine {
+        // Without it, every update stops every thread (see `live_writes`).
+        let _ = crate::hold::install(stopper.signal());
         Engine {
             stopper,
             writer,
             index: None,
             calls: HashMap::new(),
             patches: Vec::new(),
+            live: attempt::LiveBuffers::new(),
         }
     }
 
@@ -393,70 +398,55 @@ impl Engine {
             // revert's check; the new image is owned by the caller for the whole update).
             unsafe { checker.add_eh_frame(start, len) }.map_err(UpdateError::Unwind)?;
         }
+        let live = self.live_writes();
+        if live {
+            crate::hold::register_sites(edits.iter().map(|e| e.site));
+        }
+        let job = attempt::Job {
+            writer: &self.writer,
+            edits,
+            ranges,
+            policy,
+        };
         let mut backoff = policy.backoff;
         let mut attempts = 0;
         let mut stages = Stages::default();
-        // Per target: in how many attempts it was active, and the latest sighting. Allocated
-        // here, only updated in place while threads are stopped.
-        let mut rounds_active = vec![0u32; names.len()];
-        let mut last_seen: Vec<Option<Activity>> = vec![None; names.len()];
-        let mut active_now = vec![false; names.len()];
+        let mut tally = attempt::Tally::new(names.len());
         loop {
             attempts += 1;
             self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
-            let outcome = {
-                let t_stop = Instant::now();
-                if attempts == 1 {
-                    // Up to the first stop only: time spent waiting for active functions to
-                    // return is the rest of `elapsed`.
-                    stages.prepare = t_stop - started;
-                }
-                // ---- threads stopped: no allocation, no lock, no output ----
-                let stopped = match self.stopper.stop(policy.park_timeout) {
-                    Ok(stopped) => stopped,
-                    // A thread was created meanwhile and the slots are full: grow, retry.
-                    Err(StopError::PrepareAgain { .. }) if attempts < 1000 => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                let t_check = Instant::now();
-                active_now.fill(false);
-                let mut unproven = None;
-                for t in stopped.threads() {
-                    match checker.find_active(&stopped, t, ranges) {
-                        Ok(None) => {}
-                        Ok(Some(a)) => {
-                            if let Some(flag) = active_now.get_mut(a.target) {
-                                *flag = true;
-                                last_seen[a.target] = Some(a);
-                            }
-                        }
-                        Err(e) => {
-                            unproven.get_or_insert(e);
-                        }
-                    }
-                }
-                let busy = active_now.iter().any(|&a| a) || unproven.is_some();
-                let t_write = Instant::now();
-                let result = if busy {
-                    Ok(Some(unproven))
-                } else {
-                    // SAFETY: every other thread is parked and none is in any of `ranges`
-                    // (checked just above); sites are in mapped code.
-                    unsafe { write::apply_all(&self.writer, edits) }.map(|()| None)
-                };
-                let t_resume = Instant::now();
-                stopped.resume();
-                // ---- threads running ----
-                stages.stop = t_check - t_stop;
-                stages.check = t_write - t_check;
-                stages.write = t_resume - t_write;
-                stages.resume = t_resume.elapsed();
-                result
+            if live {
+                self.live.prepare().map_err(UpdateError::StopPrepare)?;
+            }
+            if attempts == 1 {
+                // Up to the first attempt only: time spent waiting for active functions to
+                // return is the rest of `elapsed`.
+                stages.prepare = started.elapsed();
+            }
+            let outcome = if live {
+                attempt::live(
+                    &mut self.stopper,
+                    &mut self.live,
+                    &mut checker,
+                    &job,
+                    &mut tally,
+                    &mut stages,
+                )?
+            } else {
+                attempt::all_stopped(
+                    &mut self.stopper,
+                    &mut checker,
+                    &job,
+                    &mut tally,
+                    &mut stages,
+                )?
             };
-            let unproven = match outcome {
-                Ok(None) => return Ok((attempts, stages)),
-                Ok(Some(unproven)) => unproven,
-                Err(failure) => {
+            let blocker = match outcome {
+                attempt::Outcome::Done => return Ok((attempts, stages)),
+                attempt::Outcome::Busy(blocker) => blocker,
+                attempt::Outcome::PrepareAgain if attempts < 1000 => continue,
+                attempt::Outcome::PrepareAgain => None,
+                attempt::Outcome::WriteFailed(failure) => {
                     return Err(UpdateError::Write {
                         function: edit_names.get(failure.index).unwrap_or(&"?").to_string(),
                         site: edits[failure.index].site,
@@ -465,40 +455,31 @@ impl Engine {
                     });
                 }
             };
-            for (rounds, &now) in rounds_active.iter_mut().zip(&active_now) {
-                *rounds += u32::from(now);
-            }
+            tally.end_attempt();
             let waited = started.elapsed();
             if waited + backoff >= policy.timeout {
-                let waited_ms = waited.as_millis() as u64;
-                // Name the function that held the update back most often, not whichever the
-                // last check met first: a function every thread calls all the time is active
-                // now and then, the real blocker in every attempt.
-                let blocker = (0..names.len())
-                    .filter(|&i| last_seen[i].is_some())
-                    .max_by_key(|&i| (rounds_active[i], active_now[i]));
-                return Err(match (blocker, unproven) {
-                    (Some(i), _) => {
-                        let a = last_seen[i].expect("filtered on is_some");
-                        UpdateError::Active {
-                            function: names[i].to_string(),
-                            tid: a.tid,
-                            how: a.how.to_string(),
-                            attempts,
-                            waited_ms,
-                        }
-                    }
-                    (None, Some(reason)) => UpdateError::Unproven {
-                        reason,
-                        attempts,
-                        waited_ms,
-                    },
-                    (None, None) => unreachable!("busy means active or unproven"),
-                });
+                return Err(refusal(
+                    &tally,
+                    names,
+                    blocker,
+                    attempts,
+                    waited,
+                    self.stopper.signal(),
+                ));
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(policy.max_backoff);
         }
+    }
+
+    /// Whether updates may write code while threads that wait keep running (see
+    /// [`attempt`]): our `SIGTRAP` handler is installed, cores can be resynchronised, code is
+    /// written through `/proc/self/mem`, and no debugger is attached. Allocates.
+    fn live_writes(&self) -> bool {
+        crate::hold::installed()
+            && dsu_sys::cpu::sync_core_registered()
+            && self.writer.method() == dsu_sys::code::Method::ProcSelfMem
+            && !traced()
     }
 
     fn record(
@@ -543,6 +524,62 @@ impl Engine {
 }
 
 /// Registers each `.eh_frame` with the C runtime's unwinder; returns what was registered.
+/// Whether a tracer (a debugger) is attached: it would take our breakpoints for its own.
+fn traced() -> bool {
+    std::fs::read_to_string("/proc/self/status").map_or(true, |status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .is_none_or(|pid| pid.trim() != "0")
+    })
+}
+
+/// The refusal after the timeout: the function that held the update back most often (not
+/// whichever the last check met first: a function every thread calls all the time is active
+/// now and then, the real blocker in every attempt), else why a thread could not be checked.
+fn refusal(
+    tally: &attempt::Tally,
+    names: &[&str],
+    blocker: Option<attempt::Blocker>,
+    attempts: u32,
+    waited: Duration,
+    stop_signal: i32,
+) -> UpdateError {
+    let waited_ms = waited.as_millis() as u64;
+    let busiest = (0..names.len())
+        .filter(|&i| tally.last_seen[i].is_some())
+        .max_by_key(|&i| (tally.rounds_active[i], tally.active_now[i]));
+    if let Some(i) = busiest
+        && let Some(a) = tally.last_seen[i]
+    {
+        return UpdateError::Active {
+            function: names[i].to_string(),
+            tid: a.tid,
+            how: a.how.to_string(),
+            attempts,
+            waited_ms,
+        };
+    }
+    match blocker {
+        Some(attempt::Blocker::StopSignalBlocked { tid }) => UpdateError::StopSignalBlocked {
+            tid,
+            name: dsu_sys::tasks::name(tid),
+            signal: stop_signal,
+            attempts,
+            waited_ms,
+        },
+        Some(attempt::Blocker::Unproven(reason)) => UpdateError::Unproven {
+            reason,
+            attempts,
+            waited_ms,
+        },
+        None => UpdateError::Unsettled {
+            attempts,
+            waited_ms,
+        },
+    }
+}
+
 fn register_frames(frames: &[(usize, usize)]) -> Vec<usize> {
     frames
         .iter()

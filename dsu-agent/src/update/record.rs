@@ -100,7 +100,11 @@ pub struct Stages {
     /// Plan the edits (decode targets, call sites) and build the unwind tables, up to the
     /// first stop. Time spent retrying while a function was active is not in any stage.
     pub prepare: Duration,
-    /// Signal every thread and wait until all are parked.
+    /// Place the breakpoints, find which threads run and which wait, and check the waiting
+    /// ones from copies of their stacks. No thread is stopped meanwhile (a thread that reaches
+    /// an edit site is held there). Zero when every thread is stopped instead.
+    pub survey: Duration,
+    /// Signal the running threads (or every thread) and wait until they are parked.
     pub stop: Duration,
     /// The activeness check of every thread.
     pub check: Duration,
@@ -111,7 +115,8 @@ pub struct Stages {
 }
 
 impl Stages {
-    /// How long threads were held in the successful attempt.
+    /// How long the stopped threads were held in the successful attempt (threads that wait in
+    /// system calls are not held at all).
     pub fn pause(&self) -> Duration {
         self.stop + self.check + self.write + self.resume
     }

@@ -1,0 +1,309 @@
+//! One attempt of a switch: prove that no thread is inside the code being replaced, and if so
+//! write the edits. Two ways to get there:
+//!
+//! - [`live`], the default: only threads that run are stopped. Breakpoints go on every edit
+//!   site first ([`crate::hold`]), then the threads are surveyed ([`crate::survey`]): each
+//!   waiting thread is checked from a copy of its stack and left alone, each running thread is
+//!   parked with the stop signal and checked from its registers. The edits are finished behind
+//!   the breakpoints, then the parked and held threads go on.
+//! - [`all_stopped`], the fallback: every other thread is parked and the edits are written at
+//!   once. Used when breakpoints cannot be used safely: the program replaced the `SIGTRAP`
+//!   handler, a debugger is attached (it would take the breakpoints for its own), cores cannot
+//!   be resynchronised (`membarrier` SYNC_CORE), or code is written through `mprotect`.
+//!
+//! Both run with threads held from their first step to their last: no allocation, no lock,
+//! no output in between.
+
+use std::time::Instant;
+
+use dsu_sys::code::CodeWriter;
+use dsu_sys::tasks;
+use dsu_sys::threads;
+
+use super::error::UpdateError;
+use super::record::{Policy, Stages};
+use crate::check::{Activity, CheckError, Checker, How, Ranges};
+use crate::hold::Window;
+use crate::stop::{StopError, StopWorld, Stopped};
+use crate::survey::{Survey, SurveyError};
+use crate::write::{self, CodeEdit, WriteFailure};
+
+/// Per target: in how many attempts it was active, and the latest sighting. Allocated before
+/// the first attempt, only updated in place while threads are held.
+#[derive(Debug)]
+pub(super) struct Tally {
+    pub rounds_active: Vec<u32>,
+    pub last_seen: Vec<Option<Activity>>,
+    pub active_now: Vec<bool>,
+}
+
+impl Tally {
+    pub fn new(targets: usize) -> Tally {
+        Tally {
+            rounds_active: vec![0; targets],
+            last_seen: vec![None; targets],
+            active_now: vec![false; targets],
+        }
+    }
+
+    fn begin(&mut self) {
+        self.active_now.fill(false);
+    }
+
+    fn saw(&mut self, a: Activity) {
+        if let Some(flag) = self.active_now.get_mut(a.target) {
+            *flag = true;
+            self.last_seen[a.target] = Some(a);
+        }
+    }
+
+    fn any_now(&self) -> bool {
+        self.active_now.iter().any(|&a| a)
+    }
+
+    /// Counts this attempt's sightings.
+    pub fn end_attempt(&mut self) {
+        for (rounds, &now) in self.rounds_active.iter_mut().zip(&self.active_now) {
+            *rounds += u32::from(now);
+        }
+    }
+}
+
+/// What kept an attempt from writing, besides an active function.
+#[derive(Debug)]
+pub(super) enum Blocker {
+    /// A thread's stack could not be proven free of the code being replaced.
+    Unproven(CheckError),
+    /// A running thread blocks the stop signal, so it cannot be parked and checked.
+    StopSignalBlocked { tid: i32 },
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// The edits are written.
+    Done,
+    /// Something is active (see the tally) or unproven: nothing was changed; retry later.
+    Busy(Option<Blocker>),
+    /// Buffers were too small for the threads there are now: prepare and retry at once.
+    PrepareAgain,
+    /// Writing failed (after rollback, which the failure says succeeded or not).
+    WriteFailed(WriteFailure),
+}
+
+/// What an attempt works with.
+pub(super) struct Job<'a> {
+    pub writer: &'a CodeWriter,
+    pub edits: &'a [CodeEdit],
+    pub ranges: &'a Ranges,
+    pub policy: &'a Policy,
+}
+
+/// The fallback attempt: park every other thread, check, write every edit at once, resume.
+pub(super) fn all_stopped(
+    stopper: &mut StopWorld,
+    checker: &mut Checker,
+    job: &Job<'_>,
+    tally: &mut Tally,
+    stages: &mut Stages,
+) -> Result<Outcome, UpdateError> {
+    let t_stop = Instant::now();
+    // ---- threads stopped: no allocation, no lock, no output ----
+    let stopped = match stopper.stop(job.policy.park_timeout) {
+        Ok(stopped) => stopped,
+        // A thread was created meanwhile and the slots are full: grow, retry.
+        Err(StopError::PrepareAgain { .. }) => return Ok(Outcome::PrepareAgain),
+        Err(e) => return Err(e.into()),
+    };
+    let t_check = Instant::now();
+    tally.begin();
+    let unproven = check_parked(&stopped, checker, job.ranges, tally);
+    let t_write = Instant::now();
+    let outcome = if tally.any_now() || unproven.is_some() {
+        Outcome::Busy(unproven.map(Blocker::Unproven))
+    } else {
+        // SAFETY: every other thread is parked and none is in any of `ranges` (checked just
+        // above); sites are in mapped code.
+        match unsafe { write::apply_all(job.writer, job.edits) } {
+            Ok(()) => Outcome::Done,
+            Err(failure) => Outcome::WriteFailed(failure),
+        }
+    };
+    let t_resume = Instant::now();
+    stopped.resume();
+    // ---- threads running ----
+    stages.survey = Default::default();
+    stages.stop = t_check - t_stop;
+    stages.check = t_write - t_check;
+    stages.write = t_resume - t_write;
+    stages.resume = t_resume.elapsed();
+    Ok(outcome)
+}
+
+/// Checks every parked thread; returns the first reason a thread could not be proven
+/// inactive. Activities go to the tally.
+fn check_parked(
+    stopped: &Stopped<'_>,
+    checker: &mut Checker,
+    ranges: &Ranges,
+    tally: &mut Tally,
+) -> Option<CheckError> {
+    let mut unproven = None;
+    for t in stopped.threads() {
+        match checker.find_active(stopped, t, ranges) {
+            Ok(None) => {}
+            Ok(Some(a)) => tally.saw(a),
+            Err(e) => {
+                unproven.get_or_insert(e);
+            }
+        }
+    }
+    unproven
+}
+
+/// Buffers the live attempt needs besides the stopper's.
+#[derive(Debug)]
+pub(super) struct LiveBuffers {
+    pub survey: Survey,
+    /// Where a waiting thread's stack is copied to be checked.
+    pub stack: Vec<u8>,
+}
+
+/// Bytes of a waiting thread's stack that are copied to check it; a deeper stack whose walk
+/// fails is checked by stopping the thread.
+pub(super) const STACK_COPY: usize = 512 << 10;
+
+impl LiveBuffers {
+    pub fn new() -> LiveBuffers {
+        LiveBuffers {
+            survey: Survey::new(),
+            stack: Vec::new(),
+        }
+    }
+
+    /// Sizes everything for the threads there are now. Allocates.
+    pub fn prepare(&mut self) -> std::io::Result<()> {
+        self.survey.prepare()?;
+        self.stack.resize(STACK_COPY, 0);
+        Ok(())
+    }
+}
+
+/// The default attempt: breakpoints, survey, check the waiting threads from copies, park and
+/// check the running ones, finish the edits, let everyone go.
+pub(super) fn live(
+    stopper: &mut StopWorld,
+    bufs: &mut LiveBuffers,
+    checker: &mut Checker,
+    job: &Job<'_>,
+    tally: &mut Tally,
+    stages: &mut Stages,
+) -> Result<Outcome, UpdateError> {
+    let t_survey = Instant::now();
+    tally.begin();
+    // ---- threads may be held at breakpoints from here: no allocation, no lock, no output ----
+    let window = Window::open();
+    // SAFETY: every site is the start of an edit in mapped code, registered with the hold
+    // handler before this attempt, and the window is open.
+    if let Err(failure) = unsafe { write::place_breakpoints(job.writer, job.edits) } {
+        window.close();
+        return Ok(Outcome::WriteFailed(failure));
+    }
+    let abandon = |window: Window, outcome: Outcome| {
+        // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
+        let restored = unsafe { write::remove_breakpoints(job.writer, job.edits) };
+        window.close();
+        debug_assert!(restored, "restoring a byte that was just written");
+        outcome
+    };
+    let me = threads::gettid();
+    match bufs.survey.take(me, job.policy.park_timeout) {
+        Ok(()) => {}
+        Err(SurveyError::PrepareAgain) => return Ok(abandon(window, Outcome::PrepareAgain)),
+        Err(SurveyError::Unsettled { .. }) => return Ok(abandon(window, Outcome::Busy(None))),
+        Err(e) => {
+            let _ = abandon(window, Outcome::Busy(None));
+            return Err(e.into());
+        }
+    }
+    // A running thread that blocks the stop signal would hold every parked thread until the
+    // park timeout: noticed before anything is stopped.
+    let sig = stopper.signal();
+    if let Some(&tid) = bufs
+        .survey
+        .running()
+        .iter()
+        .find(|&&tid| matches!(tasks::blocks_signal(tid, sig), Ok(Some(true))))
+    {
+        return Ok(abandon(
+            window,
+            Outcome::Busy(Some(Blocker::StopSignalBlocked { tid })),
+        ));
+    }
+    // Waiting threads: checked where they wait, from a copy of their stack. One that ran
+    // meanwhile, or that the copy does not prove inactive, is stopped and checked instead.
+    let mut unproven = None;
+    for i in 0..bufs.survey.waiting().len() {
+        let w = bufs.survey.waiting()[i];
+        let found = checker.find_active_waiting(
+            stopper.maps(),
+            w.tid,
+            (w.sp, w.pc),
+            &mut bufs.stack,
+            job.ranges,
+        );
+        let settled = Survey::still_waiting(&w);
+        match found {
+            // Where the walk needed a register the kernel does not report (a frame pointer),
+            // the scan may find a stale word: stop the thread and check it from its registers
+            // rather than refuse on a guess.
+            Ok(Some(a)) if settled && !matches!(a.how, How::StackScan { .. }) => tally.saw(a),
+            Ok(None) if settled => {}
+            _ => {
+                if !bufs.survey.mark_running(w.tid) {
+                    return Ok(abandon(window, Outcome::PrepareAgain));
+                }
+            }
+        }
+    }
+    if tally.any_now() {
+        return Ok(abandon(window, Outcome::Busy(None)));
+    }
+    let t_stop = Instant::now();
+    let stopped = match stopper.stop_threads(bufs.survey.running(), job.policy.park_timeout) {
+        Ok(stopped) => stopped,
+        Err(StopError::PrepareAgain { .. }) => return Ok(abandon(window, Outcome::PrepareAgain)),
+        Err(e) => {
+            let _ = abandon(window, Outcome::Busy(None));
+            return Err(e.into());
+        }
+    };
+    let t_check = Instant::now();
+    if let Some(e) = check_parked(&stopped, checker, job.ranges, tally) {
+        unproven = Some(e);
+    }
+    let t_write = Instant::now();
+    let outcome = if tally.any_now() || unproven.is_some() {
+        // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
+        unsafe { write::remove_breakpoints(job.writer, job.edits) };
+        Outcome::Busy(unproven.map(Blocker::Unproven))
+    } else {
+        // SAFETY: the breakpoints are in place, and no thread is inside any range: the waiting
+        // ones did not run since their check, the running ones are parked and were checked,
+        // the held ones have not executed their site.
+        match unsafe { write::finish_behind_breakpoints(job.writer, job.edits) } {
+            Ok(()) => Outcome::Done,
+            Err(failure) => Outcome::WriteFailed(failure),
+        }
+    };
+    let t_resume = Instant::now();
+    stopped.resume();
+    window.close();
+    // ---- threads running ----
+    stages.survey = t_stop - t_survey;
+    stages.stop = t_check - t_stop;
+    stages.check = t_write - t_check;
+    stages.write = t_resume - t_write;
+    stages.resume = t_resume.elapsed();
+    Ok(outcome)
+}
