@@ -223,7 +223,9 @@ impl Holds {
 
 /// The `SIGTRAP` handler. *Async-signal-safe*.
 extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    let _errno = SavedErrno::save();
+    // No C library call before the hold, not even `__errno_location`: it may be the code
+    // being patched, and a breakpoint hit in here (SIGTRAP blocked) would kill the process.
+    // Raw system calls leave `errno` alone; `chain` saves it.
     if info.is_null() || uc.is_null() {
         return chain(sig, info, uc);
     }
@@ -296,6 +298,7 @@ fn claim_slot(pc: u64, sp: u64) -> Option<&'static HoldSlot> {
 
 /// Hands a trap that is not ours to the action installed before ours. *Async-signal-safe*.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let _errno = SavedErrno::save();
     match PREVIOUS.get().map(SavedAction::disposition) {
         Some(Disposition::Handler { addr, flags, .. }) => {
             if flags & libc::SA_SIGINFO != 0 {

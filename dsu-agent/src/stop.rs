@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, 
 use std::time::{Duration, Instant};
 
 use dsu_sys::futex;
-use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers, SavedErrno};
+use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers};
 use dsu_sys::stack::StackMaps;
 use dsu_sys::threads;
 
@@ -214,14 +214,16 @@ fn released(r: u32) -> bool {
     (RELEASED.load(Ordering::Acquire).wrapping_sub(r) as i32) >= 0
 }
 
-/// The park handler. *Async-signal-safe*: touches only atomics, the preallocated slot array,
-/// `errno` (saved and restored) and raw syscalls (`gettid`, `getpid`, `futex`). Copies the
+/// The park handler. *Async-signal-safe*: touches only atomics, the preallocated slot array
+/// and raw system calls (`gettid`, `getpid`, `futex`), never the C library (which may be the
+/// code being patched) and so never `errno`. Copies the
 /// context without stack temporaries: it may run on a nearly full alternate signal stack.
 ///
 /// Acts only on a signal sent by this process with `tgkill` while a round is open; anything
 /// else (a late signal, a `kill` from outside) returns at once.
 extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    let _errno = SavedErrno::save();
+    // No C library call in here (raw system calls leave `errno` alone): the thread may be
+    // parked while breakpoints sit on code being patched, libc's included.
     if info.is_null() || uc.is_null() {
         return;
     }
@@ -495,7 +497,7 @@ impl StopWorld {
                     return Err(StopError::Unsettled { listed, counted });
                 }
                 // Let exiting threads finish before listing again.
-                std::thread::yield_now();
+                dsu_sys::raw::yield_now();
             }
         }
         self.collect(array, round)?;

@@ -97,7 +97,7 @@ impl Survey {
             if Instant::now() >= deadline {
                 return Err(SurveyError::Unsettled { listed: n, counted });
             }
-            std::thread::yield_now();
+            dsu_sys::raw::yield_now();
         };
         self.running.clear();
         self.waiting.clear();

@@ -217,16 +217,23 @@ fn pwrite_all(fd: &OwnedFd, addr: usize, bytes: &[u8]) -> io::Result<()> {
             .ok_or(io::ErrorKind::InvalidInput)?;
         // SAFETY: `rest` is a live slice of `rest.len()` readable bytes; the kernel writes
         // into the target range, which the caller of `write` vouches for.
-        let n = unsafe { libc::pwrite64(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), offset) };
+        // Without the C library: the code being written may be libc's `pwrite64` itself.
+        let n = unsafe {
+            crate::raw::call(
+                libc::SYS_pwrite64,
+                &[
+                    fd.as_raw_fd() as usize,
+                    rest.as_ptr() as usize,
+                    rest.len(),
+                    offset as usize,
+                ],
+            )
+        };
         match n {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())

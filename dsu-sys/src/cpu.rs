@@ -17,20 +17,10 @@ static SYNC_CORE_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// `membarrier(cmd, 0, 0)`: the command's result or the OS error.
 fn membarrier(cmd: libc::c_int) -> io::Result<libc::c_long> {
-    // SAFETY: membarrier takes integers only and touches no user memory.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            cmd,
-            0 as libc::c_uint,
-            0 as libc::c_int,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+    // SAFETY: membarrier takes integers only and touches no user memory. Issued without the C
+    // library: the writer calls it right after changing code that may be libc's own.
+    unsafe { crate::raw::call(libc::SYS_membarrier, &[cmd as usize, 0, 0]) }
+        .map(|r| r as libc::c_long)
 }
 
 /// Registers the process for `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`. Idempotent.

@@ -4,7 +4,7 @@
 //! sleeps on a counter of parked threads. Both calls are *async-signal-safe*: one raw
 //! `futex(2)` syscall each, no allocation, no lock.
 //!
-//! `unsafe` is needed for the raw syscall only; the kernel reads the word through the address
+//! Issued without the C library ([`crate::raw`]). `unsafe` is needed for the raw syscall only; the kernel reads the word through the address
 //! of a live `&AtomicU32`, which is the whole contract of `FUTEX_WAIT`/`FUTEX_WAKE`.
 
 use std::io;
@@ -42,25 +42,24 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::R
     // SAFETY: `word` is a live, aligned 4-byte atomic for the duration of the call; `ts_ptr` is
     // null or points to `ts`, alive on this frame. FUTEX_WAIT only reads both.
     let rc = unsafe {
-        libc::syscall(
+        crate::raw::call(
             libc::SYS_futex,
-            word.as_ptr(),
-            FUTEX_WAIT_PRIVATE,
-            expected,
-            ts_ptr,
-            std::ptr::null::<u32>(),
-            0u32,
+            &[
+                word.as_ptr() as usize,
+                FUTEX_WAIT_PRIVATE as usize,
+                expected as usize,
+                ts_ptr as usize,
+            ],
         )
     };
-    if rc == 0 {
-        return Ok(Wake::Woken);
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) => Ok(Wake::Woken),
-        Some(libc::EINTR) => Ok(Wake::Interrupted),
-        Some(libc::ETIMEDOUT) => Ok(Wake::TimedOut),
-        _ => Err(err),
+    match rc {
+        Ok(_) => Ok(Wake::Woken),
+        Err(err) => match err.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(Wake::Woken),
+            Some(libc::EINTR) => Ok(Wake::Interrupted),
+            Some(libc::ETIMEDOUT) => Ok(Wake::TimedOut),
+            _ => Err(err),
+        },
     }
 }
 
@@ -74,11 +73,15 @@ pub fn wake_all(word: &AtomicU32) -> io::Result<usize> {
 pub fn wake(word: &AtomicU32, n: i32) -> io::Result<usize> {
     // SAFETY: `word` is a live, aligned 4-byte atomic; FUTEX_WAKE does not access memory
     // beyond using the address as a key.
-    let rc = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), FUTEX_WAKE_PRIVATE, n) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
+    unsafe {
+        crate::raw::call(
+            libc::SYS_futex,
+            &[
+                word.as_ptr() as usize,
+                FUTEX_WAKE_PRIVATE as usize,
+                n as usize,
+            ],
+        )
     }
 }
 

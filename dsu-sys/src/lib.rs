@@ -18,6 +18,7 @@ pub mod ids;
 pub mod maps;
 pub mod mem;
 pub mod modules;
+pub mod raw;
 pub mod signal;
 pub mod stack;
 pub mod tasks;

@@ -372,11 +372,18 @@ pub fn copy_from_self(addr: usize, buf: &mut [u8]) -> io::Result<usize> {
     };
     // SAFETY: `local` describes `buf`, a live writable slice of its length; `remote` is only
     // read by the kernel, which checks it against this process's mappings.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    unsafe {
+        crate::raw::call(
+            libc::SYS_process_vm_readv,
+            &[
+                crate::threads::getpid() as usize,
+                &raw const local as usize,
+                1,
+                &raw const remote as usize,
+                1,
+                0,
+            ],
+        )
     }
 }
 

@@ -289,11 +289,13 @@ pub unsafe fn set_ucontext_pc(uc: *mut libc::ucontext_t, pc: u64) {
 /// # Safety
 /// `uc` points to a live `ucontext_t`.
 pub unsafe fn copy_gregs(uc: *const libc::ucontext_t, out: &mut [u64; NGREG]) {
-    // SAFETY: the caller guarantees `uc` is live; `gregs` is `[i64; NGREG]`, the same size and
-    // alignment as `out`, and the two cannot overlap (`out` is a unique reference).
-    unsafe {
-        let src = std::ptr::addr_of!((*uc).uc_mcontext.gregs).cast::<u64>();
-        std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), NGREG);
+    // Word by word with volatile reads: a block copy could become a call to the C library's
+    // `memcpy`, which may be the very code an update is patching.
+    // SAFETY: the caller guarantees `uc` is live; `gregs` is `[i64; NGREG]`, read in bounds.
+    let src = unsafe { std::ptr::addr_of!((*uc).uc_mcontext.gregs).cast::<u64>() };
+    for (i, word) in out.iter_mut().enumerate() {
+        // SAFETY: `i < NGREG`, within the live `gregs` array.
+        *word = unsafe { std::ptr::read_volatile(src.add(i)) };
     }
 }
 

@@ -190,9 +190,17 @@ impl MapQuery {
         };
         // SAFETY: `q` is a live, writable procmap_query of the size it declares; name and
         // build-id sizes are 0, so the kernel writes nothing else.
-        let rc = unsafe { libc::ioctl(self.fd.0, PROCMAP_QUERY as _, &raw mut q) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
+        let rc = unsafe {
+            crate::raw::call(
+                libc::SYS_ioctl,
+                &[
+                    self.fd.0 as usize,
+                    PROCMAP_QUERY as usize,
+                    &raw mut q as usize,
+                ],
+            )
+        };
+        if let Err(e) = rc {
             return match e.raw_os_error() {
                 Some(libc::ENOENT) => Ok(None),
                 _ => Err(e),

@@ -17,25 +17,26 @@ pub const CAPACITY_EXCEEDED: i32 = libc::ENOBUFS;
 /// The kernel thread id of the calling thread. Async-signal-safe.
 pub fn gettid() -> i32 {
     // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    unsafe { crate::raw::syscall6(libc::SYS_gettid, [0; 6]) as i32 }
 }
 
 /// The process id (the thread-group id). Async-signal-safe.
 pub fn getpid() -> i32 {
     // SAFETY: getpid takes no arguments and cannot fail.
-    unsafe { libc::getpid() }
+    unsafe { crate::raw::syscall6(libc::SYS_getpid, [0; 6]) as i32 }
 }
 
 /// Sends `sig` to thread `tid` of this process. `sig == 0` only checks that the thread exists.
 /// An exited thread gives `ESRCH`. Async-signal-safe.
 pub fn tgkill(tid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: plain integer arguments; the kernel validates them.
-    let rc = unsafe { libc::syscall(libc::SYS_tgkill, getpid(), tid, sig) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+    unsafe {
+        crate::raw::call(
+            libc::SYS_tgkill,
+            &[getpid() as usize, tid as usize, sig as usize],
+        )
     }
+    .map(drop)
 }
 
 /// Thread ids of this process, from `/proc/self/task`. Allocates.
@@ -62,29 +63,31 @@ impl Fd {
         }
         // SAFETY: `path` is a live, NUL-terminated byte string (checked above).
         let fd = unsafe {
-            libc::open(
-                path.as_ptr().cast(),
-                libc::O_RDONLY | libc::O_CLOEXEC | extra,
+            crate::raw::call(
+                libc::SYS_openat,
+                &[
+                    libc::AT_FDCWD as usize,
+                    path.as_ptr() as usize,
+                    (libc::O_RDONLY | libc::O_CLOEXEC | extra) as usize,
+                ],
             )
-        };
-        if fd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(Fd(fd))
-        }
+        }?;
+        Ok(Fd(fd as libc::c_int))
     }
 
     /// `read(2)` into `buf`, retrying on `EINTR`.
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
-            let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINTR) {
-                return Err(err);
+            let n = unsafe {
+                crate::raw::call(
+                    libc::SYS_read,
+                    &[self.0 as usize, buf.as_mut_ptr() as usize, buf.len()],
+                )
+            };
+            match n {
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
+                other => return other,
             }
         }
     }
@@ -93,7 +96,7 @@ impl Fd {
 impl Drop for Fd {
     fn drop(&mut self) {
         // SAFETY: we own this descriptor and close it once.
-        unsafe { libc::close(self.0) };
+        let _ = unsafe { crate::raw::call(libc::SYS_close, &[self.0 as usize]) };
     }
 }
 
@@ -134,18 +137,20 @@ pub fn list_into(buf: &mut [u8], out: &mut [i32]) -> io::Result<usize> {
     let mut count = 0;
     loop {
         // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.0, buf.as_mut_ptr(), buf.len()) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return Err(match err.raw_os_error() {
-                Some(libc::EINVAL) => io::Error::from_raw_os_error(CAPACITY_EXCEEDED),
-                _ => err,
-            });
+        let n = unsafe {
+            crate::raw::call(
+                libc::SYS_getdents64,
+                &[dir.0 as usize, buf.as_mut_ptr() as usize, buf.len()],
+            )
         }
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::EINVAL) => io::Error::from_raw_os_error(CAPACITY_EXCEEDED),
+            _ => err,
+        })?;
         if n == 0 {
             return Ok(count);
         }
-        count = parse_dirents(&buf[..n as usize], out, count)?;
+        count = parse_dirents(&buf[..n], out, count)?;
     }
 }
 

@@ -50,6 +50,16 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
+        "{function} (in {module}) is part of the dsu agent, which runs the update with it: the \
+         agent's own code cannot be patched; update the agent by restarting the program"
+    )]
+    AgentCode { function: String, module: String },
+    #[error(
+        "{function} is on the dsu agent thread's own stack ({how}): the agent runs the update \
+         from inside it, so it cannot be replaced in this process while the agent runs"
+    )]
+    OnAgentStack { function: String, how: String },
+    #[error(
         "the threads did not settle after {attempts} attempts over {waited_ms} ms (threads \
          were being created or exiting the whole time); nothing was changed"
     )]

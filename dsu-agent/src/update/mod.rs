@@ -131,6 +131,16 @@ impl Engine {
         let index = self.index().map_err(LinkError::from)?;
         let maps = dsu_sys::maps::read_self().map_err(UpdateError::Maps)?;
         let resolved = link::resolve_patch(bytes, &index)?;
+        if let Some(t) = resolved
+            .targets()
+            .iter()
+            .find(|t| is_agent_code(&t.name, &t.module))
+        {
+            return Err(UpdateError::AgentCode {
+                function: t.name.clone(),
+                module: t.module.clone(),
+            });
+        }
 
         let mut current = Vec::new();
         let mut pristine = Vec::new();
@@ -398,6 +408,9 @@ impl Engine {
             // revert's check; the new image is owned by the caller for the whole update).
             unsafe { checker.add_eh_frame(start, len) }.map_err(UpdateError::Unwind)?;
         }
+        self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
+        self.live.prepare().map_err(UpdateError::StopPrepare)?;
+        self.check_own_stack(&mut checker, ranges, names)?;
         let live = self.live_writes();
         if live {
             crate::hold::register_sites(edits.iter().map(|e| e.site));
@@ -472,6 +485,37 @@ impl Engine {
         }
     }
 
+    /// Refuses when the agent thread itself returns into code being replaced: it runs the
+    /// update from inside those functions (the C library's or std's frames under it), so no
+    /// retry can help. Its stack is checked like a waiting thread's, from here.
+    fn check_own_stack(
+        &mut self,
+        checker: &mut Checker,
+        ranges: &Ranges,
+        names: &[&str],
+    ) -> Result<(), UpdateError> {
+        let (sp, pc) = here();
+        let me = dsu_sys::threads::gettid();
+        let found = checker.find_active_waiting(
+            self.stopper.maps(),
+            me,
+            (sp, pc),
+            &mut self.live.stack,
+            ranges,
+        );
+        match found {
+            Ok(Some(a)) if !matches!(a.how, crate::check::How::StackScan { .. }) => {
+                Err(UpdateError::OnAgentStack {
+                    function: names.get(a.target).unwrap_or(&"?").to_string(),
+                    how: a.how.to_string(),
+                })
+            }
+            // A conservative hit on the agent's own stack is a stale word: the precise walk
+            // covers the agent's frames, built with unwind tables.
+            _ => Ok(()),
+        }
+    }
+
     /// Whether updates may write code while threads that wait keep running (see
     /// [`attempt`]): our `SIGTRAP` handler is installed, cores can be resynchronised, code is
     /// written through `/proc/self/mem`, and no debugger is attached. Allocates.
@@ -524,6 +568,35 @@ impl Engine {
 }
 
 /// Registers each `.eh_frame` with the C runtime's unwinder; returns what was registered.
+/// The stack and instruction pointers of the caller, at the call: where a walk of the
+/// calling thread's own stack starts.
+#[inline(always)]
+fn here() -> (u64, u64) {
+    let (sp, pc): (u64, u64);
+    // SAFETY: reads two registers, touches no memory.
+    unsafe {
+        std::arch::asm!(
+            "lea {pc}, [rip]",
+            "mov {sp}, rsp",
+            pc = out(reg) pc,
+            sp = out(reg) sp,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    (sp, pc)
+}
+
+/// Whether a replaced function belongs to the agent itself: the agent's shared library, or
+/// the agent's and its platform layer's functions linked into the program (Rust mangles the
+/// crate names as `9dsu_agent` and `7dsu_sys`). The agent runs the update with that code.
+fn is_agent_code(name: &str, module: &str) -> bool {
+    let file = module.rsplit('/').next().unwrap_or(module);
+    file.starts_with("libdsu_agent")
+        || name.contains("9dsu_agent")
+        || name.contains("7dsu_sys")
+        || name.starts_with("dsu_install")
+}
+
 /// Whether a tracer (a debugger) is attached: it would take our breakpoints for its own.
 fn traced() -> bool {
     std::fs::read_to_string("/proc/self/status").map_or(true, |status| {

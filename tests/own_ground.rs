@@ -1,0 +1,101 @@
+//! The update's own ground: the code that stops threads, holds them and writes code runs on
+//! nothing a patch can replace. Same-behaviour replacements of libc's `syscall` and
+//! `pwrite64`, written in place over the originals (one byte longer at the start, so every
+//! instruction after it moves), apply and revert while threads are parked and the agent
+//! writes code: before, parked threads slept inside libc's `syscall()` and the agent wrote
+//! through libc's `pwrite64`, and both returned into rewritten bytes (the process died).
+//! The agent's own functions are refused as targets, with the reason.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::{Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, finish, scratch};
+
+const BUSY_C: &str = include_str!("fixtures/busy.c");
+const LIBC_SAME: &str = include_str!("fixtures/libc_same.c");
+
+const C_X10: &str = "
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
+";
+
+fn busy_preloaded(dir: &Path) -> Fixture {
+    let library = cargo_bin("libdsu_agent.so");
+    let program = cc_program(dir, "busy_plain", &[("busy.c", BUSY_C)], &["-pthread"]);
+    Fixture::start(dir, &program, &["3"], &[("LD_PRELOAD", &library)])
+}
+
+fn dsu(fx: &Fixture, args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_dsu"))
+        .arg(args[0])
+        .args(["-p", &fx.pid.to_string()])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dsu");
+    finish(child, Duration::from_secs(30))
+}
+
+fn succeeds(fx: &mut Fixture, args: &[&str]) -> String {
+    let out = dsu(fx, args);
+    let state = fx.state();
+    assert!(
+        out.status.success(),
+        "dsu {args:?} failed: {}\nalive: {state}\nprocess log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn libc_syscall_and_pwrite64_are_replaced_in_place_safely() {
+    let dir = scratch("own-ground-libc");
+    let libc_patch = cc_object(&dir, "libc_same", LIBC_SAME, &[]);
+    let x10 = cc_object(&dir, "x10", C_X10, &[]);
+    let mut fx = busy_preloaded(&dir);
+    assert_eq!(fx.compute(), ORIGINAL);
+
+    let applied = succeeds(&mut fx, &["apply", libc_patch.to_str().unwrap()]);
+    assert!(
+        applied.contains("syscall") && applied.contains("in-place"),
+        "expected syscall replaced in place: {applied}"
+    );
+    // Updates now stop threads and write code with the new libc code in place.
+    for _ in 0..5 {
+        succeeds(&mut fx, &["apply", x10.to_str().unwrap()]);
+        assert_eq!(fx.compute(), 70);
+        fx.workers_see(70);
+        succeeds(&mut fx, &["revert"]);
+        assert_eq!(fx.compute(), ORIGINAL);
+    }
+    succeeds(&mut fx, &["revert"]);
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.no_worker_errors();
+    assert!(fx.alive());
+}
+
+#[test]
+fn the_agents_own_functions_are_refused() {
+    let dir = scratch("own-ground-agent");
+    let patch = cc_object(
+        &dir,
+        "install",
+        "int dsu_install(void) { return 0; }\n",
+        &[],
+    );
+    let mut fx = busy_preloaded(&dir);
+    let out = dsu(&fx, &["apply", patch.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("dsu_install") && stderr.contains("part of the dsu agent"),
+        "{stderr}"
+    );
+    assert_eq!(fx.compute(), ORIGINAL);
+    assert!(fx.alive());
+}
