@@ -42,9 +42,12 @@ use std::io;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
+use dsu_sys::code::CodeWriter;
 use dsu_sys::futex;
 use dsu_sys::signal::{self, BlockDuring, Disposition, SavedAction, SavedErrno};
 use dsu_sys::threads;
+
+use crate::write::CodeEdit;
 
 /// `int3`.
 pub const BREAKPOINT: u8 = 0xcc;
@@ -153,17 +156,35 @@ fn known_site(site: usize) -> bool {
     !table.is_null() && unsafe { &*table }.sites.binary_search(&site).is_ok()
 }
 
+/// The thread that opened the current window (the agent's), and what it is writing: if that
+/// thread itself reaches one of its breakpoints (a C library function it calls while
+/// checking, such as `memcpy`, is being patched), holding it would deadlock, so the handler
+/// puts the original first bytes back, marks the window, and lets it go on.
+static OWNER: AtomicU32 = AtomicU32::new(0);
+static WRITER: AtomicPtr<CodeWriter> = AtomicPtr::new(std::ptr::null_mut());
+static EDITS: AtomicPtr<CodeEdit> = AtomicPtr::new(std::ptr::null_mut());
+static EDITS_LEN: AtomicU64 = AtomicU64::new(0);
+/// The site the owner trapped at (0: none) in the current window.
+static OWNER_TRAPPED: AtomicU64 = AtomicU64::new(0);
+
 /// An open breakpoint window. Closing it (explicitly or on drop) releases every held thread.
 /// Opening and closing allocate nothing: both run while threads are held.
 #[derive(Debug)]
-pub struct Window {
+pub struct Window<'a> {
     generation: u32,
     closed: bool,
+    _edits: std::marker::PhantomData<&'a [CodeEdit]>,
 }
 
-impl Window {
-    /// Opens a window: from now on a thread that traps at a registered site waits.
-    pub fn open() -> Window {
+impl<'a> Window<'a> {
+    /// Opens a window for `edits`, written with `writer` by the calling thread: from now on
+    /// a thread that traps at a registered site waits.
+    pub fn open(writer: &'a CodeWriter, edits: &'a [CodeEdit]) -> Window<'a> {
+        OWNER.store(threads::gettid() as u32, Ordering::SeqCst);
+        WRITER.store(std::ptr::from_ref(writer).cast_mut(), Ordering::SeqCst);
+        EDITS.store(edits.as_ptr().cast_mut(), Ordering::SeqCst);
+        EDITS_LEN.store(edits.len() as u64, Ordering::SeqCst);
+        OWNER_TRAPPED.store(0, Ordering::SeqCst);
         let mut generation = GENERATION.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         if generation == 0 {
             generation = GENERATION.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
@@ -172,6 +193,16 @@ impl Window {
         Window {
             generation,
             closed: false,
+            _edits: std::marker::PhantomData,
+        }
+    }
+
+    /// The site at which the window's own thread trapped, if it did: its breakpoints were
+    /// then removed and the attempt must be given up (the agent cannot patch what it runs).
+    pub fn owner_trapped(&self) -> Option<usize> {
+        match OWNER_TRAPPED.load(Ordering::SeqCst) {
+            0 => None,
+            site => Some(site as usize),
         }
     }
 
@@ -185,13 +216,15 @@ impl Window {
         if !self.closed {
             self.closed = true;
             STATE.store(u64::from(self.generation) << 1, Ordering::SeqCst);
+            OWNER.store(0, Ordering::SeqCst);
+            EDITS_LEN.store(0, Ordering::SeqCst);
             CLOSED.store(self.generation, Ordering::Release);
             let _ = futex::wake_all(&CLOSED);
         }
     }
 }
 
-impl Drop for Window {
+impl Drop for Window<'_> {
     fn drop(&mut self) {
         self.close_now();
     }
@@ -238,6 +271,16 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     if code != SI_KERNEL || !known_site(site) {
         return chain(sig, info, uc.cast());
     }
+    if STATE.load(Ordering::SeqCst) & 1 == 1
+        && OWNER.load(Ordering::SeqCst) == threads::gettid() as u32
+    {
+        // SAFETY: the window's edits and writer are published by `Window::open` and live
+        // until the window closes, which this very thread does later.
+        unsafe { owner_trapped(site) };
+        // SAFETY: `uc` is this handler's live context; the original byte is back at `site`.
+        unsafe { signal::set_ucontext_pc(uc, site as u64) };
+        return;
+    }
     // The breakpoint may belong to a window that is still open (hold until it closes), to
     // one that has closed since (the byte is restored: execute it), or to the next window,
     // opened while this thread waited for the CPU (hold again). Only an `int3` with no window
@@ -262,6 +305,30 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     // SAFETY: `uc` is this handler's live context; `site` is the start of the instruction the
     // breakpoint replaced (a registered edit site).
     unsafe { signal::set_ucontext_pc(uc, site as u64) };
+}
+
+/// The window's own thread trapped at `site`: put every original first byte back (no thread
+/// can be past a breakpoint: the tails are written only after the checks, by this thread,
+/// which calls no C library function then), resynchronise, and mark the window.
+///
+/// # Safety
+/// Called on the window's owner thread while its window is open.
+unsafe fn owner_trapped(site: usize) {
+    let writer = WRITER.load(Ordering::SeqCst);
+    let edits = EDITS.load(Ordering::SeqCst);
+    let len = EDITS_LEN.load(Ordering::SeqCst) as usize;
+    if !writer.is_null() && !edits.is_null() {
+        // SAFETY: published by `Window::open` from live references that outlive the window.
+        let (writer, edits) = unsafe { (&*writer, std::slice::from_raw_parts(edits, len)) };
+        for edit in edits {
+            if let Some(&first) = edit.original.first() {
+                // SAFETY: the original byte of an edit site, which a breakpoint replaced.
+                let _ = unsafe { writer.write(edit.site, &[first]) };
+            }
+        }
+        let _ = dsu_sys::cpu::sync_cores();
+    }
+    OWNER_TRAPPED.store(site as u64, Ordering::SeqCst);
 }
 
 /// Waits until window `generation` is closed, recorded as a hold of `(pc, sp)` meanwhile.

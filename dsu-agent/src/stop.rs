@@ -51,7 +51,10 @@
 use std::cell::UnsafeCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Raw clock reads: the stopper runs while breakpoints may sit in the C library.
+use dsu_sys::raw::Moment as Instant;
 
 use dsu_sys::futex;
 use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers};

@@ -14,7 +14,9 @@
 //! allocates nothing, takes no lock and prints nothing; [`Survey::prepare`] sizes its buffers.
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use dsu_sys::raw::Moment as Instant;
 
 use dsu_sys::tasks::{self, SyscallState};
 use dsu_sys::threads;
@@ -130,6 +132,39 @@ impl Survey {
             }
         }
         Ok(())
+    }
+
+    /// Reads thread `tid` again: `Some` when it is blocked in the kernel now (`None`: running,
+    /// gone, or unreadable). Allocates nothing.
+    pub fn reread(tid: i32) -> Option<Waiting> {
+        let switches = tasks::switch_ins(tid).ok()??;
+        match tasks::syscall_state(tid).ok()?? {
+            SyscallState::Running => None,
+            SyscallState::Blocked { nr, sp, pc } => Some(Waiting {
+                tid,
+                nr,
+                sp,
+                pc,
+                switches,
+            }),
+        }
+    }
+
+    /// Moves the running threads that have blocked since the survey to the waiting ones: a
+    /// thread that waits most of the time runs only for moments, and signalling it right as
+    /// it blocks again would interrupt its system call. Allocates nothing.
+    pub fn settle_running(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let tid = self.running[i];
+            match Self::reread(tid) {
+                Some(w) if self.waiting.len() < self.waiting.capacity() => {
+                    self.waiting.push(w);
+                    self.running.swap_remove(i);
+                }
+                _ => i += 1,
+            }
+        }
     }
 
     /// Threads found on a CPU or ready to run.

@@ -68,6 +68,54 @@ pub fn yield_now() {
     let _ = unsafe { call(libc::SYS_sched_yield, &[]) };
 }
 
+/// A point of `CLOCK_MONOTONIC` read with a raw system call: for code that runs while
+/// breakpoints may sit in the C library (whose `clock_gettime` `std::time::Instant` uses).
+/// The same operations as `Instant`, which it stands in for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Moment(u64);
+
+impl Moment {
+    pub fn now() -> Moment {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a live, writable timespec.
+        let _ = unsafe {
+            call(
+                libc::SYS_clock_gettime,
+                &[libc::CLOCK_MONOTONIC as usize, &raw mut ts as usize],
+            )
+        };
+        Moment(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    }
+
+    pub fn saturating_duration_since(&self, earlier: Moment) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        Moment::now().saturating_duration_since(*self)
+    }
+}
+
+impl std::ops::Add<std::time::Duration> for Moment {
+    type Output = Moment;
+    fn add(self, d: std::time::Duration) -> Moment {
+        Moment(
+            self.0
+                .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        )
+    }
+}
+
+impl std::ops::Sub for Moment {
+    type Output = std::time::Duration;
+    fn sub(self, earlier: Moment) -> std::time::Duration {
+        self.saturating_duration_since(earlier)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +130,10 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
         assert!(result(-4096).is_ok());
         yield_now();
+        let a = Moment::now();
+        let b = a + std::time::Duration::from_millis(5);
+        assert_eq!(b - a, std::time::Duration::from_millis(5));
+        assert_eq!(a - b, std::time::Duration::ZERO);
+        assert!(Moment::now() >= a && a.elapsed() < std::time::Duration::from_secs(60));
     }
 }

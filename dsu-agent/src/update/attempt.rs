@@ -14,7 +14,8 @@
 //! Both run with threads held from their first step to their last: no allocation, no lock,
 //! no output in between.
 
-use std::time::Instant;
+// Raw clock reads: the C library's `clock_gettime` may be the code being patched.
+use dsu_sys::raw::Moment as Instant;
 
 use dsu_sys::code::CodeWriter;
 use dsu_sys::tasks;
@@ -89,6 +90,9 @@ pub(super) enum Outcome {
     PrepareAgain,
     /// Writing failed (after rollback, which the failure says succeeded or not).
     WriteFailed(WriteFailure),
+    /// The agent's own thread reached the breakpoint at `site` while checking: it runs that
+    /// code itself. Nothing was changed; retrying cannot help.
+    AgentTrapped { site: usize },
 }
 
 /// What an attempt works with.
@@ -161,6 +165,18 @@ fn check_parked(
     unproven
 }
 
+/// How often a waiting thread that ran during its check is checked again before it is
+/// stopped instead.
+const RECHECKS: usize = 3;
+
+/// What the check of a waiting thread concluded.
+enum Verdict {
+    Active(Activity),
+    Inactive,
+    /// Not proven either way: stop the thread and check it from its registers.
+    Stop,
+}
+
 /// Buffers the live attempt needs besides the stopper's.
 #[derive(Debug)]
 pub(super) struct LiveBuffers {
@@ -202,7 +218,7 @@ pub(super) fn live(
     let t_survey = Instant::now();
     tally.begin();
     // ---- threads may be held at breakpoints from here: no allocation, no lock, no output ----
-    let window = Window::open();
+    let window = Window::open(job.writer, job.edits);
     // SAFETY: every site is the start of an edit in mapped code, registered with the hold
     // handler before this attempt, and the window is open.
     if let Err(failure) = unsafe { write::place_breakpoints(job.writer, job.edits) } {
@@ -242,29 +258,52 @@ pub(super) fn live(
     }
     // Waiting threads: checked where they wait, from a copy of their stack. One that ran
     // meanwhile, or that the copy does not prove inactive, is stopped and checked instead.
+    bufs.survey.settle_running();
     let mut unproven = None;
     for i in 0..bufs.survey.waiting().len() {
-        let w = bufs.survey.waiting()[i];
-        let found = checker.find_active_waiting(
-            stopper.maps(),
-            w.tid,
-            (w.sp, w.pc),
-            &mut bufs.stack,
-            job.ranges,
-        );
-        let settled = Survey::still_waiting(&w);
-        match found {
-            // Where the walk needed a register the kernel does not report (a frame pointer),
-            // the scan may find a stale word: stop the thread and check it from its registers
-            // rather than refuse on a guess.
-            Ok(Some(a)) if settled && !matches!(a.how, How::StackScan { .. }) => tally.saw(a),
-            Ok(None) if settled => {}
-            _ => {
+        let mut w = bufs.survey.waiting()[i];
+        let mut verdict = Verdict::Stop;
+        // A thread that ran during its check (a periodic waiter woke up) is read and checked
+        // again where it waits now, a few times, before it is stopped instead.
+        for _ in 0..RECHECKS {
+            let found = checker.find_active_waiting(
+                stopper.maps(),
+                w.tid,
+                (w.sp, w.pc),
+                &mut bufs.stack,
+                job.ranges,
+            );
+            if !Survey::still_waiting(&w) {
+                match Survey::reread(w.tid) {
+                    Some(now) => {
+                        w = now;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            verdict = match found {
+                // Where the walk needed a register the kernel does not report (a frame
+                // pointer), the scan may find a stale word: stop the thread and check it from
+                // its registers rather than refuse on a guess.
+                Ok(Some(a)) if !matches!(a.how, How::StackScan { .. }) => Verdict::Active(a),
+                Ok(None) => Verdict::Inactive,
+                _ => Verdict::Stop,
+            };
+            break;
+        }
+        match verdict {
+            Verdict::Active(a) => tally.saw(a),
+            Verdict::Inactive => {}
+            Verdict::Stop => {
                 if !bufs.survey.mark_running(w.tid) {
                     return Ok(abandon(window, Outcome::PrepareAgain));
                 }
             }
         }
+    }
+    if let Some(site) = window.owner_trapped() {
+        return Ok(abandon(window, Outcome::AgentTrapped { site }));
     }
     if tally.any_now() {
         return Ok(abandon(window, Outcome::Busy(None)));
@@ -283,7 +322,11 @@ pub(super) fn live(
         unproven = Some(e);
     }
     let t_write = Instant::now();
-    let outcome = if tally.any_now() || unproven.is_some() {
+    let outcome = if let Some(site) = window.owner_trapped() {
+        // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
+        unsafe { write::remove_breakpoints(job.writer, job.edits) };
+        Outcome::AgentTrapped { site }
+    } else if tally.any_now() || unproven.is_some() {
         // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
         unsafe { write::remove_breakpoints(job.writer, job.edits) };
         Outcome::Busy(unproven.map(Blocker::Unproven))

@@ -60,6 +60,11 @@ pub enum UpdateError {
     )]
     OnAgentStack { function: String, how: String },
     #[error(
+        "the dsu agent itself runs {function} (it reached the edit at {site:#x} while checking \
+         the threads): it cannot patch code it uses during an update; nothing was changed"
+    )]
+    AgentUses { function: String, site: usize },
+    #[error(
         "the threads did not settle after {attempts} attempts over {waited_ms} ms (threads \
          were being created or exiting the whole time); nothing was changed"
     )]

@@ -459,6 +459,16 @@ impl Engine {
                 attempt::Outcome::Busy(blocker) => blocker,
                 attempt::Outcome::PrepareAgain if attempts < 1000 => continue,
                 attempt::Outcome::PrepareAgain => None,
+                attempt::Outcome::AgentTrapped { site } => {
+                    let at = edits.iter().position(|e| e.site == site);
+                    return Err(UpdateError::AgentUses {
+                        function: at
+                            .and_then(|i| edit_names.get(i))
+                            .unwrap_or(&"?")
+                            .to_string(),
+                        site,
+                    });
+                }
                 attempt::Outcome::WriteFailed(failure) => {
                     return Err(UpdateError::Write {
                         function: edit_names.get(failure.index).unwrap_or(&"?").to_string(),
