@@ -355,3 +355,58 @@ mod tests {
         assert!(is_default(sig).unwrap());
     }
 }
+
+/// A thread's signal mask, as [`block_all`] found it, to put back with [`set_mask`].
+#[derive(Clone, Copy)]
+pub struct SignalMask {
+    raw: libc::sigset_t,
+}
+
+impl std::fmt::Debug for SignalMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalMask")
+    }
+}
+
+/// Blocks every signal in the calling thread and returns the mask it had. A thread created
+/// while the mask is full inherits it: so the agent's threads never take a signal the program
+/// means for its own threads (a `signalfd` or `sigwait` reader relies on that).
+pub fn block_all() -> io::Result<SignalMask> {
+    let mut all = MaybeUninit::<libc::sigset_t>::zeroed();
+    let mut old = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: both sets are live, writable sigset_t values; sigfillset initialises `all`
+    // before pthread_sigmask reads it, and pthread_sigmask fills `old`.
+    let rc = unsafe {
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: pthread_sigmask succeeded and filled `old`.
+    let raw = unsafe { old.assume_init() };
+    Ok(SignalMask { raw })
+}
+
+/// Sets the calling thread's signal mask back to `mask`.
+pub fn set_mask(mask: &SignalMask) -> io::Result<()> {
+    // SAFETY: `mask.raw` is a valid sigset_t from the kernel; no old mask is asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask.raw, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Whether the calling thread blocks `sig`.
+pub fn is_blocked(sig: i32) -> io::Result<bool> {
+    let mut current = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: a null new set only queries; `current` is writable.
+    let rc =
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), current.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: filled by pthread_sigmask above; sigismember only reads it.
+    Ok(unsafe { libc::sigismember(current.as_ptr(), sig) } == 1)
+}
