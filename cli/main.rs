@@ -1,8 +1,9 @@
 //! `dsu`: apply, revert and inspect live patches of a running process through its agent.
 //!
-//! The commands talk to the agent through its control directory (`docs/control-protocol.md`);
-//! exit codes and output are documented in `docs/cli.md`.
+//! The commands talk to the agent through the control socket in its control directory
+//! (`docs/control-protocol.md`); exit codes and output are documented in `docs/cli.md`.
 
+mod discover;
 mod error;
 mod inspect;
 mod output;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dsu_agent::control::{RESULT_FILE, RequestOp, STATUS_FILE};
+use dsu_agent::control::{RESULT_FILE, RequestOp};
 use dsu_agent::report::{Outcome, Status, StatusReport};
 
 use crate::error::CliError;
@@ -136,40 +137,34 @@ fn revert(args: &RevertArgs) -> Result<(), CliError> {
     report(target.pid, outcome)
 }
 
+/// How long `dsu status` waits for the agent: it answers between updates.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn status(args: &StatusArgs) -> Result<(), CliError> {
     let target = locate(&args.target)?;
-    let status_path = target.dir.join(STATUS_FILE);
-    let status_text = read_optional(&status_path)?;
+    // Asked over the socket: the agent reports its state as it is now (a taken-over trigger
+    // signal, say), and an agent that is not running is noticed at once.
+    let answer = request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT)?;
+    let status = match answer.status.clone() {
+        Some(status) => status,
+        None if answer.outcome != Status::Applied => {
+            return Err(CliError::Agent {
+                outcome: Box::new(answer),
+            });
+        }
+        None => StatusReport {
+            pid: target.pid,
+            patches: Vec::new(),
+            agent: None,
+        },
+    };
     if args.json {
-        // The agent rewrites status.json after every change; before its first write the
-        // answer is an empty list.
-        // Parsed and written again: only what the protocol defines reaches the terminal.
-        let status = match status_text {
-            Some(text) => {
-                serde_json::from_str::<StatusReport>(&text).map_err(|e| CliError::Malformed {
-                    path: status_path.clone(),
-                    reason: e.to_string(),
-                })?
-            }
-            None => StatusReport {
-                pid: target.pid,
-                patches: Vec::new(),
-            },
-        };
         println!(
             "{}",
             serde_json::to_string(&status).expect("a status report serialises")
         );
         return Ok(());
     }
-    let status = status_text
-        .as_deref()
-        .map(serde_json::from_str::<StatusReport>)
-        .transpose()
-        .map_err(|e| CliError::Malformed {
-            path: status_path.clone(),
-            reason: e.to_string(),
-        })?;
     let result_path = target.dir.join(RESULT_FILE);
     let last = read_optional(&result_path)?
         .as_deref()
@@ -179,7 +174,7 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
             path: result_path.clone(),
             reason: e.to_string(),
         })?;
-    for line in output::status_lines(target.pid, &target.agent, status.as_ref(), last.as_ref()) {
+    for line in output::status_lines(target.pid, &target.agent, &status, last.as_ref()) {
         println!("{line}");
     }
     Ok(())
@@ -209,7 +204,21 @@ fn read_optional(path: &std::path::Path) -> Result<Option<String>, CliError> {
 }
 
 fn locate(args: &TargetArgs) -> Result<Target, CliError> {
+    sweep_dead_agents();
     Target::locate(args.pid, args.control_dir.as_deref())
+}
+
+/// Removes the control directories (and perf maps) that agents of exited processes left in
+/// this user's base directories: `$XDG_RUNTIME_DIR/dsu` and `/tmp/dsu-<uid>`.
+fn sweep_dead_agents() {
+    use dsu_agent::control::cleanup::sweep_dead;
+    let uid = sys::effective_uid();
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && runtime.is_absolute()
+    {
+        sweep_dead(&runtime.join("dsu"), uid);
+    }
+    sweep_dead(&PathBuf::from(format!("/tmp/dsu-{uid}")), uid);
 }
 
 /// Prints an applied outcome, or turns any other into the error `dsu` exits with.

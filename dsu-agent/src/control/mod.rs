@@ -31,6 +31,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::{AgentInfo, Outcome, PROTOCOL_VERSION, Status};
 
+pub mod cleanup;
+pub mod socket;
+
+/// What `agent.json` says about the control socket.
+#[derive(Debug, Clone, Default)]
+pub struct SocketInfo {
+    /// Its file name in the directory, when it listens.
+    pub name: Option<String>,
+    /// Why it could not be created, when it could not.
+    pub error: Option<String>,
+}
+
 /// Written by the agent at install.
 pub const AGENT_FILE: &str = "agent.json";
 /// The raw-trigger patch file.
@@ -59,12 +71,14 @@ pub const MAX_ANSWER_SIZE: u64 = 16 << 20;
 
 /// Names a request may not use as its patch `file`: moving them into `consumed/` would break
 /// the directory.
-const RESERVED: [&str; 5] = [
+const RESERVED: [&str; 7] = [
     AGENT_FILE,
     REQUEST_FILE,
     RESULT_FILE,
     LOCK_FILE,
     CONSUMED_DIR,
+    STATUS_FILE,
+    socket::SOCKET_FILE,
 ];
 
 /// Directory mode bits that let group or others create, rename or delete entries.
@@ -210,6 +224,7 @@ impl ControlError {
             functions: Vec::new(),
             patch_id: None,
             stages_us: None,
+            status: None,
         })
     }
 }
@@ -225,6 +240,10 @@ pub struct RequestFile {
     /// How long the agent may keep retrying; absent means the agent's default policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// On the control socket only: the number of patch bytes that follow the request line
+    /// of an `apply` (whose `file` is then only a label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_len: Option<u64>,
 }
 
 /// The operation part of a [`RequestFile`], tagged by `"op"`. New operations are new variants.
@@ -284,6 +303,9 @@ impl Op {
 pub struct ControlDir {
     path: PathBuf,
     owner: u32,
+    /// Whether [`ControlDir::open_or_create`] created the directory itself (not only found
+    /// it): only then does the agent remove it when the process exits.
+    created: bool,
 }
 
 impl ControlDir {
@@ -322,6 +344,7 @@ impl ControlDir {
     pub fn open_or_create(path: impl Into<PathBuf>) -> Result<ControlDir, ControlError> {
         let path = path.into();
         let owner = dsu_sys::ids::effective_uid();
+        let created = fs::symlink_metadata(&path).is_err();
         if let Err(source) = fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -345,7 +368,21 @@ impl ControlDir {
                 });
             }
         }
-        Ok(ControlDir { path, owner })
+        Ok(ControlDir {
+            path,
+            owner,
+            created,
+        })
+    }
+
+    /// Whether the agent created the directory (rather than found it).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The uid that owns the directory: the process's effective uid at install.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// The directory's path.
@@ -363,7 +400,7 @@ impl ControlDir {
     /// install; it first removes a `request.json` and `result.json` that a previous process
     /// with the same pid (or the same `DSU_CONTROL_DIR`) left, so that neither is mistaken
     /// for this agent's.
-    pub fn write_agent_info(&self, signal: i32) -> Result<(), ControlError> {
+    pub fn write_agent_info(&self, signal: i32, socket: SocketInfo) -> Result<(), ControlError> {
         for stale in [REQUEST_FILE, RESULT_FILE] {
             remove_if_exists(&self.path.join(stale))?;
         }
@@ -375,6 +412,8 @@ impl ControlDir {
             start_time: fs::read_to_string("/proc/self/stat")
                 .ok()
                 .and_then(|stat| parse_start_time(&stat)),
+            socket: socket.name,
+            socket_error: socket.error,
         };
         write_json(&self.path, AGENT_FILE, &info, None)
     }
@@ -414,6 +453,33 @@ impl ControlDir {
     /// Writes `result.json` atomically: `dsu` never sees a half-written answer.
     pub fn write_result(&self, outcome: &Outcome) -> Result<(), ControlError> {
         write_json(&self.path, RESULT_FILE, outcome, None)
+    }
+
+    /// Where the patch of request `seq` is kept: `consumed/<seq>.patch`.
+    pub fn consumed_patch(&self, seq: u64) -> PathBuf {
+        self.consumed(seq, "patch")
+    }
+
+    /// Keeps the patch of a socket request as `consumed/<seq>.patch`, as the file requests'
+    /// patches are kept.
+    pub fn keep_patch(&self, seq: u64, bytes: &[u8]) -> Result<(), ControlError> {
+        write_atomic(
+            &self.path.join(CONSUMED_DIR),
+            &format!("{seq}.patch"),
+            bytes,
+            None,
+        )
+    }
+
+    /// Keeps the request line of a socket request as `consumed/<seq>.request.json`, as a
+    /// file request is kept once claimed.
+    pub fn keep_request(&self, seq: u64, request: &RequestFile) -> Result<(), ControlError> {
+        write_json(
+            &self.path.join(CONSUMED_DIR),
+            &format!("{seq}.request.json"),
+            request,
+            None,
+        )
     }
 
     fn consumed(&self, seq: u64, suffix: &str) -> PathBuf {
