@@ -41,6 +41,8 @@ pub fn exchange(
         timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
         patch_len: patch.map(|p| p.len() as u64),
     };
+    // Never blocked beyond the deadline by an agent busy with another request.
+    let _ = stream.set_write_timeout(Some(timeout + GRACE));
     // A failed send is not final: the agent may have refused before reading (another
     // user's agent) and its answer is waiting.
     let sent = socket::send_request(&stream, &request, patch);

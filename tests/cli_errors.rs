@@ -339,8 +339,8 @@ fn an_agent_that_takes_the_request_but_never_answers_times_out_saying_so() {
         let mut client = accept(&listener);
         client.read_request().unwrap().expect("a request");
         client.take(1).unwrap();
-        // Hold the connection until dsu gives up.
-        let _ = client.read_request();
+        // Returned to be held open until dsu gives up.
+        client
     });
     let pid = target.pid().to_string();
     let output = dsu_with(
@@ -349,7 +349,7 @@ fn an_agent_that_takes_the_request_but_never_answers_times_out_saying_so() {
     );
     let line = fails(&output, 4);
     assert!(line.contains("may still act on it"), "{line}");
-    agent.join().unwrap();
+    drop(agent.join().unwrap());
 }
 
 #[test]

@@ -361,3 +361,43 @@ fn dsu_removes_the_control_directory_and_perf_map_of_a_dead_process() {
     assert!(!left.exists(), "{} is left behind", left.display());
     assert!(!perf_map.exists(), "{} is left behind", perf_map.display());
 }
+
+#[test]
+fn dsu_signal_chooses_or_removes_the_trigger_signal() {
+    let dir = scratch("socket-signal-env");
+    let patch = x10_patch(&dir);
+    let fx = plain(&dir, "", &[("DSU_SIGNAL", Path::new("SIGUSR1"))]);
+    let json = status_json(fx.pid);
+    assert_eq!(json["agent"]["trigger_signal"], 10, "{json}");
+    assert_eq!(json["agent"]["trigger_taken_over"], false, "{json}");
+    drop(fx);
+
+    let dir = scratch("socket-signal-none");
+    let mut fx = plain(&dir, "", &[("DSU_SIGNAL", Path::new("none"))]);
+    let status = fs::read(format!("/proc/{}/status", fx.pid)).unwrap();
+    let caught = String::from_utf8_lossy(&status)
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:").map(|v| v.trim().to_owned()))
+        .unwrap();
+    let mask = u64::from_str_radix(&caught, 16).unwrap();
+    assert_eq!(mask & (1 << (libc::SIGUSR2 - 1)), 0, "SIGUSR2 is caught");
+    let text = succeeded("dsu status", &dsu(&["status", "-p", &fx.pid.to_string()]));
+    assert!(text.contains("trigger signal: none"), "{text}");
+    apply(fx.pid, &patch);
+    assert_eq!(fx.compute(), X10);
+}
+
+#[test]
+fn a_bad_dsu_stop_signal_is_a_clear_install_error() {
+    let dir = scratch("socket-stop-env");
+    let mut fx = plain(&dir, "", &[("DSU_STOP_SIGNAL", Path::new("SIGUSR1"))]);
+    // The program runs on without an agent.
+    assert_eq!(fx.compute(), ORIGINAL);
+    let log = fx.log();
+    assert!(
+        log.contains("DSU_STOP_SIGNAL=\"SIGUSR1\": the stop signal must be a real-time signal"),
+        "{log}"
+    );
+    let out = dsu(&["status", "-p", &fx.pid.to_string()]);
+    assert_eq!(out.status.code(), Some(3));
+}

@@ -397,16 +397,3 @@ pub fn set_mask(mask: &SignalMask) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Whether the calling thread blocks `sig`.
-pub fn is_blocked(sig: i32) -> io::Result<bool> {
-    let mut current = MaybeUninit::<libc::sigset_t>::zeroed();
-    // SAFETY: a null new set only queries; `current` is writable.
-    let rc =
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), current.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    // SAFETY: filled by pthread_sigmask above; sigismember only reads it.
-    Ok(unsafe { libc::sigismember(current.as_ptr(), sig) } == 1)
-}

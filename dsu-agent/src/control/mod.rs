@@ -1,24 +1,28 @@
-//! The control directory: where the agent and the `dsu` command meet.
+//! The control directory: where the agent and the outside world meet.
 //!
-//! Everything an operator does reaches the agent through files in one directory per process
-//! (protocol version 1, `docs/control-protocol.md`):
+//! Everything an operator does reaches the agent through one directory per process (protocol
+//! version 1, `docs/control-protocol.md`):
 //!
 //! - `agent.json`, written at install ([`ControlDir::write_agent_info`]), says an agent listens;
-//! - a raw trigger is a file `patch` plus the trigger signal;
-//! - `dsu` writes `request.json` (a [`RequestFile`]) next to the patch, then signals;
-//! - the agent answers every request in `result.json` ([`ControlDir::write_result`]).
+//! - `agent.sock`, the control socket ([`socket`]), is where `dsu` sends its requests and reads
+//!   the answers: no signal, no polling;
+//! - a raw trigger is a file `patch` plus the trigger signal; a script may also write
+//!   `request.json` (a [`RequestFile`]) next to a patch, then signal;
+//! - the agent answers file requests in `result.json` ([`ControlDir::write_result`]);
+//! - [`cleanup`] removes the directory when the process exits, and `dsu` those of dead
+//!   processes.
 //!
-//! The directory is the only authentication there is: whoever can write into it can make the
+//! The directory is the first line of authentication: whoever can write into it can make the
 //! process run code. So it must belong to the process's user and be writable by nobody else,
 //! and its parent must not let anyone else replace it; [`verify_dir`] checks that before each
-//! request, the way tmux checks its socket directory.
+//! request, the way tmux checks its socket directory. The socket adds the peer's credentials.
 //!
-//! Each input is claimed with a `rename(2)` into `consumed/` before it is read: a rename either
-//! moves the file or finds it gone, so a repeated signal can never apply the same patch twice,
-//! and what is read is exactly what was claimed.
+//! Each file input is claimed with a `rename(2)` into `consumed/` before it is read: a rename
+//! either moves the file or finds it gone, so a repeated signal can never apply the same patch
+//! twice, and what is read is exactly what was claimed.
 //!
-//! This module does file I/O only and runs on the agent thread, never while threads are
-//! stopped. The `dsu` command reuses its path rules, checks and wire types.
+//! This module does file and socket I/O only and runs on the agent thread, never while
+//! threads are stopped. The `dsu` command reuses its path rules, checks and wire types.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};

@@ -35,7 +35,7 @@ use crate::report::{Outcome, Status};
 pub const SOCKET_FILE: &str = "agent.sock";
 
 /// How long the agent waits for a client to send its whole request.
-pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How long the agent waits for a client to take its answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
