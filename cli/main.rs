@@ -124,7 +124,8 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
     let bytes = patch::read_patch(&args.patch)?;
     let target = locate(&args.target)?;
     let op = RequestOp::Apply {
-        file: dsu_agent::control::REQUEST_PATCH_FILE.to_owned(),
+        // Over the socket only a label: the agent keeps the bytes as consumed/<seq>.patch.
+        file: args.patch.display().to_string(),
     };
     let outcome = request::exchange(&target, op, Some(&bytes), args.timeout)?;
     report(target.pid, outcome)

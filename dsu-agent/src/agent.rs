@@ -390,15 +390,17 @@ fn serve_client(shared: &Shared, engine: &mut Engine, mut client: Client, seq: &
         let e = crate::control::socket::SocketError::from(e);
         return refuse(&client, &e, e.outcome(Some(&request.header)));
     }
-    let next = *seq + 1;
+    // A status request changes nothing and leaves no trace: it takes no number of its own
+    // (patch ids stay consecutive however often `dsu status` runs), and answers with the
+    // number of the last request.
+    let is_status = request.header.op == RequestOp::Status;
+    let next = if is_status { *seq } else { *seq + 1 };
     if client.take(next).is_err() {
         return; // the client gave up before the request was taken: nothing happens
     }
     *seq = next;
     // Kept where a file request's inputs would be, before it is carried out: the report
-    // names the patch, and whoever watches the directory sees the update under way. A status
-    // request changes nothing and leaves no trace.
-    let is_status = request.header.op == RequestOp::Status;
+    // names the patch, and whoever watches the directory sees the update under way.
     if !is_status {
         let kept = shared
             .control
