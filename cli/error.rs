@@ -108,6 +108,12 @@ pub enum CliError {
     )]
     OtherProcess { path: PathBuf, found: u32, pid: u32 },
     #[error(
+        "process {pid} is a fork() of process {parent} and shares its control socket, but the \
+         dsu agent runs in process {parent} only; a forked child cannot be patched (patch \
+         {parent}, or start the child with exec under LD_PRELOAD)"
+    )]
+    ForkedChild { pid: u32, parent: u32 },
+    #[error(
         "{} was written by an earlier process that also had pid {pid}; process {pid} has no \
          dsu agent of its own",
         .path.display()
@@ -156,6 +162,7 @@ impl CliError {
             | CliError::Malformed { .. }
             | CliError::Protocol { .. }
             | CliError::OtherProcess { .. }
+            | CliError::ForkedChild { .. }
             | CliError::EarlierProcess { .. }
             | CliError::OtherUser { .. }
             | CliError::NoSocket { .. }

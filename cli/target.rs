@@ -170,6 +170,13 @@ fn check_agent_matches(pid: u32, agent: &AgentInfo, path: &Path) -> Result<(), C
             reason: format!("{} is not a signal number", agent.signal),
         });
     }
+    if agent.pid != pid && parent_pid(pid) == Some(agent.pid) {
+        // A fork() without exec keeps the parent's listening socket.
+        return Err(CliError::ForkedChild {
+            pid,
+            parent: agent.pid,
+        });
+    }
     if agent.pid != pid {
         return Err(CliError::OtherProcess {
             path: path.to_owned(),
@@ -218,6 +225,13 @@ fn read_error(pid: u32, path: PathBuf, e: io::Error) -> CliError {
         Some(libc::ENOENT | libc::ESRCH) => CliError::NoProcess { pid },
         _ => CliError::proc(path, e),
     }
+}
+
+/// The parent of `pid` (`PPid:` of its status), if it can be read.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(proc_path(pid, "status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("PPid:"))?;
+    line.trim().parse().ok()
 }
 
 /// The effective uid (second field of `Uid:`): the owner of what the agent creates.

@@ -402,3 +402,26 @@ fn a_bad_dsu_stop_signal_is_a_clear_install_error() {
     let out = dsu(&["status", "-p", &fx.pid.to_string()]);
     assert_eq!(out.status.code(), Some(3));
 }
+
+#[test]
+fn a_forked_child_sharing_the_socket_is_named_as_such() {
+    let dir = scratch("socket-forked-child");
+    let mut fx = plain(&dir, "", &[]);
+    let reply = fx.send("fork");
+    let child: i32 = reply
+        .strip_prefix("child ")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad reply to fork: {reply:?}"));
+    let out = dsu(&["status", "-p", &child.to_string()]);
+    // SAFETY: kill takes plain integers; the child is the fixture's, which reaps nothing but
+    // dies with it.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is a fork() of process {}", fx.pid)),
+        "{stderr}"
+    );
+    // The parent itself is reached as usual.
+    succeeded("dsu status", &dsu(&["status", "-p", &fx.pid.to_string()]));
+}

@@ -362,6 +362,9 @@ fn serve_socket(shared: &Shared, engine: &mut Engine, listener: &Listener, seq: 
                 if shared.config.log {
                     eprintln!("dsu: control socket: {e}");
                 }
+                // Out of descriptors, say: the connection stays pending and poll reports it
+                // again at once. Pause rather than spin.
+                std::thread::sleep(std::time::Duration::from_millis(10));
                 break;
             }
         }
