@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dsu_agent::control::{RESULT_FILE, RequestOp};
+use dsu_agent::control::{RESULT_FILE, RequestOp, STATUS_FILE};
 use dsu_agent::report::{Outcome, Status, StatusReport};
 
 use crate::error::CliError;
@@ -138,26 +138,27 @@ fn revert(args: &RevertArgs) -> Result<(), CliError> {
     report(target.pid, outcome)
 }
 
-/// How long `dsu status` waits for the agent: it answers between updates.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `dsu status` waits for the agent (plus the exchange's grace) before it shows
+/// `status.json` instead: the agent answers between updates, and one may be retrying.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn status(args: &StatusArgs) -> Result<(), CliError> {
     let target = locate(&args.target)?;
     // Asked over the socket: the agent reports its state as it is now (a taken-over trigger
     // signal, say), and an agent that is not running is noticed at once.
-    let answer = request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT)?;
-    let status = match answer.status.clone() {
-        Some(status) => status,
-        None if answer.outcome != Status::Applied => {
-            return Err(CliError::Agent {
-                outcome: Box::new(answer),
-            });
-        }
-        None => StatusReport {
-            pid: target.pid,
-            patches: Vec::new(),
-            agent: None,
+    let (status, busy) = match request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT) {
+        Ok(answer) => match answer.status.clone() {
+            Some(status) => (status, false),
+            None if answer.outcome != Status::Applied => {
+                return Err(CliError::Agent {
+                    outcome: Box::new(answer),
+                });
+            }
+            None => (empty_status(target.pid), false),
         },
+        // Busy with an update that is still retrying: what it wrote after the last change.
+        Err(CliError::TimedOut { .. }) => (read_status_file(&target)?, true),
+        Err(e) => return Err(e),
     };
     if args.json {
         println!(
@@ -175,10 +176,36 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
             path: result_path.clone(),
             reason: e.to_string(),
         })?;
+    if busy {
+        println!(
+            "the agent is busy with an update; as of its last change ({}):",
+            target.dir.join(STATUS_FILE).display()
+        );
+    }
     for line in output::status_lines(target.pid, &target.agent, &status, last.as_ref()) {
         println!("{line}");
     }
     Ok(())
+}
+
+fn empty_status(pid: u32) -> StatusReport {
+    StatusReport {
+        pid,
+        patches: Vec::new(),
+        agent: None,
+    }
+}
+
+/// `status.json` as the agent last wrote it; no patches before its first write.
+fn read_status_file(target: &Target) -> Result<StatusReport, CliError> {
+    let path = target.dir.join(STATUS_FILE);
+    match read_optional(&path)? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| CliError::Malformed {
+            path,
+            reason: e.to_string(),
+        }),
+        None => Ok(empty_status(target.pid)),
+    }
 }
 
 /// A file's text, `None` when it does not exist. The directory belongs to the target's user,

@@ -425,3 +425,42 @@ fn a_forked_child_sharing_the_socket_is_named_as_such() {
     // The parent itself is reached as usual.
     succeeded("dsu status", &dsu(&["status", "-p", &fx.pid.to_string()]));
 }
+
+#[test]
+fn status_during_a_retrying_update_shows_the_last_change() {
+    const C_BLOCK_PLUS_100: &str = "
+#include <unistd.h>
+unsigned long dsu_fixture_block(int fd) {
+    char byte = 0;
+    long n = read(fd, &byte, 1);
+    return (unsigned long)n + 100;
+}
+";
+    let dir = scratch("socket-busy-status");
+    let patch = cc_object(&dir, "block_plus_100", C_BLOCK_PLUS_100, &[]);
+    let mut fx = Fixture::start(&dir, &cargo_bin("busy_target"), &["2"], &[]);
+    let pid = fx.pid.to_string();
+    apply(fx.pid, &patch);
+    // A thread blocks inside the patch: a revert retries until it leaves.
+    fx.expect("block", "blocking");
+    let revert = Command::new(env!("CARGO_BIN_EXE_dsu"))
+        .args(["revert", "-p", &pid, "--timeout", "20"])
+        .env_clear()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let taken = fx.control.join("consumed/2.request.json");
+    let deadline = Instant::now() + WAIT;
+    while !taken.exists() {
+        assert!(Instant::now() < deadline, "the agent never took the revert");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let text = succeeded("dsu status", &dsu(&["status", "-p", &pid]));
+    assert!(text.contains("the agent is busy with an update"), "{text}");
+    assert!(text.contains("patch 1: "), "{text}");
+    fx.expect("unblock", "unblocked 101");
+    succeeded("dsu revert", &finish(revert, Duration::from_secs(30)));
+    let text = succeeded("dsu status", &dsu(&["status", "-p", &pid]));
+    assert!(text.contains("no patch applied"), "{text}");
+}

@@ -5,8 +5,9 @@
 //! control socket, or by the in-process API: the thread that asks is then stopped and checked
 //! like any other, so a function it is executing is never replaced under it.
 //!
-//! The agent thread blocks every signal, so the program's signals (a `signalfd` or `sigwait`
-//! reader's `SIGHUP`, say) always go to the program's own threads. A `fork()`ed child has no
+//! The agent thread blocks every signal (but the synchronous ones its own faults would raise),
+//! so the program's signals (a `signalfd` or `sigwait` reader's `SIGHUP`, say) always go to
+//! the program's own threads. A `fork()`ed child has no
 //! agent thread: the API refuses at once there instead of waiting for one.
 
 use std::collections::VecDeque;
@@ -150,9 +151,10 @@ pub(crate) fn install(config: Builder) -> Result<Agent, Error> {
     });
     let engine = Engine::new(stopper, writer);
     let thread_shared = shared.clone();
-    // The thread starts with every signal blocked (a new thread inherits the mask): the
-    // program's signals must reach the program's threads, never the agent's.
-    let saved = dsu_sys::signal::block_all().map_err(Error::Thread)?;
+    // The thread starts with every signal blocked but those raised by its own faults (a new
+    // thread inherits the mask): the program's signals must reach the program's threads,
+    // never the agent's.
+    let saved = dsu_sys::signal::block_asynchronous().map_err(Error::Thread)?;
     let spawned = std::thread::Builder::new()
         .name("dsu-agent".into())
         .spawn(move || run(&thread_shared, engine, waiter, listener));
