@@ -147,7 +147,7 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
     // Asked over the socket: the agent reports its state as it is now (a taken-over trigger
     // signal, say), and an agent that is not running is noticed at once.
     let (status, busy) = match request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT) {
-        Ok(answer) => match answer.status.clone() {
+        Ok(mut answer) => match answer.status.take() {
             Some(status) => (status, false),
             None if answer.outcome != Status::Applied => {
                 return Err(CliError::Agent {

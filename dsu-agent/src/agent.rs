@@ -7,8 +7,8 @@
 //!
 //! The agent thread blocks every signal (but the synchronous ones its own faults would raise),
 //! so the program's signals (a `signalfd` or `sigwait` reader's `SIGHUP`, say) always go to
-//! the program's own threads. A `fork()`ed child has no
-//! agent thread: the API refuses at once there instead of waiting for one.
+//! the program's own threads. A `fork()`ed child has no agent thread: the API refuses at once
+//! there instead of waiting for one.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
