@@ -144,3 +144,43 @@ fn process_life(info: &AgentInfo) -> Option<Life> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("dsu-cleanup-test-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(path.join(CONSUMED_DIR)).unwrap();
+        for file in [AGENT_FILE, STATUS_FILE, RESULT_FILE] {
+            fs::write(path.join(file), b"{}").unwrap();
+        }
+        fs::write(path.join(CONSUMED_DIR).join("1.patch"), b"x").unwrap();
+        path
+    }
+
+    #[test]
+    fn a_directory_the_agent_created_goes_entirely() {
+        let dir = scratch("created");
+        remove_control_dir(&dir, true);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_directory_the_user_gave_stays_with_what_is_not_the_agents() {
+        let dir = scratch("given");
+        fs::write(dir.join("notes.txt"), b"mine").unwrap();
+        remove_control_dir(&dir, false);
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["notes.txt"]);
+        // Asked to remove it, a directory with foreign files stays too.
+        remove_control_dir(&dir, true);
+        assert!(dir.join("notes.txt").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -388,6 +388,41 @@ fn fd_path(dir: &File) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let path =
+                std::env::temp_dir().join(format!("dsu-socket-test-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A client end and the agent's end of a fresh connection.
+    fn connection() -> (UnixStream, Client) {
+        let (client, agent) = UnixStream::pair().unwrap();
+        (client, Client { stream: agent })
+    }
+
+    fn header(op: RequestOp, patch_len: Option<u64>) -> RequestFile {
+        RequestFile {
+            id: "t-1".into(),
+            op,
+            timeout_ms: Some(250),
+            patch_len,
+        }
+    }
 
     #[test]
     fn replies_parse_as_taken_or_outcome() {
@@ -402,5 +437,139 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Reply::parse(b"nonsense").is_err());
+    }
+
+    #[test]
+    fn an_apply_arrives_with_its_patch_and_becomes_a_request() {
+        let (client, mut agent) = connection();
+        let apply = header(
+            RequestOp::Apply {
+                file: "fix.o".into(),
+            },
+            Some(5),
+        );
+        send_request(&client, &apply, Some(b"\x7fELF!")).unwrap();
+        let request = agent.read_request().unwrap().unwrap();
+        assert_eq!(request.header, apply);
+        assert_eq!(request.patch.as_deref(), Some(&b"\x7fELF!"[..]));
+        let request = request.into_request(PathBuf::from("consumed/4.patch"));
+        assert_eq!(request.id.as_deref(), Some("t-1"));
+        assert_eq!(
+            request.op,
+            Op::Apply {
+                bytes: b"\x7fELF!".to_vec(),
+                file: PathBuf::from("consumed/4.patch"),
+                timeout: Some(Duration::from_millis(250)),
+            }
+        );
+        agent.take(4).unwrap();
+        agent
+            .answer(&SocketError::Slow.outcome(Some(&apply)))
+            .unwrap();
+        drop(agent);
+        let mut text = String::new();
+        (&client).read_to_string(&mut text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(matches!(
+            Reply::parse(lines[0].as_bytes()),
+            Ok(Reply::Taken(4))
+        ));
+        assert!(matches!(
+            Reply::parse(lines[1].as_bytes()),
+            Ok(Reply::Answer(o)) if o.request.as_deref() == Some("t-1")
+        ));
+    }
+
+    #[test]
+    fn a_closed_connection_without_a_request_is_no_request() {
+        let (client, mut agent) = connection();
+        drop(client);
+        assert!(agent.read_request().unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_the_reason() {
+        let (mut client, mut agent) = connection();
+        client.write_all(b"{not json}\n").unwrap();
+        assert!(matches!(
+            agent.read_request(),
+            Err(SocketError::Malformed(_))
+        ));
+
+        let (client, mut agent) = connection();
+        let no_len = header(RequestOp::Apply { file: "f".into() }, None);
+        send_request(&client, &no_len, None).unwrap();
+        assert!(matches!(
+            agent.read_request(),
+            Err(SocketError::Malformed(reason)) if reason.contains("patch_len")
+        ));
+
+        let (client, mut agent) = connection();
+        let huge = header(
+            RequestOp::Apply { file: "f".into() },
+            Some(MAX_PATCH_SIZE + 1),
+        );
+        send_request(&client, &huge, None).unwrap();
+        assert!(matches!(
+            agent.read_request(),
+            Err(SocketError::PatchTooLarge { .. })
+        ));
+
+        let (mut client, mut agent) = connection();
+        let writer = std::thread::spawn(move || {
+            let line = vec![b'x'; MAX_REQUEST_SIZE as usize + 10];
+            let _ = client.write_all(&line);
+            client
+        });
+        assert!(matches!(
+            agent.read_request(),
+            Err(SocketError::HeaderTooLarge)
+        ));
+        drop(agent);
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn a_client_that_sends_part_of_its_request_is_given_up_on() {
+        let (mut client, mut agent) = connection();
+        client.write_all(b"{\"id\":").unwrap();
+        assert!(matches!(agent.read_request(), Err(SocketError::Slow)));
+    }
+
+    #[test]
+    fn the_peer_of_our_own_uid_is_accepted() {
+        let (_client, agent) = connection();
+        agent.check_peer(dsu_sys::ids::effective_uid()).unwrap();
+    }
+
+    #[test]
+    fn binding_replaces_a_stale_socket_and_refuses_anything_else() {
+        let scratch = Scratch::new("bind");
+        let first = Listener::bind(&scratch.0).unwrap();
+        drop(first); // leaves the socket file, as a process that died would
+        let second = Listener::bind(&scratch.0).unwrap();
+        let mode = fs::metadata(second.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(connect(&scratch.0).is_ok());
+        drop(second);
+
+        fs::remove_file(scratch.0.join(SOCKET_FILE)).unwrap();
+        fs::write(scratch.0.join(SOCKET_FILE), b"not a socket").unwrap();
+        assert!(matches!(
+            Listener::bind(&scratch.0),
+            Err(SocketError::NotASocket { .. })
+        ));
+    }
+
+    #[test]
+    fn a_path_longer_than_sun_path_is_bound_and_reached_through_the_directory() {
+        let scratch = Scratch::new("long");
+        let dir = scratch.0.join("x".repeat(120));
+        fs::create_dir_all(&dir).unwrap();
+        let listener = Listener::bind(&dir).unwrap();
+        assert!(listener.path().as_os_str().len() > MAX_SOCKET_PATH);
+        let client = connect(&dir).unwrap();
+        drop(client);
+        assert!(listener.accept().unwrap().is_some());
     }
 }
