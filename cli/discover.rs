@@ -110,8 +110,9 @@ fn listening_agent_socket(table: &str, inodes: &HashSet<u64>) -> Option<String> 
         let inode: u64 = fields.get(6)?.parse().ok()?;
         // A path with spaces spans the remaining fields.
         let path = fields.get(7..)?.join(" ");
-        (flags & LISTENING != 0 && inodes.contains(&inode) && path.ends_with(&suffix))
-            .then_some(path)
+        // An abstract socket (`@name`) has no directory, whatever its name says.
+        let bound = !path.starts_with('@') && path.ends_with(&suffix);
+        (flags & LISTENING != 0 && inodes.contains(&inode) && bound).then_some(path)
     })
 }
 
@@ -132,7 +133,8 @@ mod tests {
         0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/user/1000/dsu/77/agent.sock\n\
         0000000000000000: 00000002 00000000 00000000 0001 03 4243 /run/user/1000/dsu/77/agent.sock\n\
         0000000000000000: 00000002 00000000 00010000 0001 01 4244 /tmp/other.sock\n\
-        0000000000000000: 00000002 00000000 00010000 0001 01 4245 /proc/self/fd/9/agent.sock\n";
+        0000000000000000: 00000002 00000000 00010000 0001 01 4245 /proc/self/fd/9/agent.sock\n\
+        0000000000000000: 00000002 00000000 00010000 0001 01 4246 @/run/x/agent.sock\n";
 
     #[test]
     fn the_listening_agent_socket_is_found_by_inode() {
@@ -141,8 +143,11 @@ mod tests {
             listening_agent_socket(TABLE, &inodes(&[4243, 4242])).as_deref(),
             Some("/run/user/1000/dsu/77/agent.sock")
         );
-        // Connected (not listening) and foreign names do not count.
-        assert_eq!(listening_agent_socket(TABLE, &inodes(&[4243, 4244])), None);
+        // Connected (not listening), foreign and abstract names do not count.
+        assert_eq!(
+            listening_agent_socket(TABLE, &inodes(&[4243, 4244, 4246])),
+            None
+        );
         let long = listening_agent_socket(TABLE, &inodes(&[4245])).unwrap();
         assert_eq!(fd_relative_dir(&long), Some(9));
         assert_eq!(fd_relative_dir("/run/x/agent.sock"), None);
