@@ -51,14 +51,15 @@ pub struct SocketInfo {
 pub const AGENT_FILE: &str = "agent.json";
 /// The raw-trigger patch file.
 pub const PATCH_FILE: &str = "patch";
-/// The file `dsu apply` writes its patch to, named in its `request.json`. Not `patch`: a raw
-/// trigger arriving between the two writes must not take `dsu`'s patch for its own.
+/// A name for the patch of a file request (`request.json` names it; `dsu` used it before the
+/// control socket). Not `patch`: a raw trigger arriving between the two writes must not take
+/// the request's patch for its own.
 pub const REQUEST_PATCH_FILE: &str = "request.patch";
 /// A request from `dsu`.
 pub const REQUEST_FILE: &str = "request.json";
 /// The agent's answer to the last request.
 pub const RESULT_FILE: &str = "result.json";
-/// `flock`ed by `dsu` to serialise concurrent commands; the agent never touches it.
+/// `flock`ed by `dsu` versions before the control socket; now only removed with the directory.
 pub const LOCK_FILE: &str = "lock";
 /// The patches in effect (`report::StatusReport`), rewritten by the agent after every change.
 pub const STATUS_FILE: &str = "status.json";
