@@ -47,11 +47,51 @@ pub enum CliError {
     #[error("cannot understand {}: {reason}", .path.display())]
     ProcFormat { path: PathBuf, reason: String },
     #[error(
-        "process {pid} has no dsu agent (no {}); link dsu-agent or start it with \
+        "process {pid} has no dsu agent ({}no {}); link dsu-agent or start it with \
          LD_PRELOAD=libdsu_agent.so, or pass --control-dir if its agent uses another directory",
+        if *.searched { "no listening agent.sock among its descriptors, and " } else { "" },
         .path.display()
     )]
-    NoAgent { pid: u32, path: PathBuf },
+    NoAgent {
+        pid: u32,
+        path: PathBuf,
+        /// Whether the process's descriptors were searched for the agent's socket first.
+        searched: bool,
+    },
+    #[error(
+        "process {pid} runs as uid {uid}, and dsu as uid {me} may not look into it; run dsu as \
+         uid {uid} or as root"
+    )]
+    OtherUser { pid: u32, uid: u32, me: u32 },
+    #[error(
+        "the dsu agent of process {pid} has no control socket: {reason}; fix that and restart \
+         the process, or use the raw trigger ({}/patch and its trigger signal)",
+        .dir.display()
+    )]
+    NoSocket {
+        pid: u32,
+        reason: String,
+        dir: PathBuf,
+    },
+    #[error(
+        "no dsu agent of process {pid} listens on {} ({source}); the agent is not running, or \
+         the directory belongs to an earlier process",
+        .path.display()
+    )]
+    NoListener {
+        pid: u32,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot send the request to the agent of process {pid}: {source}")]
+    Send {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the agent of process {pid} closed the connection without answering")]
+    HungUp { pid: u32 },
     #[error(transparent)]
     ControlDir(#[from] ControlError),
     #[error("{} is malformed: {reason}", .path.display())]
@@ -68,22 +108,17 @@ pub enum CliError {
     )]
     OtherProcess { path: PathBuf, found: u32, pid: u32 },
     #[error(
+        "process {pid} is a fork() of process {parent} and shares its control socket, but the \
+         dsu agent runs in process {parent} only; a forked child cannot be patched (patch \
+         {parent}, or start the child with exec under LD_PRELOAD)"
+    )]
+    ForkedChild { pid: u32, parent: u32 },
+    #[error(
         "{} was written by an earlier process that also had pid {pid}; process {pid} has no \
          dsu agent of its own",
         .path.display()
     )]
     EarlierProcess { path: PathBuf, pid: u32 },
-    #[error(
-        "process {pid} neither handles nor ignores signal {signal}: sending it would kill the \
-         process, so nothing was sent; is its dsu agent installed?"
-    )]
-    SignalUnhandled { pid: u32, signal: i32 },
-    #[error("cannot signal process {pid}: {source}")]
-    Signal {
-        pid: u32,
-        #[source]
-        source: io::Error,
-    },
     #[error("process {pid} exited before its agent answered")]
     Exited { pid: u32 },
 
@@ -106,8 +141,6 @@ pub enum CliError {
         waited: Duration,
         withdrawn: bool,
     },
-    #[error("timed out waiting for another dsu command that holds {}", .path.display())]
-    LockTimedOut { path: PathBuf },
 
     #[error("{0}")]
     Inspect(#[from] dsu_agent::inspect::InspectError),
@@ -129,14 +162,18 @@ impl CliError {
             | CliError::Malformed { .. }
             | CliError::Protocol { .. }
             | CliError::OtherProcess { .. }
+            | CliError::ForkedChild { .. }
             | CliError::EarlierProcess { .. }
-            | CliError::SignalUnhandled { .. }
-            | CliError::Signal { .. }
+            | CliError::OtherUser { .. }
+            | CliError::NoSocket { .. }
+            | CliError::NoListener { .. }
+            | CliError::Send { .. }
+            | CliError::HungUp { .. }
             | CliError::Exited { .. } => exit::UNREACHABLE,
             CliError::Agent { .. } | CliError::Inspect(_) | CliError::InspectProblems { .. } => {
                 exit::REFUSED
             }
-            CliError::TimedOut { .. } | CliError::LockTimedOut { .. } => exit::TIMED_OUT,
+            CliError::TimedOut { .. } => exit::TIMED_OUT,
         }
     }
 

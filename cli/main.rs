@@ -1,8 +1,9 @@
 //! `dsu`: apply, revert and inspect live patches of a running process through its agent.
 //!
-//! The commands talk to the agent through its control directory (`docs/control-protocol.md`);
-//! exit codes and output are documented in `docs/cli.md`.
+//! The commands talk to the agent through the control socket in its control directory
+//! (`docs/control-protocol.md`); exit codes and output are documented in `docs/cli.md`.
 
+mod discover;
 mod error;
 mod inspect;
 mod output;
@@ -123,7 +124,8 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
     let bytes = patch::read_patch(&args.patch)?;
     let target = locate(&args.target)?;
     let op = RequestOp::Apply {
-        file: dsu_agent::control::REQUEST_PATCH_FILE.to_owned(),
+        // Over the socket only a label: the agent keeps the bytes as consumed/<seq>.patch.
+        file: args.patch.display().to_string(),
     };
     let outcome = request::exchange(&target, op, Some(&bytes), args.timeout)?;
     report(target.pid, outcome)
@@ -136,40 +138,35 @@ fn revert(args: &RevertArgs) -> Result<(), CliError> {
     report(target.pid, outcome)
 }
 
+/// How long `dsu status` waits for the agent (plus the exchange's grace) before it shows
+/// `status.json` instead: the agent answers between updates, and one may be retrying.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn status(args: &StatusArgs) -> Result<(), CliError> {
     let target = locate(&args.target)?;
-    let status_path = target.dir.join(STATUS_FILE);
-    let status_text = read_optional(&status_path)?;
-    if args.json {
-        // The agent rewrites status.json after every change; before its first write the
-        // answer is an empty list.
-        // Parsed and written again: only what the protocol defines reaches the terminal.
-        let status = match status_text {
-            Some(text) => {
-                serde_json::from_str::<StatusReport>(&text).map_err(|e| CliError::Malformed {
-                    path: status_path.clone(),
-                    reason: e.to_string(),
-                })?
+    // Asked over the socket: the agent reports its state as it is now (a taken-over trigger
+    // signal, say), and an agent that is not running is noticed at once.
+    let (status, busy) = match request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT) {
+        Ok(mut answer) => match answer.status.take() {
+            Some(status) => (status, false),
+            None if answer.outcome != Status::Applied => {
+                return Err(CliError::Agent {
+                    outcome: Box::new(answer),
+                });
             }
-            None => StatusReport {
-                pid: target.pid,
-                patches: Vec::new(),
-            },
-        };
+            None => (empty_status(target.pid), false),
+        },
+        // Busy with an update that is still retrying: what it wrote after the last change.
+        Err(CliError::TimedOut { .. }) => (read_status_file(&target)?, true),
+        Err(e) => return Err(e),
+    };
+    if args.json {
         println!(
             "{}",
             serde_json::to_string(&status).expect("a status report serialises")
         );
         return Ok(());
     }
-    let status = status_text
-        .as_deref()
-        .map(serde_json::from_str::<StatusReport>)
-        .transpose()
-        .map_err(|e| CliError::Malformed {
-            path: status_path.clone(),
-            reason: e.to_string(),
-        })?;
     let result_path = target.dir.join(RESULT_FILE);
     let last = read_optional(&result_path)?
         .as_deref()
@@ -179,10 +176,36 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
             path: result_path.clone(),
             reason: e.to_string(),
         })?;
-    for line in output::status_lines(target.pid, &target.agent, status.as_ref(), last.as_ref()) {
+    if busy {
+        println!(
+            "the agent is busy with an update; as of its last change ({}):",
+            target.dir.join(STATUS_FILE).display()
+        );
+    }
+    for line in output::status_lines(target.pid, &target.agent, &status, last.as_ref()) {
         println!("{line}");
     }
     Ok(())
+}
+
+fn empty_status(pid: u32) -> StatusReport {
+    StatusReport {
+        pid,
+        patches: Vec::new(),
+        agent: None,
+    }
+}
+
+/// `status.json` as the agent last wrote it; no patches before its first write.
+fn read_status_file(target: &Target) -> Result<StatusReport, CliError> {
+    let path = target.dir.join(STATUS_FILE);
+    match read_optional(&path)? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| CliError::Malformed {
+            path,
+            reason: e.to_string(),
+        }),
+        None => Ok(empty_status(target.pid)),
+    }
 }
 
 /// A file's text, `None` when it does not exist. The directory belongs to the target's user,
@@ -209,7 +232,21 @@ fn read_optional(path: &std::path::Path) -> Result<Option<String>, CliError> {
 }
 
 fn locate(args: &TargetArgs) -> Result<Target, CliError> {
+    sweep_dead_agents();
     Target::locate(args.pid, args.control_dir.as_deref())
+}
+
+/// Removes the control directories (and perf maps) that agents of exited processes left in
+/// this user's base directories: `$XDG_RUNTIME_DIR/dsu` and `/tmp/dsu-<uid>`.
+fn sweep_dead_agents() {
+    use dsu_agent::control::cleanup::sweep_dead;
+    let uid = sys::effective_uid();
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && runtime.is_absolute()
+    {
+        sweep_dead(&runtime.join("dsu"), uid);
+    }
+    sweep_dead(&PathBuf::from(format!("/tmp/dsu-{uid}")), uid);
 }
 
 /// Prints an applied outcome, or turns any other into the error `dsu` exits with.

@@ -1,6 +1,44 @@
 //! Human-readable lines for agent answers.
 
-use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status, StatusReport};
+use dsu_agent::report::{AgentInfo, AgentState, FunctionReport, Outcome, Status, StatusReport};
+
+/// How the agent is reached: its socket and its trigger signal.
+fn agent_lines(state: &AgentState) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(socket) = &state.socket {
+        lines.push(format!("control socket {socket}"));
+    }
+    lines.push(match state.trigger_signal {
+        None => "trigger signal: none (the socket only)".to_owned(),
+        Some(signal) if state.trigger_taken_over => format!(
+            "trigger signal {}: taken over by the program; dsu still reaches the agent \
+             through its socket",
+            signal_name(signal)
+        ),
+        Some(signal) => format!("trigger signal {}", signal_name(signal)),
+    });
+    lines
+}
+
+/// `SIGUSR2` for 12, `SIGRTMIN+3` for the fourth real-time signal, the number otherwise.
+fn signal_name(signal: i32) -> String {
+    const NAMES: [(i32, &str); 6] = [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGWINCH, "SIGWINCH"),
+        (libc::SIGPWR, "SIGPWR"),
+        (libc::SIGURG, "SIGURG"),
+    ];
+    if let Some((_, name)) = NAMES.iter().find(|(n, _)| *n == signal) {
+        return (*name).to_owned();
+    }
+    let rt_min = libc::SIGRTMIN();
+    if (rt_min..=libc::SIGRTMAX()).contains(&signal) {
+        return format!("SIGRTMIN+{}", signal - rt_min);
+    }
+    format!("{signal}")
+}
 
 /// One line per function, e.g.
 /// `price (/usr/bin/app): 0x55d0c0a01234 -> 0x7f3a9c000040, redirect, 2 call sites rewritten`.
@@ -33,16 +71,19 @@ pub fn summary_line(pid: u32, outcome: &Outcome) -> String {
 pub fn status_lines(
     pid: u32,
     agent: &AgentInfo,
-    status: Option<&StatusReport>,
+    status: &StatusReport,
     last: Option<&Outcome>,
 ) -> Vec<String> {
     let mut lines = vec![format!(
-        "process {pid}: dsu agent {} (protocol {}, trigger signal {})",
-        agent.version, agent.protocol, agent.signal
+        "process {pid}: dsu agent {} (protocol {})",
+        agent.version, agent.protocol
     )];
-    match status.map(|s| s.patches.as_slice()) {
-        None | Some([]) => lines.push("no patch applied".to_owned()),
-        Some(patches) => {
+    if let Some(state) = &status.agent {
+        lines.extend(agent_lines(state));
+    }
+    match status.patches.as_slice() {
+        [] => lines.push("no patch applied".to_owned()),
+        patches => {
             lines.push(format!(
                 "{} patch(es) applied, oldest first:",
                 patches.len()

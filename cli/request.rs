@@ -1,16 +1,15 @@
-//! One request to an agent, `dsu` side: lock, write, signal, wait for the answer, and withdraw
-//! the request if no answer comes (`docs/control-protocol.md`).
+//! One request to an agent, `dsu` side: connect to its control socket, send the request, wait
+//! for the answer (`docs/control-protocol.md`). No file is written and no signal sent; the
+//! agent serialises concurrent requests itself.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dsu_agent::control::{
-    LOCK_FILE, REQUEST_FILE, REQUEST_PATCH_FILE, RESULT_FILE, RequestFile, RequestOp, write_atomic,
-    write_json,
-};
+use dsu_agent::control::socket::{self, Reply, SOCKET_FILE};
+use dsu_agent::control::{MAX_ANSWER_SIZE, RequestFile, RequestOp};
 use dsu_agent::report::Outcome;
 
 use crate::error::CliError;
@@ -20,17 +19,8 @@ use crate::target::Target;
 /// its retry clock starts, and writes the answer after it stops.
 const GRACE: Duration = Duration::from_secs(2);
 
-/// Waits between looks at `result.json`: every 100 us for the first 10 ms, since an apply
-/// takes well under a millisecond when nothing is active (a doubling step overshot the answer
-/// by half a millisecond), then every 500 us while the agent retries.
-/// (Polling, not inotify: closing an inotify descriptor waits for an SRCU grace period, which
-/// measured 14-20 ms, far more than all the polling costs.)
-const FAST_STEP: Duration = Duration::from_micros(100);
-const FAST_PERIOD: Duration = Duration::from_millis(10);
-const SLOW_STEP: Duration = Duration::from_micros(500);
-
-/// Sends `op` (with `patch` written first, for an apply) to the target's agent and waits for
-/// its answer. `Ok` is any answer the agent gave; the caller judges its status.
+/// Sends `op` (with `patch`, for an apply) to the target's agent and waits for its answer.
+/// `Ok` is any answer the agent gave; the caller judges its status.
 pub fn exchange(
     target: &Target,
     op: RequestOp,
@@ -39,134 +29,134 @@ pub fn exchange(
 ) -> Result<Outcome, CliError> {
     let started = Instant::now();
     let deadline = started + timeout + GRACE;
-    let dir = &target.dir;
-    let chown = target.chown();
-    let _lock = lock(dir, chown, deadline)?;
-
-    let id = new_id();
-    if let Some(bytes) = patch {
-        write_atomic(dir, REQUEST_PATCH_FILE, bytes, chown)?;
-    }
+    let path = target.dir.join(SOCKET_FILE);
+    let stream = socket::connect(&target.dir).map_err(|source| CliError::NoListener {
+        pid: target.pid,
+        path: path.clone(),
+        source,
+    })?;
     let request = RequestFile {
-        id: id.clone(),
+        id: new_id(),
         op,
         timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        patch_len: patch.map(|p| p.len() as u64),
     };
-    write_json(dir, REQUEST_FILE, &request, chown)?;
-
-    if let Err(e) = target.process().signal(target.agent.signal) {
-        withdraw(dir, &id, patch.is_some());
-        return Err(e);
-    }
-
+    // Never blocked beyond the deadline by an agent busy with another request.
+    let _ = stream.set_write_timeout(Some(timeout + GRACE));
+    // A failed send is not final: the agent may have refused before reading (another
+    // user's agent) and its answer is waiting.
+    let sent = socket::send_request(&stream, &request, patch);
+    let mut reader = Lines::new(&stream);
+    let mut taken = false;
     loop {
-        if let Some(outcome) = read_answer(dir, &id) {
-            return Ok(outcome);
-        }
         let now = Instant::now();
         if now >= deadline {
-            let withdrawn = withdraw(dir, &id, patch.is_some());
+            // Shutting down first makes the agent's `taken` fail if it has not written it
+            // yet: then it drops the request, and what has arrived tells which happened.
+            let _ = stream.shutdown(Shutdown::Both);
+            let _ = stream.set_nonblocking(true);
+            while let Ok(Some(line)) = reader.next_line() {
+                taken |= matches!(Reply::parse(&line), Ok(Reply::Taken(_)));
+            }
             return Err(CliError::TimedOut {
                 pid: target.pid,
                 waited: now - started,
-                withdrawn,
+                withdrawn: !taken,
             });
         }
-        let step = if now - started < FAST_PERIOD {
-            FAST_STEP
-        } else {
-            SLOW_STEP
-        };
-        if target.process().wait(step.min(deadline - now)) {
-            // The answer may have been written just before the exit.
-            if let Some(outcome) = read_answer(dir, &id) {
-                return Ok(outcome);
-            }
-            withdraw(dir, &id, patch.is_some());
+        let mut fds = vec![stream.as_fd()];
+        fds.extend(target.process().pidfd());
+        let ready = crate::sys::wait_readable(&fds, deadline - now).unwrap_or_default();
+        if ready.get(1).copied().unwrap_or(false) && !ready[0] {
             return Err(CliError::Exited { pid: target.pid });
         }
-    }
-}
-
-/// Reads `result.json` if it answers request `id`. An unreadable or older answer is no answer
-/// yet: the agent replaces the file atomically, so a torn read cannot happen.
-pub fn read_answer(dir: &Path, id: &str) -> Option<Outcome> {
-    // Bounded and link-free: the directory belongs to the target's user.
-    let bytes = dsu_agent::control::read_limited(
-        &dir.join(RESULT_FILE),
-        dsu_agent::control::MAX_ANSWER_SIZE,
-    )
-    .ok()?;
-    let outcome: Outcome = serde_json::from_slice(&bytes).ok()?;
-    (outcome.request.as_deref() == Some(id)).then_some(outcome)
-}
-
-/// Takes back request `id` if the agent has not claimed it yet; returns whether it did.
-/// Claiming is a rename on both sides, so exactly one side gets the file: if `dsu` does, the
-/// agent never sees the request; if the agent did, it may still act on it.
-fn withdraw(dir: &Path, id: &str, had_patch: bool) -> bool {
-    let request = dir.join(REQUEST_FILE);
-    let claimed = dir.join(format!(".{REQUEST_FILE}.{}.withdrawn", std::process::id()));
-    if fs::rename(&request, &claimed).is_err() {
-        return false;
-    }
-    let ours = fs::read(&claimed)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<RequestFile>(&bytes).ok())
-        .is_some_and(|request| request.id == id);
-    if !ours {
-        // Not the request we wrote (someone else's, despite the lock): put it back.
-        let _ = fs::rename(&claimed, &request);
-        return false;
-    }
-    let _ = fs::remove_file(&claimed);
-    if had_patch {
-        // The patch goes too, or a later raw trigger would apply it.
-        let _ = fs::remove_file(dir.join(REQUEST_PATCH_FILE));
-    }
-    true
-}
-
-/// Takes `<dir>/lock` exclusively, waiting until `deadline` for another `dsu` to finish.
-fn lock(dir: &Path, chown: Option<(u32, u32)>, deadline: Instant) -> Result<File, CliError> {
-    let path = dir.join(LOCK_FILE);
-    let io_error = |source: io::Error| {
-        CliError::ControlDir(dsu_agent::control::ControlError::Io {
-            action: "lock",
+        if !ready.first().copied().unwrap_or(false) {
+            continue;
+        }
+        let malformed = |reason: String| CliError::Malformed {
             path: path.clone(),
-            source,
-        })
-    };
-    let open = |create_new| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create_new)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-    };
-    let file = match open(true) {
-        Ok(file) => {
-            // Only a file this call created is given away: chowning whatever the directory's
-            // owner placed under this name (a hard link, say) would hand them that file.
-            if let Some((uid, gid)) = chown {
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io_error)?;
+            reason,
+        };
+        match reader.next_line() {
+            Ok(Some(line)) => match Reply::parse(&line) {
+                Ok(Reply::Taken(_)) => taken = true,
+                Ok(Reply::Answer(outcome)) => return Ok(*outcome),
+                Err(e) => return Err(malformed(e.to_string())),
+            },
+            Ok(None) if reader.closed => {
+                if target.process().gone() || target.process().pidfd().is_some_and(exited) {
+                    return Err(CliError::Exited { pid: target.pid });
+                }
+                if let Err(source) = sent {
+                    return Err(CliError::Send {
+                        pid: target.pid,
+                        source,
+                    });
+                }
+                return Err(CliError::HungUp { pid: target.pid });
             }
-            file
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(false).map_err(io_error)?,
-        Err(e) => return Err(io_error(e)),
-    };
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(malformed(e.to_string()));
             }
-            Err(TryLockError::WouldBlock) => return Err(CliError::LockTimedOut { path }),
-            Err(TryLockError::Error(e)) => return Err(io_error(e)),
+            Err(_) if target.process().gone() => {
+                return Err(CliError::Exited { pid: target.pid });
+            }
+            Err(_) => return Err(CliError::HungUp { pid: target.pid }),
         }
+    }
+}
+
+/// Whether a pidfd says its process has exited (it is readable then).
+fn exited(pidfd: std::os::fd::BorrowedFd<'_>) -> bool {
+    crate::sys::wait_readable(&[pidfd], Duration::ZERO).is_ok_and(|r| r[0])
+}
+
+/// Lines from the socket, read as they come: never blocks when called after the socket was
+/// reported readable.
+struct Lines<'a> {
+    stream: &'a UnixStream,
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl<'a> Lines<'a> {
+    fn new(stream: &'a UnixStream) -> Lines<'a> {
+        Lines {
+            stream,
+            buf: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// A complete line if one has arrived; reads once when none is buffered.
+    fn next_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if let Some(line) = self.split() {
+            return Ok(Some(line));
+        }
+        if self.closed {
+            return Ok(None);
+        }
+        let mut chunk = [0u8; 64 << 10];
+        let n = (&mut &*self.stream).read(&mut chunk)?;
+        if n == 0 {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        if self.buf.len() as u64 > MAX_ANSWER_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an answer over {MAX_ANSWER_SIZE} bytes"),
+            ));
+        }
+        Ok(self.split())
+    }
+
+    fn split(&mut self) -> Option<Vec<u8>> {
+        let end = self.buf.iter().position(|&b| b == b'\n')?;
+        let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+        line.pop();
+        Some(line)
     }
 }
 

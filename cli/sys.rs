@@ -1,5 +1,4 @@
-//! The few system calls `dsu` makes that `std` does not wrap: signalling by pidfd and waiting
-//! on it.
+//! The few system calls `dsu` makes that `std` does not wrap: a pidfd and waiting on it.
 //!
 //! Each function is one call with its `unsafe` block, returning `io::Result`. They are here
 //! rather than in `dsu-sys` because the agent never needs them.
@@ -26,26 +25,6 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `pidfd_send_signal(2)`.
-pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
-    let null = std::ptr::null::<libc::siginfo_t>();
-    // SAFETY: a live descriptor, a signal number, a null siginfo (the kernel fills in one as
-    // kill(2) would) and no flags: the documented form of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            null,
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `kill(2)`; signal 0 only checks that the process exists. `pid` must be positive: 0 and

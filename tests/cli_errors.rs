@@ -2,9 +2,9 @@
 //! or be answered, and the request/answer round trip against a stand-in agent built from
 //! `dsu_agent::control` (the engine that applies patches is tested elsewhere).
 //!
-//! Targets are `sleep` processes; one that should receive the trigger ignores `SIGUSR2` so a
-//! signal cannot kill it, and the "agent" is a thread of this test process working the
-//! target's control directory.
+//! Targets are `sleep` processes, and the "agent" is a thread of this test process listening
+//! on the control socket in the target's control directory (named with `--control-dir`),
+//! built from the agent's own `dsu_agent::control::socket`.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -14,10 +14,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dsu_agent::control::{ControlDir, Op, REQUEST_FILE, REQUEST_PATCH_FILE, RESULT_FILE};
+use dsu_agent::control::socket::{Client, Listener};
+use dsu_agent::control::{Op, REQUEST_FILE, RESULT_FILE};
 use dsu_agent::report::{AgentInfo, FunctionReport, Outcome, Status};
-
-const SIGUSR2: i32 = 12;
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct Scratch(PathBuf);
@@ -58,12 +57,6 @@ impl Target {
         Target::spawn(Command::new("sleep").arg("30"))
     }
 
-    /// A process that ignores SIGUSR2, as an agent's process survives it; `dsu` sends it
-    /// only when the signal is caught or ignored.
-    fn ignoring_usr2(seconds: u32) -> Target {
-        Target(spawn_ignoring_usr2(seconds))
-    }
-
     fn spawn(command: &mut Command) -> Target {
         let child = command
             .stdin(Stdio::null())
@@ -80,32 +73,6 @@ impl Target {
     fn alive(&mut self) -> bool {
         self.0.try_wait().unwrap().is_none()
     }
-}
-
-fn spawn_ignoring_usr2(seconds: u32) -> Child {
-    let script = format!("trap '' USR2; exec sleep {seconds}");
-    let child = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ignores(child.id(), SIGUSR2) {
-        assert!(Instant::now() < deadline, "sh never ignored SIGUSR2");
-        thread::sleep(Duration::from_millis(2));
-    }
-    child
-}
-
-fn ignores(pid: u32, signal: i32) -> bool {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let mask = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigIgn:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap();
-    mask & (1 << (signal - 1)) != 0
 }
 
 impl Drop for Target {
@@ -156,31 +123,46 @@ fn control_dir(scratch: &Scratch, pid: u32) -> PathBuf {
     let info = AgentInfo {
         protocol: 1,
         pid,
-        signal: SIGUSR2,
+        signal: 12,
         version: "0.1.0".into(),
         start_time: None,
+        socket: Some("agent.sock".into()),
+        socket_error: None,
     };
     fs::write(dir.join("agent.json"), serde_json::to_vec(&info).unwrap()).unwrap();
     dir
 }
 
-/// Stands in for the agent: answers the first request that appears in `dir` with `answer`.
+/// Waits for the next connection on `listener`.
+fn accept(listener: &Listener) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(client) = listener.accept().unwrap() {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "no connection arrived");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Stands in for the agent: answers the first request on `dir`'s socket with `answer`.
 /// Returns the request it took.
 fn fake_agent(
     dir: &Path,
     answer: impl FnOnce(&dsu_agent::control::Request) -> Outcome + Send + 'static,
 ) -> thread::JoinHandle<dsu_agent::control::Request> {
-    let control = ControlDir::open_or_create(dir).unwrap();
+    let listener = Listener::bind(dir).unwrap();
+    let patch_file = dir.join("consumed/1.patch");
     thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(request) = control.take_request(1).unwrap() {
-                control.write_result(&answer(&request)).unwrap();
-                return request;
-            }
-            assert!(Instant::now() < deadline, "no request arrived");
-            thread::sleep(Duration::from_millis(1));
-        }
+        let mut client = accept(&listener);
+        let request = client
+            .read_request()
+            .unwrap()
+            .expect("a request")
+            .into_request(patch_file);
+        client.take(1).unwrap();
+        client.answer(&answer(&request)).unwrap();
+        request
     })
 }
 
@@ -196,6 +178,7 @@ fn outcome(request: &dsu_agent::control::Request, status: Status) -> Outcome {
         functions: Vec::new(),
         patch_id: None,
         stages_us: None,
+        status: None,
     }
 }
 
@@ -269,7 +252,7 @@ fn a_missing_patch_file_exits_2_naming_it() {
 #[test]
 fn a_world_writable_control_directory_is_refused() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
     let pid = target.pid().to_string();
@@ -286,7 +269,7 @@ fn a_world_writable_control_directory_is_refused() {
 #[test]
 fn an_agent_json_of_another_process_is_refused() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid() + 1);
     let pid = target.pid().to_string();
     let output = dsu_with(
@@ -301,28 +284,36 @@ fn an_agent_json_of_another_process_is_refused() {
 }
 
 #[test]
-fn a_process_that_does_not_handle_the_signal_is_not_sent_it() {
+fn a_directory_whose_agent_does_not_listen_fails_at_once() {
     let scratch = Scratch::new();
     let mut target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
     let pid = target.pid().to_string();
-    let output = dsu_with(
-        &["apply", "-p", &pid, "--control-dir"],
-        &[&dir, &scratch.patch()],
-    );
-    let line = fails(&output, 3);
-    assert!(
-        line.contains("neither handles nor ignores signal 12"),
-        "{line}"
-    );
-    assert!(target.alive(), "dsu killed the process");
+    for args in [
+        &["status", "-p", &pid][..],
+        &["apply", "-p", &pid, "--timeout", "60"],
+    ] {
+        let mut paths = vec![dir.as_path()];
+        let patch = scratch.patch();
+        if args[0] == "apply" {
+            paths.push(&patch);
+        }
+        let mut all = args.to_vec();
+        all.push("--control-dir");
+        let line = fails(&dsu_with(&all, &paths), 3);
+        assert!(line.contains("listens on"), "{line}");
+        assert!(line.contains("agent.sock"), "{line}");
+    }
+    assert!(target.alive());
 }
 
 #[test]
 fn an_agent_that_never_answers_times_out_with_exit_4_and_the_request_is_withdrawn() {
     let scratch = Scratch::new();
-    let mut target = Target::ignoring_usr2(30);
+    let mut target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
+    // Listens but never accepts: the request waits in the socket's backlog.
+    let _listener = Listener::bind(&dir).unwrap();
     let pid = target.pid().to_string();
     let started = Instant::now();
     let output = dsu_with(
@@ -333,24 +324,23 @@ fn an_agent_that_never_answers_times_out_with_exit_4_and_the_request_is_withdraw
     assert!(line.contains("timed out"), "{line}");
     assert!(line.contains("withdrawn"), "{line}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    // Nothing is left for a later signal to act on.
+    // dsu writes nothing into the directory.
     assert!(!dir.join(REQUEST_FILE).exists());
-    assert!(!dir.join(REQUEST_PATCH_FILE).exists());
     assert!(target.alive());
 }
 
 #[test]
 fn an_agent_that_takes_the_request_but_never_answers_times_out_saying_so() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
-    let control = ControlDir::open_or_create(&dir).unwrap();
+    let listener = Listener::bind(&dir).unwrap();
     let agent = thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while control.take_request(1).unwrap().is_none() {
-            assert!(Instant::now() < deadline, "no request arrived");
-            thread::sleep(Duration::from_millis(1));
-        }
+        let mut client = accept(&listener);
+        client.read_request().unwrap().expect("a request");
+        client.take(1).unwrap();
+        // Returned to be held open until dsu gives up.
+        client
     });
     let pid = target.pid().to_string();
     let output = dsu_with(
@@ -359,14 +349,19 @@ fn an_agent_that_takes_the_request_but_never_answers_times_out_saying_so() {
     );
     let line = fails(&output, 4);
     assert!(line.contains("may still act on it"), "{line}");
-    agent.join().unwrap();
+    drop(agent.join().unwrap());
 }
 
 #[test]
 fn a_process_that_exits_while_dsu_waits_exits_3() {
     let scratch = Scratch::new();
-    let mut child = spawn_ignoring_usr2(1);
+    let mut child = Command::new("sleep")
+        .arg("1")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
     let dir = control_dir(&scratch, child.id());
+    let _listener = Listener::bind(&dir).unwrap();
     let pid = child.id().to_string();
     // Reap the child when it exits, as its parent would.
     let reaper = thread::spawn(move || child.wait().unwrap());
@@ -382,7 +377,7 @@ fn a_process_that_exits_while_dsu_waits_exits_3() {
 #[test]
 fn an_applied_answer_exits_0_with_a_line_per_function() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
     let agent = fake_agent(&dir, |request| Outcome {
         functions: vec![FunctionReport {
@@ -422,7 +417,7 @@ fn an_applied_answer_exits_0_with_a_line_per_function() {
 #[test]
 fn a_refused_answer_exits_1_with_the_reason_on_one_line() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
     let agent = fake_agent(&dir, |request| Outcome {
         error: Some("price is active in thread 4242\nretried 40 times".into()),
@@ -444,7 +439,7 @@ fn a_refused_answer_exits_1_with_the_reason_on_one_line() {
 #[test]
 fn revert_sends_the_patch_id_and_reports_the_answer() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
     let agent = fake_agent(&dir, |request| outcome(request, Status::Applied));
     let pid = target.pid().to_string();
@@ -460,20 +455,64 @@ fn revert_sends_the_patch_id_and_reports_the_answer() {
     );
 }
 
+/// Stands in for the agent for `count` status requests, answering each with `status`.
+fn fake_status_agent(
+    dir: &Path,
+    status: dsu_agent::report::StatusReport,
+    count: usize,
+) -> thread::JoinHandle<()> {
+    let listener = Listener::bind(dir).unwrap();
+    let patch_file = dir.join("unused");
+    thread::spawn(move || {
+        for _ in 0..count {
+            let mut client = accept(&listener);
+            let request = client
+                .read_request()
+                .unwrap()
+                .expect("a request")
+                .into_request(patch_file.clone());
+            assert_eq!(request.op, Op::Status);
+            client.take(1).unwrap();
+            let answer = Outcome {
+                status: Some(status.clone()),
+                ..outcome(&request, Status::Applied)
+            };
+            client.answer(&answer).unwrap();
+        }
+    })
+}
+
 #[test]
-fn status_shows_the_last_answer() {
+fn status_shows_the_agent_the_patches_and_the_last_answer() {
     let scratch = Scratch::new();
-    let target = Target::ignoring_usr2(30);
+    let target = Target::sleep();
     let dir = control_dir(&scratch, target.pid());
     let pid = target.pid().to_string();
+    let status = dsu_agent::report::StatusReport {
+        pid: target.pid(),
+        patches: vec![dsu_agent::report::PatchReport {
+            id: 3,
+            file: "consumed/3.patch".into(),
+            sha256: "ab".repeat(32),
+            applied_at: 1_700_000_000,
+            functions: vec![],
+            added: vec![],
+        }],
+        agent: Some(dsu_agent::report::AgentState {
+            trigger_signal: Some(12),
+            trigger_taken_over: true,
+            socket: Some(dir.join("agent.sock").display().to_string()),
+        }),
+    };
+    let agent = fake_status_agent(&dir, status.clone(), 3);
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
     assert!(text.contains("no request answered yet"), "{text}");
-    let json = stdout(&dsu_with(
-        &["status", "-p", &pid, "--json", "--control-dir"],
-        &[&dir],
-    ));
-    // Before the agent's first status.json: no patches.
-    assert_eq!(json, format!("{{\"pid\":{pid},\"patches\":[]}}\n"));
+    assert!(text.contains("patch 3: consumed/3.patch"), "{text}");
+    assert!(
+        text.contains("trigger signal SIGUSR2: taken over by the program"),
+        "{text}"
+    );
+    assert!(text.contains("control socket "), "{text}");
 
     let last = Outcome {
         seq: 4,
@@ -486,6 +525,7 @@ fn status_shows_the_last_answer() {
         functions: Vec::new(),
         patch_id: None,
         stages_us: None,
+        status: None,
     };
     fs::write(dir.join(RESULT_FILE), serde_json::to_vec(&last).unwrap()).unwrap();
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
@@ -493,31 +533,13 @@ fn status_shows_the_last_answer() {
         text.contains("last: apply #4 (raw trigger): refused in 90 us after 0 attempts: symbol foo does not resolve"),
         "{text}"
     );
-    // The patches in effect come from status.json, which the agent rewrites after changes.
-    let status = dsu_agent::report::StatusReport {
-        pid: target.pid(),
-        patches: vec![dsu_agent::report::PatchReport {
-            id: 3,
-            file: "consumed/3.patch".into(),
-            sha256: "ab".repeat(32),
-            applied_at: 1_700_000_000,
-            functions: vec![],
-            added: vec![],
-        }],
-    };
-    fs::write(
-        dir.join(dsu_agent::control::STATUS_FILE),
-        serde_json::to_vec(&status).unwrap(),
-    )
-    .unwrap();
-    let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));
-    assert!(text.contains("patch 3: consumed/3.patch"), "{text}");
     let json = stdout(&dsu_with(
         &["status", "-p", &pid, "--json", "--control-dir"],
         &[&dir],
     ));
     let back: dsu_agent::report::StatusReport = serde_json::from_str(&json).unwrap();
     assert_eq!(back, status);
+    agent.join().unwrap();
 }
 
 #[test]

@@ -11,10 +11,13 @@
 extern "C" {
 #endif
 
-/* Installs the agent with the default configuration: trigger signal SIGUSR2, control
- * directory $DSU_CONTROL_DIR, else $XDG_RUNTIME_DIR/dsu/<pid>, else /tmp/dsu-<uid>/<pid>.
- * Returns 0, or a negative errno-style code (-EACCES, -EPERM: control directory refused;
- * -EBUSY: the stop signal is in use). Idempotent. */
+/* Installs the agent with the default configuration: trigger signal $DSU_SIGNAL, else SIGUSR2
+ * (DSU_SIGNAL=none: no trigger signal); stop signal $DSU_STOP_SIGNAL, else SIGRTMIN+5; control
+ * directory $DSU_CONTROL_DIR, else $XDG_RUNTIME_DIR/dsu/<pid>, else /tmp/dsu-<uid>/<pid>,
+ * with the control socket agent.sock in it. Returns 0, or a negative errno-style code
+ * (-EACCES, -EPERM: control directory refused; -EBUSY: the stop signal is in use; -EINVAL: a
+ * bad DSU_SIGNAL or DSU_STOP_SIGNAL; -ECHILD: called in a fork()ed child of a process with an
+ * agent). Idempotent. */
 int dsu_install(void);
 
 #ifdef __cplusplus

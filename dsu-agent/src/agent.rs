@@ -1,11 +1,17 @@
 //! The agent: its thread, which runs every update, and the handle programs use to drive
 //! updates themselves.
 //!
-//! All updates run on the agent thread, whether triggered by the signal, by `dsu`, or by the
-//! in-process API: the thread that asks is then stopped and checked like any other, so a
-//! function it is executing is never replaced under it.
+//! All updates run on the agent thread, whether triggered by the signal, by `dsu` over the
+//! control socket, or by the in-process API: the thread that asks is then stopped and checked
+//! like any other, so a function it is executing is never replaced under it.
+//!
+//! The agent thread blocks every signal (but the synchronous ones its own faults would raise),
+//! so the program's signals (a `signalfd` or `sigwait` reader's `SIGHUP`, say) always go to
+//! the program's own threads. A `fork()`ed child has no agent thread: the API refuses at once
+//! there instead of waiting for one.
 
 use std::collections::VecDeque;
+use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,11 +20,14 @@ use std::time::Instant;
 use dsu_sys::code::CodeWriter;
 
 use crate::config::Builder;
-use crate::control::{ControlDir, Op, Request};
+use crate::control::socket::{Client, Listener, SOCKET_FILE};
+use crate::control::{ControlDir, Op, Request, RequestOp, SocketInfo, cleanup};
 use crate::error::Error;
-use crate::report::{FunctionReport, Outcome, PatchReport, StagesReport, Status, StatusReport};
+use crate::report::{
+    AgentState, FunctionReport, Outcome, PatchReport, StagesReport, Status, StatusReport,
+};
 use crate::stop::StopWorld;
-use crate::trigger::{self, Waiter, Waker};
+use crate::trigger::{self, Trigger, Waiter, Waker};
 use crate::update::{
     Applied, AppliedPatch, Engine, Policy, Reverted, Stages, Switched, UpdateError,
 };
@@ -36,6 +45,13 @@ struct Shared {
     control: ControlDir,
     config: Builder,
     patches: Mutex<Vec<AppliedPatch>>,
+    /// The process the agent was installed in; a forked child has another pid.
+    pid: u32,
+    trigger: Trigger,
+    /// The control socket's path, when it listens.
+    socket: Option<std::path::PathBuf>,
+    /// Set once the takeover of the trigger signal has been logged.
+    takeover_logged: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -61,26 +77,66 @@ pub(crate) fn install(config: Builder) -> Result<Agent, Error> {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     if let Some(agent) = &*slot {
+        let pid = std::process::id();
+        if agent.shared.pid != pid {
+            return Err(Error::Forked {
+                agent_pid: agent.shared.pid,
+                pid,
+            });
+        }
         return Ok(agent.clone());
     }
+    let signals = config.signals()?;
     let dir = config
         .control_dir
         .clone()
         .unwrap_or_else(|| ControlDir::resolve(std::process::id()));
     let control = ControlDir::open_or_create(dir)?;
-    let stop_signal = config
-        .stop_signal
-        .unwrap_or_else(|| dsu_sys::signal::rt_min() + 5);
-    let stopper = StopWorld::new(stop_signal)?;
+    let stopper = StopWorld::new(signals.stop).map_err(|e| match &signals.stop_var {
+        Some(value) => Error::SignalVar {
+            var: "DSU_STOP_SIGNAL",
+            value: value.clone(),
+            reason: e.to_string(),
+        },
+        None => Error::Stop(e),
+    })?;
     let writer = CodeWriter::open().map_err(Error::CodeWriter)?;
     // Without SYNC_CORE the write stage relies on sigreturn serialising parked threads.
     let _ = dsu_sys::cpu::register_sync_core();
-    let (waiter, waker) =
-        trigger::register(config.signal).map_err(|source| Error::TriggerSignal {
-            signal: config.signal,
+    let (waiter, waker, trigger) =
+        trigger::register(signals.trigger).map_err(|source| Error::TriggerSignal {
+            signal: signals.trigger.unwrap_or(0),
             source,
         })?;
-    control.write_agent_info(config.signal)?;
+    // Without a socket the agent still serves the raw trigger and in-process calls;
+    // agent.json says why, so that `dsu` can tell the operator.
+    let (listener, socket_info) = match Listener::bind(control.path()) {
+        Ok(listener) => (
+            Some(listener),
+            SocketInfo {
+                name: Some(SOCKET_FILE.to_owned()),
+                error: None,
+            },
+        ),
+        Err(e) => {
+            if config.log {
+                eprintln!("dsu: no control socket: {e}");
+            }
+            (
+                None,
+                SocketInfo {
+                    name: None,
+                    error: Some(e.to_string()),
+                },
+            )
+        }
+    };
+    control.write_agent_info(signals.trigger.unwrap_or(0), socket_info)?;
+    if let Err(e) = cleanup::remove_at_exit(control.path(), control.created())
+        && config.log
+    {
+        eprintln!("dsu: the control directory will stay after exit: {e}");
+    }
 
     let shared = Arc::new(Shared {
         jobs: Mutex::new(VecDeque::new()),
@@ -88,13 +144,23 @@ pub(crate) fn install(config: Builder) -> Result<Agent, Error> {
         control,
         config,
         patches: Mutex::new(Vec::new()),
+        pid: std::process::id(),
+        trigger,
+        socket: listener.as_ref().map(|l| l.path().to_owned()),
+        takeover_logged: std::sync::atomic::AtomicBool::new(false),
     });
     let engine = Engine::new(stopper, writer);
     let thread_shared = shared.clone();
-    std::thread::Builder::new()
+    // The thread starts with every signal blocked but those raised by its own faults (a new
+    // thread inherits the mask): the program's signals must reach the program's threads,
+    // never the agent's.
+    let saved = dsu_sys::signal::block_asynchronous().map_err(Error::Thread)?;
+    let spawned = std::thread::Builder::new()
         .name("dsu-agent".into())
-        .spawn(move || run(&thread_shared, engine, waiter))
-        .map_err(Error::Thread)?;
+        .spawn(move || run(&thread_shared, engine, waiter, listener));
+    let restored = dsu_sys::signal::set_mask(&saved);
+    spawned.map_err(Error::Thread)?;
+    restored.map_err(Error::Thread)?;
     let agent = Agent { shared };
     *slot = Some(agent.clone());
     Ok(agent)
@@ -124,6 +190,7 @@ impl Agent {
         file: &str,
         policy: Policy,
     ) -> Result<Applied, UpdateError> {
+        self.in_agent_process()?;
         let (reply, answer) = mpsc::channel();
         self.submit(Job::Apply {
             bytes,
@@ -137,6 +204,7 @@ impl Agent {
     /// Reverts patch `id`, or the newest patch when `None`, with the agent's policy. Blocks
     /// until reverted or refused.
     pub fn revert(&self, id: Option<u64>) -> Result<Reverted, UpdateError> {
+        self.in_agent_process()?;
         let (reply, answer) = mpsc::channel();
         self.submit(Job::Revert {
             id,
@@ -144,6 +212,18 @@ impl Agent {
             reply,
         });
         answer.recv().unwrap_or(Err(UpdateError::AgentGone))
+    }
+
+    /// Refuses at once in a `fork()`ed child, where no agent thread would ever answer.
+    fn in_agent_process(&self) -> Result<(), UpdateError> {
+        let pid = std::process::id();
+        if pid == self.shared.pid {
+            return Ok(());
+        }
+        Err(UpdateError::Forked {
+            agent_pid: self.shared.pid,
+            pid,
+        })
     }
 
     fn submit(&self, job: Job) {
@@ -168,6 +248,11 @@ impl Agent {
     pub fn control_dir(&self) -> &std::path::Path {
         self.shared.control.path()
     }
+
+    /// The control socket's path, `None` when it could not be created.
+    pub fn socket_path(&self) -> Option<&std::path::Path> {
+        self.shared.socket.as_deref()
+    }
 }
 
 /// Why `Agent::apply_file` failed.
@@ -182,72 +267,169 @@ pub enum ApplyFileError {
     Update(#[from] UpdateError),
 }
 
-/// The agent thread: wait for a wake-up, run queued in-process jobs, then every request in the
-/// control directory.
-fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter) {
+/// The agent thread: wait for a wake-up or a connection; run queued in-process jobs, then
+/// every request in the control directory, then every pending connection.
+fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter, listener: Option<Listener>) {
     // One sequence for every request, whatever its source: an applied patch's id is the seq of
     // the request that applied it.
     let mut seq = 0u64;
     engine.warm_up();
     publish_status(shared, &engine);
-    while waiter.wait().is_ok() {
-        loop {
-            let job = shared
-                .jobs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front();
-            let Some(job) = job else { break };
-            seq += 1;
-            match job {
-                Job::Apply {
-                    bytes,
-                    file,
-                    policy,
-                    reply,
-                } => {
-                    let result = guarded(|| engine.apply(&bytes, seq, &file, &policy));
-                    log_applied(shared, &file, &result);
-                    remember_patches(shared, &engine);
-                    let _ = reply.send(result);
-                    write_status(shared, &engine);
-                }
-                Job::Revert { id, policy, reply } => {
-                    let result = guarded(|| engine.revert(id, &policy));
-                    log_reverted(shared, &result);
-                    remember_patches(shared, &engine);
-                    let _ = reply.send(result);
-                    write_status(shared, &engine);
-                }
+    while let Ok(woken) = waiter.wait(listener.as_ref().map(|l| l.as_fd())) {
+        if woken.trigger {
+            run_jobs(shared, &mut engine, &mut seq);
+            serve_directory(shared, &mut engine, &mut seq);
+        }
+        if woken.socket
+            && let Some(listener) = &listener
+        {
+            serve_socket(shared, &mut engine, listener, &mut seq);
+        }
+    }
+}
+
+/// The in-process API's jobs.
+fn run_jobs(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
+    loop {
+        let job = shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        let Some(job) = job else { break };
+        *seq += 1;
+        let seq = *seq;
+        match job {
+            Job::Apply {
+                bytes,
+                file,
+                policy,
+                reply,
+            } => {
+                let result = guarded(|| engine.apply(&bytes, seq, &file, &policy));
+                log_applied(shared, &file, &result);
+                remember_patches(shared, engine);
+                let _ = reply.send(result);
+                write_status(shared, engine);
+            }
+            Job::Revert { id, policy, reply } => {
+                let result = guarded(|| engine.revert(id, &policy));
+                log_reverted(shared, &result);
+                remember_patches(shared, engine);
+                let _ = reply.send(result);
+                write_status(shared, engine);
             }
         }
-        loop {
-            let next = seq + 1;
-            match shared.control.take_request(next) {
-                Ok(None) => break,
-                Ok(Some(request)) => {
-                    seq = next;
-                    let outcome = serve(shared, &mut engine, request, seq);
-                    // status.json before the answer: a `dsu status` run right after
-                    // `dsu apply` returns must see the patch.
-                    publish_status(shared, &engine);
-                    let _ = shared.control.write_result(&outcome);
+    }
+}
+
+/// Every request waiting in the control directory (the raw trigger and `request.json`).
+fn serve_directory(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
+    loop {
+        let next = *seq + 1;
+        match shared.control.take_request(next) {
+            Ok(None) => break,
+            Ok(Some(request)) => {
+                *seq = next;
+                let outcome = serve(shared, engine, request, next);
+                // status.json before the answer: a reader of result.json then finds
+                // status.json up to date.
+                publish_status(shared, engine);
+                let _ = shared.control.write_result(&outcome);
+            }
+            Err(e) => {
+                *seq = next;
+                if shared.config.log {
+                    eprintln!("dsu: {e}");
                 }
-                Err(e) => {
-                    seq = next;
-                    if shared.config.log {
-                        eprintln!("dsu: {e}");
+                match e.outcome(next) {
+                    Some(outcome) => {
+                        let _ = shared.control.write_result(&outcome);
                     }
-                    match e.outcome(seq) {
-                        Some(outcome) => {
-                            let _ = shared.control.write_result(&outcome);
-                        }
-                        None => break, // untrusted directory: write nothing into it
-                    }
+                    None => break, // untrusted directory: write nothing into it
                 }
             }
         }
     }
+}
+
+/// Every pending connection on the control socket, one after the other.
+fn serve_socket(shared: &Shared, engine: &mut Engine, listener: &Listener, seq: &mut u64) {
+    loop {
+        match listener.accept() {
+            Ok(Some(client)) => serve_client(shared, engine, client, seq),
+            Ok(None) => break,
+            Err(e) => {
+                if shared.config.log {
+                    eprintln!("dsu: control socket: {e}");
+                }
+                // Out of descriptors, say: the connection stays pending and poll reports it
+                // again at once. Pause rather than spin.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                break;
+            }
+        }
+    }
+}
+
+/// One connection: check the peer, read the request, say it is taken, carry it out, answer.
+/// A `status` request changes nothing and writes nothing; an apply or a revert is recorded
+/// in `status.json` and `result.json` like a file request.
+fn serve_client(shared: &Shared, engine: &mut Engine, mut client: Client, seq: &mut u64) {
+    let refuse = |client: &Client, e: &dyn std::fmt::Display, outcome: Outcome| {
+        if shared.config.log {
+            eprintln!("dsu: control socket: {e}");
+        }
+        let _ = client.answer(&outcome);
+    };
+    if let Err(e) = client.check_peer(shared.control.owner()) {
+        return refuse(&client, &e, e.outcome(None));
+    }
+    let request = match client.read_request() {
+        Ok(Some(request)) => request,
+        Ok(None) => return, // connected and closed: someone checked that the agent lives
+        Err(e) => return refuse(&client, &e, e.outcome(None)),
+    };
+    if let Err(e) = shared.control.recheck() {
+        let e = crate::control::socket::SocketError::from(e);
+        return refuse(&client, &e, e.outcome(Some(&request.header)));
+    }
+    // A status request changes nothing and leaves no trace: it takes no number of its own
+    // (patch ids stay consecutive however often `dsu status` runs), and answers with the
+    // number of the last request.
+    let is_status = request.header.op == RequestOp::Status;
+    let next = if is_status { *seq } else { *seq + 1 };
+    if client.take(next).is_err() {
+        return; // the client gave up before the request was taken: nothing happens
+    }
+    *seq = next;
+    // Kept where a file request's inputs would be, before it is carried out: the report
+    // names the patch, and whoever watches the directory sees the update under way.
+    if !is_status {
+        let kept = shared
+            .control
+            .keep_request(next, &request.header)
+            .and_then(|()| match &request.patch {
+                Some(bytes) => shared.control.keep_patch(next, bytes),
+                None => Ok(()),
+            });
+        if let Err(e) = kept
+            && shared.config.log
+        {
+            eprintln!("dsu: cannot keep the request: {e}");
+        }
+    }
+    let request = request.into_request(shared.control.consumed_patch(next));
+    let mut outcome = serve(shared, engine, request, next);
+    if is_status {
+        outcome.status = Some(status_report(shared, engine));
+    } else {
+        // The files first, as for a file request: once `dsu` has its answer, status.json
+        // and result.json tell the same.
+        publish_status(shared, engine);
+        let _ = shared.control.write_result(&outcome);
+    }
+    let _ = client.answer(&outcome);
 }
 
 /// Mirrors the patches in effect into memory (for `Agent::patches`) and `status.json`.
@@ -263,14 +445,37 @@ fn remember_patches(shared: &Shared, engine: &Engine) {
 
 /// `status.json`, written after the answer: renaming a file is slower than the answer itself.
 fn write_status(shared: &Shared, engine: &Engine) {
-    let report = StatusReport {
-        pid: std::process::id(),
-        patches: engine.patches().iter().map(patch_report).collect(),
-    };
+    let report = status_report(shared, engine);
     if let Err(e) = shared.control.write_status(&report)
         && shared.config.log
     {
         eprintln!("dsu: cannot write status: {e}");
+    }
+}
+
+/// The patches in effect and how the agent can be reached now.
+fn status_report(shared: &Shared, engine: &Engine) -> StatusReport {
+    let taken_over = shared.trigger.taken_over();
+    if taken_over
+        && shared.config.log
+        && !shared
+            .takeover_logged
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        eprintln!(
+            "dsu: the program replaced the handler of signal {}: the raw trigger no longer \
+             reaches the agent; dsu still does through its socket",
+            shared.trigger.signal.unwrap_or(0)
+        );
+    }
+    StatusReport {
+        pid: shared.pid,
+        patches: engine.patches().iter().map(patch_report).collect(),
+        agent: Some(AgentState {
+            trigger_signal: shared.trigger.signal,
+            trigger_taken_over: taken_over,
+            socket: shared.socket.as_ref().map(|p| p.display().to_string()),
+        }),
     }
 }
 
@@ -349,6 +554,7 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
         functions: Vec::new(),
         patch_id: None,
         stages_us: None,
+        status: None,
     };
     match request.op {
         Op::Apply {

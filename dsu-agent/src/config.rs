@@ -1,4 +1,5 @@
-//! Configuration of the agent: the builder behind [`crate::install`].
+//! Configuration of the agent: the builder behind [`crate::install`], and the environment
+//! variables an unmodified program (`LD_PRELOAD`) is configured with.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,19 +18,34 @@ use crate::update::Policy;
 ///     .install()?;
 /// # Ok::<(), dsu_agent::Error>(())
 /// ```
+///
+/// The trigger and stop signals come from the builder if set there, else from the
+/// environment at install (`DSU_SIGNAL`, `DSU_STOP_SIGNAL`: a number, a name such as `SIGUSR1`,
+/// `USR1` or `SIGRTMIN+3`, and for `DSU_SIGNAL` also `none`), else the defaults (`SIGUSR2`,
+/// `SIGRTMIN+5`).
 #[derive(Debug, Clone)]
 pub struct Builder {
-    pub(crate) signal: libc::c_int,
+    pub(crate) signal: Choice,
     pub(crate) stop_signal: Option<libc::c_int>,
     pub(crate) control_dir: Option<PathBuf>,
     pub(crate) policy: Policy,
     pub(crate) log: bool,
 }
 
+/// The builder's trigger signal setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// Not set: `DSU_SIGNAL`, else `SIGUSR2`.
+    Unset,
+    Signal(libc::c_int),
+    /// No trigger signal: the socket (and in-process calls) only.
+    NoSignal,
+}
+
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            signal: libc::SIGUSR2,
+            signal: Choice::Unset,
             stop_signal: None,
             control_dir: None,
             policy: Policy::default(),
@@ -43,13 +59,21 @@ impl Builder {
         Builder::default()
     }
 
-    /// The signal that triggers an update (`SIGUSR2` by default).
+    /// The signal that triggers an update (`SIGUSR2` by default, or `DSU_SIGNAL`).
     pub fn signal(mut self, signal: libc::c_int) -> Builder {
-        self.signal = signal;
+        self.signal = Choice::Signal(signal);
         self
     }
 
-    /// The real-time signal used to park threads during an update (default `SIGRTMIN + 5`).
+    /// No trigger signal at all: `dsu` reaches the agent through its control socket, and the
+    /// raw trigger (a `patch` file plus a signal) is not available.
+    pub fn no_signal(mut self) -> Builder {
+        self.signal = Choice::NoSignal;
+        self
+    }
+
+    /// The real-time signal used to park threads during an update (default `SIGRTMIN + 5`,
+    /// or `DSU_STOP_SIGNAL`).
     pub fn stop_signal(mut self, signal: libc::c_int) -> Builder {
         self.stop_signal = Some(signal);
         self
@@ -84,5 +108,159 @@ impl Builder {
     /// wins).
     pub fn install(self) -> Result<Agent, Error> {
         crate::agent::install(self)
+    }
+
+    /// The signals to use, from the builder, the environment or the defaults.
+    pub(crate) fn signals(&self) -> Result<Signals, Error> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let trigger = match self.signal {
+            Choice::Signal(signal) => Some(signal),
+            Choice::NoSignal => None,
+            Choice::Unset => match var("DSU_SIGNAL") {
+                Some(value) if value.trim().eq_ignore_ascii_case("none") => None,
+                Some(value) => Some(parse_signal(&value).map_err(|reason| Error::SignalVar {
+                    var: "DSU_SIGNAL",
+                    value,
+                    reason,
+                })?),
+                None => Some(libc::SIGUSR2),
+            },
+        };
+        let (stop, stop_var) = match (self.stop_signal, var("DSU_STOP_SIGNAL")) {
+            (Some(signal), _) => (signal, None),
+            (None, Some(value)) => {
+                let bad = |reason: String| Error::SignalVar {
+                    var: "DSU_STOP_SIGNAL",
+                    value: value.clone(),
+                    reason,
+                };
+                let signal = parse_signal(&value).map_err(bad)?;
+                let (min, max) = (dsu_sys::signal::rt_min(), dsu_sys::signal::rt_max());
+                if !(min..=max).contains(&signal) {
+                    return Err(bad(format!(
+                        "the stop signal must be a real-time signal, SIGRTMIN..SIGRTMAX \
+                         ({min}..{max})"
+                    )));
+                }
+                (signal, Some(value))
+            }
+            (None, None) => (dsu_sys::signal::rt_min() + 5, None),
+        };
+        if trigger == Some(stop) {
+            return Err(Error::SignalVar {
+                var: if stop_var.is_some() {
+                    "DSU_STOP_SIGNAL"
+                } else {
+                    "DSU_SIGNAL"
+                },
+                value: stop.to_string(),
+                reason: "the trigger and the stop signal must differ".to_owned(),
+            });
+        }
+        Ok(Signals {
+            trigger,
+            stop,
+            stop_var,
+        })
+    }
+}
+
+/// The signals an agent uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Signals {
+    pub(crate) trigger: Option<libc::c_int>,
+    pub(crate) stop: libc::c_int,
+    /// `DSU_STOP_SIGNAL`'s value when the stop signal came from it, to name it in errors.
+    pub(crate) stop_var: Option<String>,
+}
+
+const NAMES: [(&str, libc::c_int); 31] = [
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("STKFLT", libc::SIGSTKFLT),
+    ("CHLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
+    ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
+];
+
+/// A signal by number (`12`) or name (`SIGUSR2`, `usr2`, `SIGRTMIN+3`, `RTMAX-1`).
+pub(crate) fn parse_signal(text: &str) -> Result<libc::c_int, String> {
+    parse_signal_with(text, dsu_sys::signal::rt_min(), dsu_sys::signal::rt_max())
+}
+
+fn parse_signal_with(text: &str, rt_min: i32, rt_max: i32) -> Result<libc::c_int, String> {
+    let text = text.trim();
+    let signal = if let Ok(number) = text.parse::<i32>() {
+        number
+    } else {
+        let upper = text.to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        let offset = |rest: &str| -> Result<i32, String> {
+            match rest {
+                "" => Ok(0),
+                _ => rest
+                    .parse::<i32>()
+                    .map_err(|_| format!("{text:?} is not a signal")),
+            }
+        };
+        if let Some(rest) = name.strip_prefix("RTMIN") {
+            rt_min + offset(rest.strip_prefix('+').unwrap_or(rest))?
+        } else if let Some(rest) = name.strip_prefix("RTMAX") {
+            rt_max - offset(rest.strip_prefix('-').unwrap_or(rest))?
+        } else {
+            NAMES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|&(_, number)| number)
+                .ok_or_else(|| format!("{text:?} is not a signal"))?
+        }
+    };
+    if !(1..=rt_max).contains(&signal) {
+        return Err(format!("{signal} is not a signal number (1..{rt_max})"));
+    }
+    Ok(signal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_number_and_name() {
+        let p = |t| parse_signal_with(t, 34, 64);
+        assert_eq!(p("12"), Ok(12));
+        assert_eq!(p("SIGUSR1"), Ok(10));
+        assert_eq!(p("usr2"), Ok(12));
+        assert_eq!(p("SIGRTMIN"), Ok(34));
+        assert_eq!(p("SIGRTMIN+3"), Ok(37));
+        assert_eq!(p("RTMAX-1"), Ok(63));
+        for bad in ["0", "65", "SIGFOO", "RTMIN+x", "", "-3"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -21,6 +21,21 @@ pub enum Error {
     Thread(std::io::Error),
     #[error("the agent thread has stopped")]
     AgentGone,
+    #[error(
+        "{var}={value:?}: {reason}; use a signal number, a name such as SIGUSR1 or \
+         SIGRTMIN+3{none}",
+        none = if *.var == "DSU_SIGNAL" { ", or none" } else { "" }
+    )]
+    SignalVar {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "the dsu agent runs in process {agent_pid}, not in this forked child {pid}; a child has \
+         no agent thread and cannot install its own"
+    )]
+    Forked { agent_pid: u32, pid: u32 },
 }
 
 impl Error {
@@ -36,6 +51,8 @@ impl Error {
             | Error::Thread(source) => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Stop(_) => libc::EBUSY,
             Error::AgentGone => libc::ESRCH,
+            Error::SignalVar { .. } => libc::EINVAL,
+            Error::Forked { .. } => libc::ECHILD,
         };
         -code
     }

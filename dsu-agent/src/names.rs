@@ -5,6 +5,10 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether this process has written its perf map (so that it removes it at exit).
+static PUBLISHED: AtomicBool = AtomicBool::new(false);
 
 /// One named range of code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +21,7 @@ pub struct CodeName {
 /// Appends `names` to `/tmp/perf-<pid>.map` (one `START SIZE NAME` line each, hex). Errors are
 /// returned for logging only: naming is best effort and never fails an update.
 pub fn publish(names: &[CodeName]) -> std::io::Result<()> {
-    let path = format!("/tmp/perf-{}.map", std::process::id());
+    let path = map_path();
     let mut text = String::new();
     for n in names.iter().filter(|n| n.size > 0) {
         text.push_str(&format!("{:x} {:x} {}\n", n.address, n.size, n.name));
@@ -38,5 +42,18 @@ pub fn publish(names: &[CodeName]) -> std::io::Result<()> {
             format!("{path} is not a regular file owned by uid {euid}"),
         ));
     }
+    PUBLISHED.store(true, Ordering::Release);
     file.write_all(text.as_bytes())
+}
+
+fn map_path() -> String {
+    format!("/tmp/perf-{}.map", std::process::id())
+}
+
+/// Removes the perf map this process wrote, if it wrote one: called when the process exits
+/// (`DSU_KEEP_PERF_MAP=1` keeps it for a profiler that reads it afterwards).
+pub fn remove_map() {
+    if PUBLISHED.load(Ordering::Acquire) {
+        let _ = std::fs::remove_file(map_path());
+    }
 }

@@ -29,6 +29,12 @@ pub struct AgentInfo {
     /// Optional because a hand-written `agent.json` may leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<u64>,
+    /// File name of the control socket in the directory (`agent.sock`), when it listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    /// Why the agent has no control socket, when it could not create one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_error: Option<String>,
 }
 
 /// How a request ended.
@@ -88,6 +94,10 @@ pub struct Outcome {
     /// Where the time went, when the update happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages_us: Option<StagesReport>,
+    /// For a `status` request over the control socket: the patches in effect and the agent's
+    /// state, as `status.json` would hold them now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusReport>,
 }
 
 /// `update::Stages` in microseconds. `pause_us` is how long the threads were held.
@@ -107,6 +117,21 @@ pub struct StagesReport {
 pub struct StatusReport {
     pub pid: u32,
     pub patches: Vec<PatchReport>,
+    /// How the agent can be reached (absent in files of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentState>,
+}
+
+/// How the agent can be reached right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// The trigger signal, `None` when the agent was configured without one (`DSU_SIGNAL=none`).
+    pub trigger_signal: Option<i32>,
+    /// Whether the program has replaced the agent's handler of the trigger signal since
+    /// install: the raw trigger then no longer reaches the agent; the socket still does.
+    pub trigger_taken_over: bool,
+    /// Path of the control socket, when it listens.
+    pub socket: Option<String>,
 }
 
 /// One applied patch.
@@ -175,6 +200,7 @@ mod tests {
             }],
             patch_id: None,
             stages_us: None,
+            status: None,
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["outcome"], "refused");

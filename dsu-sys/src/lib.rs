@@ -18,6 +18,8 @@ pub mod ids;
 pub mod maps;
 pub mod mem;
 pub mod modules;
+pub mod net;
+pub mod process;
 pub mod raw;
 pub mod signal;
 pub mod stack;

@@ -390,3 +390,62 @@ mod tests {
         assert!(is_default(sig).unwrap());
     }
 }
+
+/// A thread's signal mask, as [`block_asynchronous`] found it, to put back with [`set_mask`].
+#[derive(Clone, Copy)]
+pub struct SignalMask {
+    raw: libc::sigset_t,
+}
+
+impl std::fmt::Debug for SignalMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalMask")
+    }
+}
+
+/// Signals the kernel raises in a thread for what that thread itself did (a bad access, an
+/// illegal or trapping instruction, a forbidden system call). Blocking them does not defer
+/// them: the kernel delivers them anyway and, when blocked, with the default action, which
+/// kills the process even if the program has a handler. So they stay unblocked.
+pub const SYNCHRONOUS: [i32; 6] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+];
+
+/// Blocks every signal but the [`SYNCHRONOUS`] ones in the calling thread and returns the mask
+/// it had. A thread created while this mask is set inherits it: so the agent's threads never
+/// take a signal the program means for its own threads (a `signalfd` or `sigwait` reader
+/// relies on that).
+pub fn block_asynchronous() -> io::Result<SignalMask> {
+    let mut all = MaybeUninit::<libc::sigset_t>::zeroed();
+    let mut old = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: both sets are live, writable sigset_t values; sigfillset initialises `all`
+    // before sigdelset and pthread_sigmask read it, and pthread_sigmask fills `old`.
+    let rc = unsafe {
+        libc::sigfillset(all.as_mut_ptr());
+        for sig in SYNCHRONOUS {
+            libc::sigdelset(all.as_mut_ptr(), sig);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: pthread_sigmask succeeded and filled `old`.
+    let raw = unsafe { old.assume_init() };
+    Ok(SignalMask { raw })
+}
+
+/// Sets the calling thread's signal mask back to `mask`.
+pub fn set_mask(mask: &SignalMask) -> io::Result<()> {
+    // SAFETY: `mask.raw` is a valid sigset_t from the kernel; no old mask is asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask.raw, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}

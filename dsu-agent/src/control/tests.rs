@@ -168,7 +168,7 @@ fn agent_info_is_written_0600_and_clears_stale_answers() {
     let dir = open(&scratch);
     fs::write(dir.path().join(RESULT_FILE), b"{}").unwrap();
     fs::write(dir.path().join(REQUEST_FILE), b"{}").unwrap();
-    dir.write_agent_info(12).unwrap();
+    dir.write_agent_info(12, SocketInfo::default()).unwrap();
     let path = dir.path().join(AGENT_FILE);
     assert_eq!(mode(&path), 0o600);
     let info: AgentInfo = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
@@ -220,6 +220,7 @@ fn an_apply_request_returns_its_id_bytes_and_timeout() {
             file: PATCH_FILE.into(),
         },
         timeout_ms: Some(1500),
+        patch_len: None,
     };
     write_request(&dir, &file);
     let json = fs::read_to_string(dir.path().join(REQUEST_FILE)).unwrap();
@@ -361,6 +362,7 @@ fn results_are_written_atomically_with_mode_0600() {
         functions: Vec::new(),
         patch_id: Some(1),
         stages_us: None,
+        status: None,
     };
     dir.write_result(&outcome).unwrap();
     let path = dir.path().join(RESULT_FILE);

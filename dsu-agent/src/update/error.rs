@@ -101,6 +101,11 @@ pub enum UpdateError {
         "patch {id} cannot be reverted: patch {by}, applied after it, changes {function} again; revert patch {by} first"
     )]
     Superseded { id: u64, by: u64, function: String },
+    #[error(
+        "the dsu agent runs in process {agent_pid}, not in this forked child {pid}; no agent \
+         thread runs here, so the child cannot update itself"
+    )]
+    Forked { agent_pid: u32, pid: u32 },
     #[error("the agent thread has stopped")]
     AgentGone,
     #[error("internal error in the agent: {0}; nothing was changed")]

@@ -1,24 +1,28 @@
-//! The control directory: where the agent and the `dsu` command meet.
+//! The control directory: where the agent and the outside world meet.
 //!
-//! Everything an operator does reaches the agent through files in one directory per process
-//! (protocol version 1, `docs/control-protocol.md`):
+//! Everything an operator does reaches the agent through one directory per process (protocol
+//! version 1, `docs/control-protocol.md`):
 //!
 //! - `agent.json`, written at install ([`ControlDir::write_agent_info`]), says an agent listens;
-//! - a raw trigger is a file `patch` plus the trigger signal;
-//! - `dsu` writes `request.json` (a [`RequestFile`]) next to the patch, then signals;
-//! - the agent answers every request in `result.json` ([`ControlDir::write_result`]).
+//! - `agent.sock`, the control socket ([`socket`]), is where `dsu` sends its requests and reads
+//!   the answers: no signal, no polling;
+//! - a raw trigger is a file `patch` plus the trigger signal; a script may also write
+//!   `request.json` (a [`RequestFile`]) next to a patch, then signal;
+//! - the agent answers file requests in `result.json` ([`ControlDir::write_result`]);
+//! - [`cleanup`] removes the directory when the process exits, and `dsu` those of dead
+//!   processes.
 //!
-//! The directory is the only authentication there is: whoever can write into it can make the
+//! The directory is the first line of authentication: whoever can write into it can make the
 //! process run code. So it must belong to the process's user and be writable by nobody else,
 //! and its parent must not let anyone else replace it; [`verify_dir`] checks that before each
-//! request, the way tmux checks its socket directory.
+//! request, the way tmux checks its socket directory. The socket adds the peer's credentials.
 //!
-//! Each input is claimed with a `rename(2)` into `consumed/` before it is read: a rename either
-//! moves the file or finds it gone, so a repeated signal can never apply the same patch twice,
-//! and what is read is exactly what was claimed.
+//! Each file input is claimed with a `rename(2)` into `consumed/` before it is read: a rename
+//! either moves the file or finds it gone, so a repeated signal can never apply the same patch
+//! twice, and what is read is exactly what was claimed.
 //!
-//! This module does file I/O only and runs on the agent thread, never while threads are
-//! stopped. The `dsu` command reuses its path rules, checks and wire types.
+//! This module does file and socket I/O only and runs on the agent thread, never while
+//! threads are stopped. The `dsu` command reuses its path rules, checks and wire types.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -31,18 +35,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::{AgentInfo, Outcome, PROTOCOL_VERSION, Status};
 
+pub mod cleanup;
+pub mod socket;
+
+/// What `agent.json` says about the control socket.
+#[derive(Debug, Clone, Default)]
+pub struct SocketInfo {
+    /// Its file name in the directory, when it listens.
+    pub name: Option<String>,
+    /// Why it could not be created, when it could not.
+    pub error: Option<String>,
+}
+
 /// Written by the agent at install.
 pub const AGENT_FILE: &str = "agent.json";
 /// The raw-trigger patch file.
 pub const PATCH_FILE: &str = "patch";
-/// The file `dsu apply` writes its patch to, named in its `request.json`. Not `patch`: a raw
-/// trigger arriving between the two writes must not take `dsu`'s patch for its own.
+/// A name for the patch of a file request (`request.json` names it; `dsu` used it before the
+/// control socket). Not `patch`: a raw trigger arriving between the two writes must not take
+/// the request's patch for its own.
 pub const REQUEST_PATCH_FILE: &str = "request.patch";
 /// A request from `dsu`.
 pub const REQUEST_FILE: &str = "request.json";
 /// The agent's answer to the last request.
 pub const RESULT_FILE: &str = "result.json";
-/// `flock`ed by `dsu` to serialise concurrent commands; the agent never touches it.
+/// `flock`ed by `dsu` versions before the control socket; now only removed with the directory.
 pub const LOCK_FILE: &str = "lock";
 /// The patches in effect (`report::StatusReport`), rewritten by the agent after every change.
 pub const STATUS_FILE: &str = "status.json";
@@ -59,12 +76,14 @@ pub const MAX_ANSWER_SIZE: u64 = 16 << 20;
 
 /// Names a request may not use as its patch `file`: moving them into `consumed/` would break
 /// the directory.
-const RESERVED: [&str; 5] = [
+const RESERVED: [&str; 7] = [
     AGENT_FILE,
     REQUEST_FILE,
     RESULT_FILE,
     LOCK_FILE,
     CONSUMED_DIR,
+    STATUS_FILE,
+    socket::SOCKET_FILE,
 ];
 
 /// Directory mode bits that let group or others create, rename or delete entries.
@@ -210,6 +229,7 @@ impl ControlError {
             functions: Vec::new(),
             patch_id: None,
             stages_us: None,
+            status: None,
         })
     }
 }
@@ -225,6 +245,10 @@ pub struct RequestFile {
     /// How long the agent may keep retrying; absent means the agent's default policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// On the control socket only: the number of patch bytes that follow the request line
+    /// of an `apply` (whose `file` is then only a label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_len: Option<u64>,
 }
 
 /// The operation part of a [`RequestFile`], tagged by `"op"`. New operations are new variants.
@@ -284,6 +308,9 @@ impl Op {
 pub struct ControlDir {
     path: PathBuf,
     owner: u32,
+    /// Whether [`ControlDir::open_or_create`] created the directory itself (not only found
+    /// it): only then does the agent remove it when the process exits.
+    created: bool,
 }
 
 impl ControlDir {
@@ -322,6 +349,7 @@ impl ControlDir {
     pub fn open_or_create(path: impl Into<PathBuf>) -> Result<ControlDir, ControlError> {
         let path = path.into();
         let owner = dsu_sys::ids::effective_uid();
+        let created = fs::symlink_metadata(&path).is_err();
         if let Err(source) = fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -345,7 +373,21 @@ impl ControlDir {
                 });
             }
         }
-        Ok(ControlDir { path, owner })
+        Ok(ControlDir {
+            path,
+            owner,
+            created,
+        })
+    }
+
+    /// Whether the agent created the directory (rather than found it).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The uid that owns the directory: the process's effective uid at install.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// The directory's path.
@@ -363,7 +405,7 @@ impl ControlDir {
     /// install; it first removes a `request.json` and `result.json` that a previous process
     /// with the same pid (or the same `DSU_CONTROL_DIR`) left, so that neither is mistaken
     /// for this agent's.
-    pub fn write_agent_info(&self, signal: i32) -> Result<(), ControlError> {
+    pub fn write_agent_info(&self, signal: i32, socket: SocketInfo) -> Result<(), ControlError> {
         for stale in [REQUEST_FILE, RESULT_FILE] {
             remove_if_exists(&self.path.join(stale))?;
         }
@@ -375,6 +417,8 @@ impl ControlDir {
             start_time: fs::read_to_string("/proc/self/stat")
                 .ok()
                 .and_then(|stat| parse_start_time(&stat)),
+            socket: socket.name,
+            socket_error: socket.error,
         };
         write_json(&self.path, AGENT_FILE, &info, None)
     }
@@ -414,6 +458,33 @@ impl ControlDir {
     /// Writes `result.json` atomically: `dsu` never sees a half-written answer.
     pub fn write_result(&self, outcome: &Outcome) -> Result<(), ControlError> {
         write_json(&self.path, RESULT_FILE, outcome, None)
+    }
+
+    /// Where the patch of request `seq` is kept: `consumed/<seq>.patch`.
+    pub fn consumed_patch(&self, seq: u64) -> PathBuf {
+        self.consumed(seq, "patch")
+    }
+
+    /// Keeps the patch of a socket request as `consumed/<seq>.patch`, as the file requests'
+    /// patches are kept.
+    pub fn keep_patch(&self, seq: u64, bytes: &[u8]) -> Result<(), ControlError> {
+        write_atomic(
+            &self.path.join(CONSUMED_DIR),
+            &format!("{seq}.patch"),
+            bytes,
+            None,
+        )
+    }
+
+    /// Keeps the request line of a socket request as `consumed/<seq>.request.json`, as a
+    /// file request is kept once claimed.
+    pub fn keep_request(&self, seq: u64, request: &RequestFile) -> Result<(), ControlError> {
+        write_json(
+            &self.path.join(CONSUMED_DIR),
+            &format!("{seq}.request.json"),
+            request,
+            None,
+        )
     }
 
     fn consumed(&self, seq: u64, suffix: &str) -> PathBuf {
