@@ -84,6 +84,9 @@ pub fn agent_stop_signal() -> i32 {
 #[derive(Debug)]
 pub struct Handshake {
     sig: i32,
+    /// Threads never signalled: the agent's own thread, which blocks every asynchronous
+    /// signal and is never stopped by an update either.
+    exclude: Vec<i32>,
 }
 
 /// One cycle's times, all from its start (listing the threads).
@@ -109,7 +112,19 @@ impl Handshake {
         // SAFETY: `park` is async-signal-safe (see its documentation) and `sig` had the
         // default action: nobody else relies on it.
         unsafe { signal::install(sig, park, BlockDuring::Everything) }?;
-        Ok(Handshake { sig })
+        Ok(Handshake {
+            sig,
+            exclude: Vec::new(),
+        })
+    }
+
+    /// Leaves the threads named `dsu-agent` (the agent's) out of every later cycle.
+    pub fn exclude_agent_threads(&mut self) {
+        self.exclude = threads::list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&t| dsu_sys::tasks::name(t) == "dsu-agent")
+            .collect();
     }
 
     /// Stops every other thread of the process and releases it at once. Fails (after
@@ -130,7 +145,10 @@ impl Handshake {
         EXPECTED.store(u32::MAX, Ordering::Relaxed);
         ROUND.store(round, Ordering::Release);
         let mut signalled = 0u32;
-        for &tid in tids.iter().filter(|&&t| t != me) {
+        for &tid in tids
+            .iter()
+            .filter(|&&t| t != me && !self.exclude.contains(&t))
+        {
             match threads::tgkill(tid, self.sig) {
                 Ok(()) => signalled += 1,
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}

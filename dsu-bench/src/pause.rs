@@ -159,6 +159,8 @@ pub fn child(args: &Args) -> Result<Value, String> {
         .apply_bytes(patch.clone(), "pause-warm-up")
         .map_err(|e| format!("apply: {e}"))?;
     agent.revert(None).map_err(|e| format!("revert: {e}"))?;
+    let mut hs = hs;
+    hs.exclude_agent_threads();
     let bare_stopper = BareStopper::spawn(hs);
     let mut st: [Vec<f64>; 7] = Default::default();
     let mut revert_pause = Vec::new();
