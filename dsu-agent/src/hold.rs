@@ -7,7 +7,7 @@
 //! each ([`crate::write`]):
 //!
 //! 1. an `int3` replaces the first byte of every edit: a thread that reaches an edit site from
-//!    now on traps into [`on_trap`], which holds it there;
+//!    now on traps into the handler (`on_trap`), which holds it there;
 //! 2. the other bytes of every edit are written (no thread can be executing them: the first
 //!    byte traps, and the activeness check showed that no thread was inside);
 //! 3. the first bytes are written, then the window is closed and the held threads resume at
@@ -15,7 +15,7 @@
 //!    abandoned, the original one).
 //!
 //! The handler recognises its own breakpoints by address: every site ever used is recorded in
-//! [`SITES`] (a trap whose byte has meanwhile been restored re-executes the site), and a trap
+//! `SITES` (a trap whose byte has meanwhile been restored re-executes the site), and a trap
 //! at a site that still holds `int3` while a window is open waits for that window. Anything
 //! else (a breakpoint of the program's own, a `SIGTRAP` sent by someone) goes to the handler
 //! that was installed before ours, or gets the default action.
