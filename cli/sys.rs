@@ -4,7 +4,7 @@
 //! rather than in `dsu-sys` because the agent never needs them.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 /// This process's effective uid.
@@ -41,34 +41,5 @@ pub fn kill(pid: libc::pid_t, signal: i32) -> io::Result<()> {
 /// Waits up to `timeout` until one of `fds` is readable; returns which are. An interrupted
 /// wait returns all false, like a timeout: callers loop anyway.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: polls is a valid array of polls.len() entries and ts a valid timespec, both
-    // alive across the call; a null sigmask keeps the current mask.
-    let rc = unsafe {
-        libc::ppoll(
-            polls.as_mut_ptr(),
-            polls.len() as libc::nfds_t,
-            &ts,
-            std::ptr::null(),
-        )
-    };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
-        }
-        return Err(err);
-    }
-    Ok(polls.iter().map(|p| p.revents != 0).collect())
+    dsu_sys::net::poll_readable(fds, Some(timeout))
 }

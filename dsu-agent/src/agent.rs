@@ -543,19 +543,7 @@ fn log_applied(shared: &Shared, file: &str, result: &Result<Applied, UpdateError
 fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Outcome {
     let started = Instant::now();
     let op = request.op.name().to_string();
-    let mut outcome = Outcome {
-        seq,
-        request: request.id,
-        op,
-        outcome: Status::Applied,
-        error: None,
-        attempts: 0,
-        elapsed_us: 0,
-        functions: Vec::new(),
-        patch_id: None,
-        stages_us: None,
-        status: None,
-    };
+    let mut outcome = Outcome::new(seq, request.id, op, Status::Applied, None);
     match request.op {
         Op::Apply {
             bytes,

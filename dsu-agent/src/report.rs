@@ -100,6 +100,31 @@ pub struct Outcome {
     pub status: Option<StatusReport>,
 }
 
+impl Outcome {
+    /// The answer to request `seq` before anything ran: no attempts, no functions.
+    pub fn new(
+        seq: u64,
+        request: Option<String>,
+        op: String,
+        outcome: Status,
+        error: Option<String>,
+    ) -> Outcome {
+        Outcome {
+            seq,
+            request,
+            op,
+            outcome,
+            error,
+            attempts: 0,
+            elapsed_us: 0,
+            functions: Vec::new(),
+            patch_id: None,
+            stages_us: None,
+            status: None,
+        }
+    }
+}
+
 /// `update::Stages` in microseconds. `pause_us` is how long the threads were held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagesReport {

@@ -517,17 +517,7 @@ impl StopWorld {
         timeout: Duration,
     ) -> Result<(), StopError> {
         for &tid in tids {
-            match threads::tgkill(tid, self.sig) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
-                Err(source) => return Err(StopError::Signal { tid, source }),
-            }
-            if self.expected.len() == self.expected.capacity() {
-                return Err(StopError::PrepareAgain {
-                    what: "thread slots",
-                });
-            }
-            self.expected.push(tid);
+            self.signal_one(tid)?;
         }
         self.expected.sort_unstable();
         array
@@ -553,6 +543,23 @@ impl StopWorld {
         Ok(())
     }
 
+    /// Sends the stop signal to `tid` and expects it to park; a thread that has exited is
+    /// skipped.
+    fn signal_one(&mut self, tid: i32) -> Result<(), StopError> {
+        match threads::tgkill(tid, self.sig) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+            Err(source) => return Err(StopError::Signal { tid, source }),
+        }
+        if self.expected.len() == self.expected.capacity() {
+            return Err(StopError::PrepareAgain {
+                what: "thread slots",
+            });
+        }
+        self.expected.push(tid);
+        Ok(())
+    }
+
     /// Lists the threads and signals those not signalled yet in this round; returns how many
     /// were listed and how many signalled.
     fn signal_listed(&mut self, me: i32) -> Result<(usize, usize), StopError> {
@@ -575,17 +582,7 @@ impl StopWorld {
             {
                 continue;
             }
-            match threads::tgkill(tid, self.sig) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
-                Err(source) => return Err(StopError::Signal { tid, source }),
-            }
-            if self.expected.len() == self.expected.capacity() {
-                return Err(StopError::PrepareAgain {
-                    what: "thread slots",
-                });
-            }
-            self.expected.push(tid);
+            self.signal_one(tid)?;
         }
         self.expected.sort_unstable();
         Ok((n, self.expected.len() - before))

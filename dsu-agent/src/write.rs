@@ -117,6 +117,18 @@ pub unsafe fn remove_breakpoints(writer: &CodeWriter, edits: &[CodeEdit]) -> boo
     restored
 }
 
+/// Puts back the bytes after the first of each edit (behind its breakpoint). Returns whether
+/// every one was restored. Async-signal-safe.
+fn restore_tails(writer: &CodeWriter, edits: &[CodeEdit]) -> bool {
+    let mut restored = true;
+    for e in edits.iter().rev().filter(|e| e.len() >= 2) {
+        // SAFETY: no thread executes these bytes: their instruction starts with a breakpoint
+        // (callers' contract); the original bytes go back.
+        restored &= unsafe { writer.write(e.site + 1, &e.original[1..]) }.is_ok();
+    }
+    restored
+}
+
 fn restore_first_bytes(writer: &CodeWriter, edits: &[CodeEdit]) -> bool {
     let mut restored = true;
     for edit in edits.iter().rev() {
@@ -148,11 +160,7 @@ pub unsafe fn finish_behind_breakpoints(
         // SAFETY: no thread executes these bytes: the instruction they belong to starts with a
         // breakpoint and no thread was inside (caller's contract).
         if let Err(error) = unsafe { writer.write(edit.site + 1, &edit.bytes[1..]) } {
-            let mut rolled_back = true;
-            for done in edits[..index].iter().rev().filter(|e| e.len() >= 2) {
-                // SAFETY: as above; restoring bytes this function just wrote.
-                rolled_back &= unsafe { writer.write(done.site + 1, &done.original[1..]) }.is_ok();
-            }
+            let mut rolled_back = restore_tails(writer, &edits[..index]);
             let _ = cpu::sync_cores();
             rolled_back &= restore_first_bytes(writer, edits);
             let _ = cpu::sync_cores();
@@ -180,10 +188,7 @@ pub unsafe fn finish_behind_breakpoints(
                 rolled_back &= unsafe { writer.write(e.site, &[BREAKPOINT]) }.is_ok();
             }
             let _ = cpu::sync_cores();
-            for e in edits.iter().filter(|e| e.len() >= 2) {
-                // SAFETY: as above.
-                rolled_back &= unsafe { writer.write(e.site + 1, &e.original[1..]) }.is_ok();
-            }
+            rolled_back &= restore_tails(writer, edits);
             let _ = cpu::sync_cores();
             rolled_back &= restore_first_bytes(writer, edits);
             let _ = cpu::sync_cores();

@@ -218,19 +218,13 @@ impl ControlError {
             | ControlError::TooLarge { .. } => Status::Refused,
             ControlError::Io { .. } | ControlError::ReadPatch { .. } => Status::Failed,
         };
-        Some(Outcome {
+        Some(Outcome::new(
             seq,
-            request: self.request_id().map(str::to_owned),
-            op: self.op().to_owned(),
-            outcome: status,
-            error: Some(self.to_string()),
-            attempts: 0,
-            elapsed_us: 0,
-            functions: Vec::new(),
-            patch_id: None,
-            stages_us: None,
-            status: None,
-        })
+            self.request_id().map(str::to_owned),
+            self.op().to_owned(),
+            status,
+            Some(self.to_string()),
+        ))
     }
 }
 

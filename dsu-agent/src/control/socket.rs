@@ -87,19 +87,13 @@ pub enum SocketError {
 impl SocketError {
     /// The one-line answer to a connection refused before its request was taken.
     pub fn outcome(&self, request: Option<&RequestFile>) -> Outcome {
-        Outcome {
-            seq: 0,
-            request: request.map(|r| r.id.clone()),
-            op: request.map_or("unknown", |r| op_name(&r.op)).to_owned(),
-            outcome: Status::Refused,
-            error: Some(self.to_string()),
-            attempts: 0,
-            elapsed_us: 0,
-            functions: Vec::new(),
-            patch_id: None,
-            stages_us: None,
-            status: None,
-        }
+        Outcome::new(
+            0,
+            request.map(|r| r.id.clone()),
+            request.map_or("unknown", |r| op_name(&r.op)).to_owned(),
+            Status::Refused,
+            Some(self.to_string()),
+        )
     }
 }
 
