@@ -136,3 +136,23 @@ fn a_running_thread_that_blocks_the_stop_signal_is_named() {
     let (eintr, short, _, bad) = counts(&mut fx);
     assert_eq!((eintr, short, bad), (0, 0, 0));
 }
+
+/// A program that installs its own `SIGTRAP` handler after the agent takes the breakpoint
+/// holds away from it: updates then stop every thread (the fallback), still apply and revert,
+/// and never send the program a `SIGTRAP`.
+#[test]
+fn a_program_that_takes_sigtrap_is_updated_by_stopping_every_thread() {
+    let dir = scratch("waiting-owntrap");
+    let patch = cc_object(&dir, "x10", C_X10, &[]);
+    let mut fx = waiters(&dir);
+    fx.expect("owntrap", "trapping");
+    // The fallback parks every thread; the all-signals-blocked waiter cannot park, so the
+    // update is refused naming the stop, with nothing changed (the limit of the fallback).
+    let out = dsu(&fx, &["apply", patch.to_str().unwrap()], 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not stop"), "{stderr}");
+    assert_eq!(fx.compute(), ORIGINAL);
+    assert_eq!(fx.send("traps"), "traps 0");
+    assert!(fx.alive());
+}
