@@ -408,3 +408,79 @@ long dsu_test_price(long x) { return x + dsu_test_tls; }
         "error should name the symbol: {e}"
     );
 }
+
+/// The section headers of an object: `(index, name, offset of the header in the file)`.
+fn section_headers(bytes: &[u8]) -> Vec<(usize, String, usize)> {
+    let obj = object::read::elf::ElfFile64::<object::Endianness>::parse(bytes).unwrap();
+    let shoff = u64::from_le_bytes(bytes[0x28..0x30].try_into().unwrap()) as usize;
+    object::Object::sections(&obj)
+        .map(|s| {
+            let index = object::ObjectSection::index(&s).0;
+            let name = object::ObjectSection::name(&s).unwrap().to_string();
+            (index, name, shoff + index * 64)
+        })
+        .collect()
+}
+
+/// A patch whose code has relocations (it calls libc), in `.text.dsu_test_price`.
+fn object_with_relocations() -> Vec<u8> {
+    let dir = support::scratch("relocated");
+    let obj = support::cc_object(
+        &dir,
+        "r",
+        "#include <stdlib.h>\nlong dsu_test_price(long x) { return labs(x) + (long)getenv(\"X\"); }\n",
+        &[],
+    );
+    std::fs::read(obj).unwrap()
+}
+
+/// A relocation section pointed (by `sh_info`) at a section that does not exist, or at one
+/// it does not belong to (here `.comment`, which is not loaded), used to be skipped: the code
+/// went live unrelocated. Both are refused naming the relocation section.
+#[test]
+fn a_relocation_section_for_the_wrong_section_is_refused() {
+    let bytes = object_with_relocations();
+    let headers = section_headers(&bytes);
+    let (_, _, rela) = headers
+        .iter()
+        .find(|(_, n, _)| n == ".rela.text.dsu_test_price")
+        .cloned()
+        .expect("the call is relocated");
+    let comment = headers.iter().find(|(_, n, _)| n == ".comment").unwrap().0;
+    for (target, says) in [(9999u32, "does not exist"), (0, "does not exist")] {
+        let mut bad = bytes.clone();
+        bad[rela + 44..rela + 48].copy_from_slice(&target.to_le_bytes()); // sh_info
+        let e = load_error(&bad).to_string();
+        assert!(
+            e.contains(".rela.text.dsu_test_price") && e.contains(says),
+            "{target}: {e}"
+        );
+    }
+    let mut bad = bytes.clone();
+    bad[rela + 44..rela + 48].copy_from_slice(&(comment as u32).to_le_bytes());
+    let e = load_error(&bad).to_string();
+    assert!(
+        e.contains(".rela.text.dsu_test_price") && e.contains(".comment"),
+        "{e}"
+    );
+}
+
+/// An `R_X86_64_NONE` entry is checked like any other: a symbol index beyond the symbol table
+/// is refused, not skipped.
+#[test]
+fn a_none_relocation_with_a_bad_symbol_is_refused() {
+    let bytes = object_with_relocations();
+    let headers = section_headers(&bytes);
+    let (_, _, rela) = headers
+        .iter()
+        .find(|(_, n, _)| n == ".rela.text.dsu_test_price")
+        .cloned()
+        .unwrap();
+    let offset = u64::from_le_bytes(bytes[rela + 24..rela + 32].try_into().unwrap()) as usize;
+    let mut bad = bytes.clone();
+    // r_info of the first entry: symbol 0x7fffff, type R_X86_64_NONE (0).
+    let info: u64 = 0x7f_ffff << 32;
+    bad[offset + 8..offset + 16].copy_from_slice(&info.to_le_bytes());
+    let e = load_error(&bad).to_string();
+    assert!(e.contains("beyond the symbol table"), "{e}");
+}

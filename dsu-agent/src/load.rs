@@ -283,10 +283,41 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
             continue;
         }
         let target = shdr.sh_info(endian) as usize;
-        if !loaded(target) {
-            continue; // relocations of debug info and other unloaded sections
-        }
         let name = section_name(&table, endian, shdr);
+        let target_section = match table.section(object::SectionIndex(target)) {
+            Ok(t) if target != 0 => t,
+            _ => {
+                return Err(LoadError::Malformed(format!(
+                    "relocation section {name} applies to section #{target}, which does not exist"
+                )));
+            }
+        };
+        // Compilers and linkers name a relocation section after the section it applies to;
+        // any other pairing would relocate the wrong bytes or leave code unrelocated.
+        let target_name = section_name(&table, endian, target_section);
+        let prefix = if sh_type == elf::SHT_RELA {
+            ".rela"
+        } else {
+            ".rel"
+        };
+        if name.strip_prefix(prefix) != Some(target_name.as_str()) {
+            return Err(LoadError::Malformed(format!(
+                "relocation section {name} applies to section {target_name} (#{target}); it \
+                 should apply to the section its name follows"
+            )));
+        }
+        if !loaded(target) {
+            // Relocations of debug information and other sections that occupy no memory are
+            // not needed. Anything else would leave loaded code unrelocated: refused.
+            let occupies_memory = target_section.sh_flags(endian).contains(elf::SHF_ALLOC);
+            if occupies_memory && shdr.sh_size(endian) != 0 {
+                return Err(LoadError::Malformed(format!(
+                    "relocation section {name} applies to section {target_name}, which occupies \
+                     memory but is not loaded"
+                )));
+            }
+            continue;
+        }
         if sh_type == elf::SHT_REL {
             return Err(LoadError::RelRelocations { section: name });
         }
@@ -294,14 +325,14 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
             continue;
         };
         for rela in relas {
-            if rela.r_type(endian, false).0 == elf::R_X86_64_NONE.0 {
-                continue;
-            }
             let symbol = rela.r_sym(endian, false) as usize;
             if symbol >= symbols.len() {
                 return Err(LoadError::Malformed(format!(
                     "relocation in {name} refers to symbol #{symbol}, beyond the symbol table"
                 )));
+            }
+            if rela.r_type(endian, false).0 == elf::R_X86_64_NONE.0 {
+                continue;
             }
             relocations.push(Relocation {
                 section: target,
