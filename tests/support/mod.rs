@@ -359,8 +359,11 @@ impl Fixture {
 }
 
 impl Drop for Fixture {
+    /// Kills the program and removes the perf map its agent wrote: a killed process runs no
+    /// exit handler, and every test run would leave one more file in /tmp.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.pid));
     }
 }
