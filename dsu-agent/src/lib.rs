@@ -5,7 +5,9 @@
 //! sequence:
 //!
 //! trigger -> load -> resolve -> relocate -> place (together: [`link`]) -> [`prepare`] ->
-//! [`stop`] -> [`check`] -> [`mod@write`] -> [`report`], driven by [`update`].
+//! [`hold`] (breakpoints on the edits) -> [`survey`] (which threads run, which wait) ->
+//! [`stop`] (the running ones) -> [`check`] -> [`mod@write`] -> [`report`], driven by
+//! [`update`].
 
 #![deny(unsafe_op_in_unsafe_fn)]
 // Unsafe code only in the modules that say why they need it (`#![allow(unsafe_code)]`).
