@@ -425,6 +425,9 @@ pub enum Failure {
     LostRegister,
     /// More than [`MAX_DEPTH`] frames.
     TooDeep,
+    /// A frame returns to address 0 without its CFI marking it outermost: a zeroed return
+    /// address, or a switch to another stack. The rest of the stack is not proven.
+    ZeroReturn,
 }
 
 /// How a walk ended.
@@ -565,7 +568,14 @@ impl Unwinder {
             let pc = next[dwarf::RA as usize].unwrap_or(0);
             let sp = next[dwarf::RSP as usize].unwrap_or(0);
             if pc == 0 {
-                return WalkEnd::Outermost;
+                // The thread's real outermost frames (`_start`, `clone`) say so in their CFI
+                // (an undefined return address, handled by `step`); a zero found on the stack
+                // is no proof that nothing lies above it.
+                return WalkEnd::Failed {
+                    reason: Failure::ZeroReturn,
+                    at: frame,
+                    region,
+                };
             }
             regs = next;
             frame = Frame {

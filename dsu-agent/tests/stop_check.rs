@@ -739,3 +739,67 @@ fn print_check_timings() {
         workers.join();
     }
 }
+
+/// Pushes `fake` (a return address into another function) and then a zero, and spins while
+/// `*flag != 0`. Its unwind information says the return address is the word at the stack
+/// pointer, which is the zero: a walk ends there as if at the outermost frame, with a live
+/// return address above it, as after a stack switch or a clobbered frame.
+#[unsafe(naked)]
+extern "C" fn zero_return_spin(_flag: *const u8, _fake: usize) {
+    std::arch::naked_asm!(
+        ".cfi_startproc",
+        "push rsi",
+        "push 0",
+        "2:",
+        "pause",
+        "cmp byte ptr [rdi], 0",
+        "jne 2b",
+        "add rsp, 16",
+        "ret",
+        ".cfi_endproc",
+    )
+}
+
+/// A zero return address that the CFI does not mark outermost proves nothing about the stack
+/// above it: the rest is scanned, and the return address into `idle_target` above the zero
+/// makes the thread active (it was reported inactive).
+#[test]
+fn a_zero_return_address_mid_stack_is_not_the_outermost_frame() {
+    let _s = serial();
+    let idle = fn_range(idle_target as *const () as usize);
+    std::hint::black_box(idle_target(1));
+    let flag = Box::leak(Box::new(1u8)) as *mut u8 as usize;
+    let fake = idle.0 + 1;
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        tx.send(threads::gettid()).unwrap();
+        zero_return_spin(flag as *const u8, fake);
+    });
+    let tid = rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let only_idle: Ranges = [(idle.0, idle.1, 3)].into_iter().collect();
+    let mut checker = Checker::for_loaded_modules();
+    let mut w = world();
+    let found = {
+        let stopped = stop(&mut w, TIMEOUT);
+        let th = stopped.threads().iter().find(|t| t.tid == tid).unwrap();
+        let found = checker.find_active(&stopped, th, &only_idle);
+        stopped.resume();
+        found
+    };
+    // SAFETY: the flag is leaked and only written here.
+    unsafe { *(flag as *mut u8) = 0 };
+    t.join().unwrap();
+    let a = found
+        .unwrap()
+        .expect("a return address above the zero is active");
+    assert_eq!(a.target, 3);
+    assert!(matches!(a.how, How::StackScan { .. }), "{a:?}");
+    assert!(matches!(
+        checker.last_walk(),
+        Some(WalkEnd::Failed {
+            reason: dsu_agent::unwind::Failure::ZeroReturn,
+            ..
+        })
+    ));
+}
