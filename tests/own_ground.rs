@@ -99,3 +99,33 @@ fn the_agents_own_functions_are_refused() {
     assert_eq!(fx.compute(), ORIGINAL);
     assert!(fx.alive());
 }
+
+/// Larger than the original, so it lands in new code behind an entry jump, and the direct
+/// calls of the workers' loops are rewritten to reach it.
+const C_X10_REDIRECT: &str = "
+unsigned long dsu_fixture_compute(unsigned long x) {
+    __asm__ volatile(\".skip 48, 0x90\");
+    return x * 10;
+}
+";
+
+/// Direct call sites are rewritten while the threads that execute them keep running up to
+/// the stop: the breakpoint goes on the call instruction's first byte, never into its
+/// displacement (which would send a caller to a wrong address).
+#[test]
+fn call_sites_are_rewritten_under_running_callers() {
+    let dir = scratch("own-ground-callsites");
+    let patch = cc_object(&dir, "x10_redirect", C_X10_REDIRECT, &[]);
+    let mut fx = busy_preloaded(&dir);
+    for _ in 0..10 {
+        let out = succeeds(&mut fx, &["apply", patch.to_str().unwrap()]);
+        assert!(out.contains("redirect"), "{out}");
+        assert_eq!(fx.compute(), 70);
+        fx.workers_see(70);
+        succeeds(&mut fx, &["revert"]);
+        assert_eq!(fx.compute(), ORIGINAL);
+        fx.workers_see(ORIGINAL);
+    }
+    fx.no_worker_errors();
+    assert!(fx.alive());
+}

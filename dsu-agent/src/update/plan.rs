@@ -132,19 +132,25 @@ pub(super) fn rewrite_call_sites(
         {
             continue;
         }
-        let Some(bytes) = site.field_for(f.new_address) else {
+        let Some(field) = site.field_for(f.new_address) else {
             continue; // out of rel32 reach: it keeps going through the entry
         };
+        // The edit covers the whole instruction, opcode included: a write while other threads
+        // run puts a breakpoint on its first byte, which must start an instruction.
+        let len = site.next - site.at;
+        debug_assert!((5..=6).contains(&len) && site.field == site.next - 4);
         // SAFETY: `site` was decoded from a function's code inside a mapped module (the call
         // index reads only mapped code), and code mappings of loaded modules stay mapped.
-        let now: [u8; 4] = unsafe { std::ptr::read_unaligned(site.field as *const [u8; 4]) };
+        let now = unsafe { std::slice::from_raw_parts(site.at as *const u8, len) }.to_vec();
+        let mut bytes = now.clone();
+        bytes[len - 4..].copy_from_slice(&field);
         if now == bytes {
             continue;
         }
         f.edits.push(CodeEdit {
-            site: site.field,
-            bytes: bytes.to_vec(),
-            original: now.to_vec(),
+            site: site.at,
+            bytes,
+            original: now,
         });
         f.call_sites += 1;
     }
