@@ -100,10 +100,20 @@ impl Engine {
         &self.patches
     }
 
-    /// Builds the symbol index ahead of the first update, so that update is as fast as the
-    /// next ones. Errors are left for the update to report.
+    /// Builds the symbol index and the executable's call-site index ahead of the first
+    /// update, on the agent thread at start-up, so that update is as fast as the next ones
+    /// (decoding a large executable takes 10-20 ms). Costs the call-site index's memory from
+    /// the start (see `docs/benchmarks.md`, memory). Errors are left for the update to report.
     pub fn warm_up(&mut self) {
-        let _ = self.index();
+        let Ok(index) = self.index() else { return };
+        let Some(main) = index.modules().iter().find(|m| m.is_main) else {
+            return;
+        };
+        let name = main.name.clone();
+        let Ok(maps) = dsu_sys::maps::read_self() else {
+            return;
+        };
+        let _ = self.call_index(&name, &index, &maps);
     }
 
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
