@@ -93,12 +93,17 @@ fn in_read(tid: i32) -> bool {
         .is_ok_and(|s| s.starts_with("0 "))
 }
 
-/// Waits up to 5 s for `ready`, so a reply means the thread got there.
-fn wait_until(ready: impl Fn() -> bool) {
+/// Waits up to 5 s for `ready`; false when it never came, so that the reply says so instead
+/// of claiming the thread got there.
+fn wait_until(ready: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !ready() && Instant::now() < deadline {
+    while !ready() {
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
+    true
 }
 
 fn worker(id: usize) {
@@ -165,11 +170,16 @@ fn main() {
                     BLOCK_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
                     dsu_fixture_block(fd)
                 }));
-                wait_until(|| {
+                let inside = wait_until(|| {
                     let tid = BLOCK_TID.load(Ordering::SeqCst);
                     tid != 0 && in_read(tid)
                 });
-                "blocking".to_string()
+                if inside {
+                    "blocking"
+                } else {
+                    "timed out: the thread never blocked in read"
+                }
+                .to_string()
             }
             "unblock" => {
                 // SAFETY: writes one byte from a live buffer to our own pipe.
@@ -180,8 +190,13 @@ fn main() {
             "spin" => {
                 SPIN.store(SPIN_STARTING, Ordering::SeqCst);
                 spinning = Some(std::thread::spawn(|| dsu_fixture_spin(&SPIN)));
-                wait_until(|| SPIN.load(Ordering::SeqCst) == SPIN_INSIDE);
-                "spinning".to_string()
+                let inside = wait_until(|| SPIN.load(Ordering::SeqCst) == SPIN_INSIDE);
+                if inside {
+                    "spinning"
+                } else {
+                    "timed out: the thread never entered spin"
+                }
+                .to_string()
             }
             "unspin" => {
                 SPIN.store(SPIN_STOP, Ordering::SeqCst);
