@@ -329,9 +329,34 @@ impl Fixture {
         bytes
     }
 
-    /// The first 16 code bytes of the function the program printed as `name`.
+    /// The code of the whole function the program printed as `name` (its size from the
+    /// executable's symbol table), so a comparison sees any byte an update changed.
     pub fn code(&self, name: &str) -> Vec<u8> {
-        self.read_memory(self.address(name), 16)
+        let address = self.address(name);
+        let size = self
+            .function_size(address)
+            .unwrap_or_else(|| panic!("no function symbol at {address:#x} ({name})"));
+        self.read_memory(address, size)
+    }
+
+    /// The size of the executable's function at run-time `address`.
+    fn function_size(&self, address: usize) -> Option<usize> {
+        use object::{Object, ObjectSymbol};
+        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()?;
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)).ok()?;
+        // The executable's first mapping (file offset 0) is at its load bias (PIE, vaddr 0).
+        let bias = maps.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[2] == "00000000" && std::path::Path::new(f[5]) == exe)
+                .then(|| usize::from_str_radix(f[0].split('-').next()?, 16).ok())
+                .flatten()
+        })?;
+        let data = std::fs::read(&exe).ok()?;
+        let file = object::File::parse(&*data).ok()?;
+        let link = address.checked_sub(bias)? as u64;
+        file.symbols()
+            .find(|s| s.address() == link && s.size() > 0)
+            .map(|s| s.size() as usize)
     }
 
     pub fn alive(&mut self) -> bool {
