@@ -484,3 +484,42 @@ fn a_none_relocation_with_a_bad_symbol_is_refused() {
     let e = load_error(&bad).to_string();
     assert!(e.contains("beyond the symbol table"), "{e}");
 }
+
+/// The refusals a newcomer meets first say what to do (issue 11).
+#[test]
+fn a_non_pic_patch_is_told_to_use_fpic() {
+    let dir = support::scratch("nopic");
+    let obj = support::cc_object(
+        &dir,
+        "nopic",
+        "extern char **environ;\nlong dsu_test_price(long x) { return x + (long)environ; }\n",
+        &["-fno-pic", "-mcmodel=small", "-fno-PIE"],
+    );
+    keep_program_symbols();
+    let e = link_file(&obj).unwrap_err().to_string();
+    assert!(e.contains("-fPIC"), "{e}");
+}
+
+#[test]
+fn an_lto_object_is_told_to_drop_flto() {
+    let dir = support::scratch("lto");
+    let obj = support::cc_object(
+        &dir,
+        "lto",
+        "long dsu_test_price(long x) { return x * 3; }\n",
+        &["-flto"],
+    );
+    let e = load_error(&std::fs::read(obj).unwrap());
+    assert!(matches!(e, LoadError::NoFunctions { lto: true }), "{e}");
+    assert!(e.to_string().contains("without -flto"), "{e}");
+}
+
+#[test]
+fn a_rust_patch_whose_function_was_dropped_is_told_about_no_mangle() {
+    let dir = support::scratch("nomangle");
+    // Private and unused: rustc emits no code for it.
+    let obj = support::rustc_object(&dir, "dropped", "fn price(x: u32) -> u32 { x * 2 }\n");
+    let e = load_error(&std::fs::read(obj).unwrap());
+    assert!(matches!(e, LoadError::NoFunctions { lto: false }), "{e}");
+    assert!(e.to_string().contains("no_mangle"), "{e}");
+}

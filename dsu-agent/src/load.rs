@@ -60,8 +60,18 @@ pub enum LoadError {
         "section {section} holds constructors or destructors, which dsu does not run; initialise state on first use instead"
     )]
     Constructors { section: String },
-    #[error("the object defines no function")]
-    NoFunctions,
+    #[error(
+        "the object defines no function{}",
+        if *.lto {
+            ": it holds link-time-optimisation intermediate code (.gnu.lto_*/.llvmbc), not \
+             machine code; compile the patch without -flto (or with -ffat-lto-objects)"
+        } else {
+            "; a patch holds the new versions compiled to machine code (`cc -c -fPIC`, \
+             `rustc --emit=obj`); in Rust, give each function #[unsafe(no_mangle)] and make it \
+             `pub`, or the compiler drops it as unused"
+        }
+    )]
+    NoFunctions { lto: bool },
 }
 
 /// Most memory one patch may occupy: far above any real patch, it keeps a malformed or
@@ -234,7 +244,11 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
         }
     }
     if !sections.iter().any(|s| s.kind == SectionKind::Code) {
-        return Err(LoadError::NoFunctions);
+        let lto = table.iter().any(|shdr| {
+            let name = section_name(&table, endian, shdr);
+            name.starts_with(".gnu.lto_") || name == ".llvmbc" || name == ".llvm.lto"
+        });
+        return Err(LoadError::NoFunctions { lto });
     }
 
     let symtab = table

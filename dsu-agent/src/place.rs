@@ -40,7 +40,9 @@ const REL32_REACH: usize = 0x7fff_0000;
 #[derive(Debug, Error)]
 pub enum PlaceError {
     #[error(
-        "the code the patch must reach spans {span:#x} bytes ({low:#x}..{high:#x}); a rel32 reaches 2 GiB: split the patch"
+        "the code the patch must reach spans {span:#x} bytes ({low:#x}..{high:#x}); a rel32 \
+         reaches 2 GiB. A patch compiled without -fPIC reaches other modules' data directly: \
+         rebuild it with -fPIC (it then goes through its GOT); otherwise split the patch"
     )]
     TooFarApart {
         low: usize,

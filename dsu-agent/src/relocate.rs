@@ -144,6 +144,11 @@ pub enum RelocProblem {
     Unsupported,
     #[error("value {value:#x} does not fit in {bits} bits")]
     OutOfRange { value: i128, bits: u32 },
+    #[error(
+        "value {value:#x} does not fit in 32 bits: an absolute 32-bit address, which only code \
+         linked below 2 GiB can use; compile the patch as position-independent code (-fPIC)"
+    )]
+    NotPic { value: i128 },
     #[error("the place lies outside the section (size {size:#x})")]
     OutsideSection { size: u64 },
     #[error("the symbol is not in a loaded section")]
@@ -204,9 +209,15 @@ pub fn compute(form: Form, i: Inputs) -> Result<Value, RelocProblem> {
             let v = s + a;
             return u32::try_from(v)
                 .map(Value::U32)
-                .map_err(|_| RelocProblem::OutOfRange { value: v, bits: 32 });
+                .map_err(|_| RelocProblem::NotPic { value: v });
         }
-        Form::Abs32S | Form::DtpOff32 => s + a,
+        Form::Abs32S => {
+            let v = s + a;
+            return i32::try_from(v)
+                .map(|v| Value::U32(v as u32))
+                .map_err(|_| RelocProblem::NotPic { value: v });
+        }
+        Form::DtpOff32 => s + a,
     };
     i32::try_from(value)
         .map(|v| Value::U32(v as u32))
@@ -260,6 +271,20 @@ mod tests {
         let far = 0x7f00_0000_0000u64;
         let err = compute(Form::Pc32, inputs(far, -4, 0x5500_0000_0000)).unwrap_err();
         assert!(matches!(err, RelocProblem::OutOfRange { bits: 32, .. }));
+    }
+
+    #[test]
+    fn absolute_32_bit_addresses_out_of_range_say_to_use_pic() {
+        let far = 0x7f00_0000_0000u64;
+        for form in [Form::Abs32, Form::Abs32S] {
+            let err = compute(form, inputs(far, 0, 0)).unwrap_err();
+            assert!(matches!(err, RelocProblem::NotPic { .. }), "{err}");
+            assert!(err.to_string().contains("-fPIC"), "{err}");
+        }
+        assert_eq!(
+            compute(Form::Abs32S, inputs(0x1000, -8, 0)).unwrap(),
+            Value::U32(0xff8)
+        );
     }
 
     #[test]
