@@ -28,7 +28,15 @@ use crate::target::Target;
 #[command(
     name = "dsu",
     version,
-    about = "Live-patch functions of a running Linux process"
+    about = "Live-patch functions of a running Linux process",
+    long_about = "Live-patch functions of a running Linux process. The target must run the dsu \
+                  agent: linked (dsu_agent::install() in Rust, dsu_install() in C) or preloaded \
+                  (LD_PRELOAD=libdsu_agent.so).",
+    after_help = "Examples:\n  \
+                  cc -c -fPIC -O2 fix.c -o fix.o && dsu apply -p 4242 fix.o\n  \
+                  dsu status -p 4242\n  \
+                  dsu revert -p 4242\n  \
+                  dsu inspect fix.o --against 4242"
 )]
 struct Cli {
     #[command(subcommand)]
