@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== building dsu and the demo service (release; a few minutes the first time)"
 cargo build --release -q --bin dsu --example demo_service
 work=$(mktemp -d)
 export DSU_CONTROL_DIR="$work/control"

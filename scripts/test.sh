@@ -4,7 +4,9 @@
 # closes with one line counting them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== building the workspace, its examples and the agent's C libraries (debug; a few minutes the first time)"
 cargo build --workspace --all-targets -q
+echo "== running every test (real processes, patches compiled with cc and rustc)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

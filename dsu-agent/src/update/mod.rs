@@ -614,7 +614,7 @@ fn is_agent_code(name: &str, module: &str) -> bool {
     file.starts_with("libdsu_agent")
         || name.contains("9dsu_agent")
         || name.contains("7dsu_sys")
-        || name.starts_with("dsu_install")
+        || name == "dsu_install"
 }
 
 /// Whether a tracer (a debugger) is attached: it would take our breakpoints for its own.
