@@ -68,6 +68,16 @@ pub fn yield_now() {
     let _ = unsafe { call(libc::SYS_sched_yield, &[]) };
 }
 
+/// Sleeps for `d` (`nanosleep` without the C library; an interrupted sleep ends early).
+pub fn nap(d: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `ts` is a live timespec; no remainder is asked for.
+    let _ = unsafe { call(libc::SYS_nanosleep, &[&raw const ts as usize, 0]) };
+}
+
 /// A point of `CLOCK_MONOTONIC` read with a raw system call: for code that runs while
 /// breakpoints may sit in the C library (whose `clock_gettime` `std::time::Instant` uses).
 /// The same operations as `Instant`, which it stands in for.
@@ -130,6 +140,9 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
         assert!(result(-4096).is_ok());
         yield_now();
+        let before = Moment::now();
+        nap(std::time::Duration::from_micros(100));
+        assert!(before.elapsed() >= std::time::Duration::from_micros(100));
         let a = Moment::now();
         let b = a + std::time::Duration::from_millis(5);
         assert_eq!(b - a, std::time::Duration::from_millis(5));

@@ -169,6 +169,11 @@ fn check_parked(
 /// stopped instead.
 const RECHECKS: usize = 3;
 
+/// How many times the running threads are read again before they are stopped, and the nap
+/// before each.
+const SETTLE_ROUNDS: usize = 2;
+const SETTLE_NAP: std::time::Duration = std::time::Duration::from_micros(30);
+
 /// What the check of a waiting thread concluded.
 enum Verdict {
     Active(Activity),
@@ -258,48 +263,65 @@ pub(super) fn live(
     }
     // Waiting threads: checked where they wait, from a copy of their stack. One that ran
     // meanwhile, or that the copy does not prove inactive, is stopped and checked instead.
-    bufs.survey.settle_running();
+    // A waiter runs for moments (it wakes, loops, waits again); signalling it then would
+    // interrupt its next wait. So the threads seen running are read again, after short naps,
+    // and those that have blocked meanwhile are checked where they wait instead.
     let mut unproven = None;
-    for i in 0..bufs.survey.waiting().len() {
-        let mut w = bufs.survey.waiting()[i];
-        let mut verdict = Verdict::Stop;
-        // A thread that ran during its check (a periodic waiter woke up) is read and checked
-        // again where it waits now, a few times, before it is stopped instead.
-        for _ in 0..RECHECKS {
-            let found = checker.find_active_waiting(
-                stopper.maps(),
-                w.tid,
-                (w.sp, w.pc),
-                &mut bufs.stack,
-                job.ranges,
-            );
-            if !Survey::still_waiting(&w) {
-                match Survey::reread(w.tid) {
-                    Some(now) => {
-                        w = now;
-                        continue;
-                    }
-                    None => break,
-                }
+    let mut checked = 0;
+    for round in 0..=SETTLE_ROUNDS {
+        if round > 0 {
+            if bufs.survey.running().is_empty() {
+                break;
             }
-            verdict = match found {
-                // Where the walk needed a register the kernel does not report (a frame
-                // pointer), the scan may find a stale word: stop the thread and check it from
-                // its registers rather than refuse on a guess.
-                Ok(Some(a)) if !matches!(a.how, How::StackScan { .. }) => Verdict::Active(a),
-                Ok(None) => Verdict::Inactive,
-                _ => Verdict::Stop,
-            };
-            break;
+            dsu_sys::raw::nap(SETTLE_NAP);
         }
-        match verdict {
-            Verdict::Active(a) => tally.saw(a),
-            Verdict::Inactive => {}
-            Verdict::Stop => {
-                if !bufs.survey.mark_running(w.tid) {
-                    return Ok(abandon(window, Outcome::PrepareAgain));
+        bufs.survey.settle_running();
+        let end = bufs.survey.waiting().len();
+        for i in checked..end {
+            let mut w = bufs.survey.waiting()[i];
+            let mut verdict = Verdict::Stop;
+            // A thread that ran during its check (a periodic waiter woke up) is read and
+            // checked again where it waits now, a few times, before it is stopped instead.
+            for _ in 0..RECHECKS {
+                let found = checker.find_active_waiting(
+                    stopper.maps(),
+                    w.tid,
+                    (w.sp, w.pc),
+                    &mut bufs.stack,
+                    job.ranges,
+                );
+                if !Survey::still_waiting(&w) {
+                    match Survey::reread(w.tid) {
+                        Some(now) => {
+                            w = now;
+                            continue;
+                        }
+                        None => break,
+                    }
+                }
+                verdict = match found {
+                    // Where the walk needed a register the kernel does not report (a frame
+                    // pointer), the scan may find a stale word: stop the thread and check it
+                    // from its registers rather than refuse on a guess.
+                    Ok(Some(a)) if !matches!(a.how, How::StackScan { .. }) => Verdict::Active(a),
+                    Ok(None) => Verdict::Inactive,
+                    _ => Verdict::Stop,
+                };
+                break;
+            }
+            match verdict {
+                Verdict::Active(a) => tally.saw(a),
+                Verdict::Inactive => {}
+                Verdict::Stop => {
+                    if !bufs.survey.mark_running(w.tid) {
+                        return Ok(abandon(window, Outcome::PrepareAgain));
+                    }
                 }
             }
+        }
+        checked = end;
+        if tally.any_now() {
+            break;
         }
     }
     if let Some(site) = window.owner_trapped() {
