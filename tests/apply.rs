@@ -418,8 +418,11 @@ fn blocked_function_is_replaced_only_after_it_returns() {
     let apply = spawn_dsu_apply(&fx, &patch, 20);
     wait_claimed(&fx, 1);
     keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
-    assert_eq!(fx.code("block"), block_code);
-    assert_eq!(fx.code("compute"), compute_code);
+    assert_eq!(fx.code_between_attempts("block", &block_code), block_code);
+    assert_eq!(
+        fx.code_between_attempts("compute", &compute_code),
+        compute_code
+    );
 
     // The old version returns normally (its read was not broken by the stop signals), then
     // the update goes through.

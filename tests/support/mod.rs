@@ -339,6 +339,22 @@ impl Fixture {
         self.read_memory(address, size)
     }
 
+    /// The code of `name` while an update is retrying: each attempt puts a breakpoint on the
+    /// first byte of every edit for its few microseconds (then takes it away, nothing
+    /// changed), so this reads again, up to a second, until the code equals `expected`, and
+    /// returns the last read.
+    pub fn code_between_attempts(&self, name: &str, expected: &[u8]) -> Vec<u8> {
+        let mut code = self.code(name);
+        for _ in 0..1000 {
+            if code == expected {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            code = self.code(name);
+        }
+        code
+    }
+
     /// The size of the executable's function at run-time `address`.
     fn function_size(&self, address: usize) -> Option<usize> {
         use object::{Object, ObjectSymbol};
