@@ -117,6 +117,17 @@ pub unsafe fn remove_breakpoints(writer: &CodeWriter, edits: &[CodeEdit]) -> boo
     restored
 }
 
+/// Undoes a write behind breakpoints: the tails of `written` back, every core resynchronised,
+/// then the first bytes of all `edits`, resynchronised again. Returns whether every byte was
+/// restored. Async-signal-safe.
+fn roll_back(writer: &CodeWriter, written: &[CodeEdit], edits: &[CodeEdit]) -> bool {
+    let mut restored = restore_tails(writer, written);
+    let _ = cpu::sync_cores();
+    restored &= restore_first_bytes(writer, edits);
+    let _ = cpu::sync_cores();
+    restored
+}
+
 /// Puts back the bytes after the first of each edit (behind its breakpoint). Returns whether
 /// every one was restored. Async-signal-safe.
 fn restore_tails(writer: &CodeWriter, edits: &[CodeEdit]) -> bool {
@@ -160,10 +171,7 @@ pub unsafe fn finish_behind_breakpoints(
         // SAFETY: no thread executes these bytes: the instruction they belong to starts with a
         // breakpoint and no thread was inside (caller's contract).
         if let Err(error) = unsafe { writer.write(edit.site + 1, &edit.bytes[1..]) } {
-            let mut rolled_back = restore_tails(writer, &edits[..index]);
-            let _ = cpu::sync_cores();
-            rolled_back &= restore_first_bytes(writer, edits);
-            let _ = cpu::sync_cores();
+            let rolled_back = roll_back(writer, &edits[..index], edits);
             return Err(WriteFailure {
                 index,
                 error,
@@ -188,10 +196,7 @@ pub unsafe fn finish_behind_breakpoints(
                 rolled_back &= unsafe { writer.write(e.site, &[BREAKPOINT]) }.is_ok();
             }
             let _ = cpu::sync_cores();
-            rolled_back &= restore_tails(writer, edits);
-            let _ = cpu::sync_cores();
-            rolled_back &= restore_first_bytes(writer, edits);
-            let _ = cpu::sync_cores();
+            rolled_back &= roll_back(writer, edits, edits);
             return Err(WriteFailure {
                 index,
                 error,

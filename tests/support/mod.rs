@@ -19,15 +19,18 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn run(cmd: &mut Command) {
+/// Runs `cmd`, failing the test with its output unless it succeeds; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{cmd:?} failed:\n{}",
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Compiles C source to a relocatable object as a patch author would.
