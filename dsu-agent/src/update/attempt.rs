@@ -182,6 +182,22 @@ enum Verdict {
     Stop,
 }
 
+/// Takes the attempt's breakpoints away; `outcome` when every original byte is back, else a
+/// write failure that says the code is not as it was (no panic and no allocation here:
+/// threads may be held).
+fn remove_breakpoints(job: &Job<'_>, outcome: Outcome) -> Outcome {
+    // SAFETY: only the first bytes were changed, by `place_breakpoints` of this attempt.
+    if unsafe { write::remove_breakpoints(job.writer, job.edits) } {
+        outcome
+    } else {
+        Outcome::WriteFailed(WriteFailure {
+            index: 0,
+            error: std::io::Error::from_raw_os_error(libc::EIO),
+            rolled_back: false,
+        })
+    }
+}
+
 /// Buffers the live attempt needs besides the stopper's.
 #[derive(Debug)]
 pub(super) struct LiveBuffers {
@@ -231,10 +247,8 @@ pub(super) fn live(
         return Ok(Outcome::WriteFailed(failure));
     }
     let abandon = |window: Window, outcome: Outcome| {
-        // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
-        let restored = unsafe { write::remove_breakpoints(job.writer, job.edits) };
+        let outcome = remove_breakpoints(job, outcome);
         window.close();
-        debug_assert!(restored, "restoring a byte that was just written");
         outcome
     };
     let me = threads::gettid();
@@ -345,13 +359,9 @@ pub(super) fn live(
     }
     let t_write = Instant::now();
     let outcome = if let Some(site) = window.owner_trapped() {
-        // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
-        unsafe { write::remove_breakpoints(job.writer, job.edits) };
-        Outcome::AgentTrapped { site }
+        remove_breakpoints(job, Outcome::AgentTrapped { site })
     } else if tally.any_now() || unproven.is_some() {
-        // SAFETY: only the first bytes were changed, by `place_breakpoints` above.
-        unsafe { write::remove_breakpoints(job.writer, job.edits) };
-        Outcome::Busy(unproven.map(Blocker::Unproven))
+        remove_breakpoints(job, Outcome::Busy(unproven.map(Blocker::Unproven)))
     } else {
         // SAFETY: the breakpoints are in place, and no thread is inside any range: the waiting
         // ones did not run since their check, the running ones are parked and were checked,
