@@ -159,38 +159,17 @@ fn when(unix: u64, now: u64) -> String {
         3600..86_400 => format!("{} h {} min ago", ago / 3600, ago % 3600 / 60),
         _ => format!("{} days ago", ago / 86_400),
     };
-    format!("{} UTC ({ago})", utc(unix))
-}
-
-/// `YYYY-MM-DD HH:MM:SS` of a Unix time, in UTC (the proleptic Gregorian calendar, counted
-/// in 400-year eras of 146 097 days).
-fn utc(unix: u64) -> String {
-    let (days, secs) = (unix / 86_400, unix % 86_400);
-    let z = days + 719_468; // days since 0000-03-01
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    format!("{} UTC ({ago})", dsu_agent::report::utc(unix))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn unix_times_read_as_utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(super::utc(1_795_961_427), "2026-11-29 14:10:27");
-        assert_eq!(super::utc(4_107_542_399), "2100-02-28 23:59:59");
+        assert_eq!(dsu_agent::report::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(dsu_agent::report::utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(dsu_agent::report::utc(1_795_961_427), "2026-11-29 14:10:27");
+        assert_eq!(dsu_agent::report::utc(4_107_542_399), "2100-02-28 23:59:59");
         assert_eq!(
             super::when(1_795_961_427, 1_795_961_430),
             "2026-11-29 14:10:27 UTC (3 s ago)"
