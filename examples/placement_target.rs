@@ -21,16 +21,39 @@ use std::hint::black_box;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Large on purpose: a short replacement fits in its bytes.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn dsu_place_big(x: u64) -> u64 {
-    let mut v = black_box(x);
-    for i in 0..black_box(4u64) {
-        v = v.wrapping_mul(6364136223846793005).wrapping_add(i);
-        v ^= v >> 17;
-    }
-    if black_box(v) == 0 { 0 } else { x + 1 }
+// Large on purpose, and a leaf with no stack frame, so a short leaf replacement fits in its
+// bytes with the same unwind rules (in place needs both, see docs/design.md "Placement"). In
+// assembly because a debug build of Rust code always has a frame. `dsu_place_big(x)` mixes `x`
+// four times and returns `x + 1` (0 only if the mix came out 0).
+std::arch::global_asm!(
+    ".globl dsu_place_big",
+    ".type dsu_place_big, @function",
+    ".p2align 4",
+    "dsu_place_big:",
+    ".cfi_startproc",
+    "mov rax, rdi",
+    "mov ecx, 4",
+    "2:",
+    "imul rax, rax, 1103515245",
+    "add rax, rcx",
+    "mov rdx, rax",
+    "shr rdx, 17",
+    "xor rax, rdx",
+    "dec ecx",
+    "jnz 2b",
+    "test rax, rax",
+    "jz 3f",
+    "lea rax, [rdi + 1]",
+    "ret",
+    "3:",
+    "xor eax, eax",
+    "ret",
+    ".cfi_endproc",
+    ".size dsu_place_big, . - dsu_place_big",
+);
+
+unsafe extern "C" {
+    safe fn dsu_place_big(x: u64) -> u64;
 }
 
 /// Small on purpose: any real replacement is longer and is redirected.

@@ -20,6 +20,7 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod frame_rules;
 pub mod hold;
 pub mod inspect;
 pub mod link;

@@ -16,6 +16,7 @@ use dsu_sys::mem::Mapping;
 use dsu_sys::x86;
 use thiserror::Error;
 
+use crate::frame_rules::FrameRules;
 use crate::load::{self, Definition, LoadError, PatchObject, SectionKind};
 use crate::place::{self, Layout, PlaceError, STUB_LEN};
 use crate::relocate::{self, Form, Inputs, RelocError, RelocProblem};
@@ -170,6 +171,58 @@ impl Resolved {
                 && matches!(other.definition, Definition::Section { section: o, offset } if o == section && offset != 0)
         });
         (s.kind == SectionKind::Code && alone && sym.size == s.size).then_some(s.data.as_slice())
+    }
+
+    /// The unwind rules the patch's `.eh_frame` gives target `i`'s new code, relative to its
+    /// entry; `Ok(None)` when no FDE describes it. An FDE is matched to the function through the
+    /// relocation of its start address (the object's own address fields are still zero).
+    pub fn new_frame_rules(&self, i: usize) -> Result<Option<FrameRules>, String> {
+        let t = self.resolution.targets.get(i).ok_or("no such target")?;
+        let Definition::Section {
+            section: code,
+            offset: 0,
+        } = self.patch.symbols[t.patch_symbol].definition
+        else {
+            return Err(format!("{} does not start its section", t.name));
+        };
+        let mut found = None;
+        for s in self
+            .patch
+            .sections
+            .iter()
+            .filter(|s| s.kind == SectionKind::EhFrame)
+        {
+            let fdes =
+                FrameRules::of_object_section(&s.data).map_err(|e| format!("{}: {e}", s.name))?;
+            for (at, rules) in fdes {
+                if s.data.get(at..at + 4) == Some(&[0xff; 4]) {
+                    return Err(format!("{}: 64-bit FDE at {at:#x}", s.name));
+                }
+                // The start address follows the 4-byte length and the 4-byte CIE pointer.
+                let start = (at + 8) as u64;
+                let Some(r) = self
+                    .patch
+                    .relocations
+                    .iter()
+                    .find(|r| r.section == s.index && r.offset == start)
+                else {
+                    return Err(format!(
+                        "{}: the FDE at {at:#x} has no relocated start",
+                        s.name
+                    ));
+                };
+                let describes = match self.patch.symbols.get(r.symbol).map(|s| s.definition) {
+                    Some(Definition::Section { section, offset }) => {
+                        section == code && offset as i64 + r.addend == 0
+                    }
+                    _ => false,
+                };
+                if describes && found.replace(rules).is_some() {
+                    return Err(format!("{}: two FDEs describe {}", s.name, t.name));
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Maps and relocates the patch. The targets listed in `in_place` get their new code

@@ -25,6 +25,7 @@ use dsu_sys::modules::LoadedModule;
 use dsu_sys::signal::{AltStack, NGREG, Registers, SIGRETURN_TRAMPOLINE, UCONTEXT_GREGS_OFFSET};
 use dsu_sys::stack::StackMaps;
 
+use crate::frame_rules::FrameRules;
 use crate::stop::{StackBounds, stack_bounds};
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EhFrameOffset, EndianSlice, NativeEndian,
@@ -210,6 +211,18 @@ impl CfiTables {
             .rev()
             .filter(|t| t.covers(addr as usize))
             .find_map(|t| t.fde(addr).ok().map(|f| (t, f)))
+    }
+
+    /// The rules an unwinder finds for the function at `entry` (from the table it would use
+    /// there), `None` when no table describes it.
+    pub fn frame_rules(&self, entry: usize) -> Option<gimli::Result<FrameRules>> {
+        let (table, fde) = self.fde_for(entry as u64)?;
+        Some(FrameRules::of_fde(
+            &fde,
+            &table.eh_frame,
+            &table.bases,
+            entry as u64,
+        ))
     }
 
     /// Whether `addr` lies in known executable code, with room for `len` bytes.

@@ -159,9 +159,13 @@ impl Engine {
             pristine.push(plan::pristine_code(&now, t.address, &self.patches));
             current.push(now);
         }
-        let in_place: Vec<usize> = (0..resolved.targets().len())
+        let mut in_place: Vec<usize> = (0..resolved.targets().len())
             .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
             .collect();
+        if !in_place.is_empty() {
+            let modules = Checker::for_loaded_modules();
+            in_place.retain(|&i| plan::unwinds_in_place(&resolved, i, modules.tables()));
+        }
         let linked = resolved.link(&self.writer, &in_place, &maps)?;
         let linked_at = Instant::now();
         let mut functions = plan::plan_functions(&linked, &pristine, &current)?;

@@ -11,9 +11,11 @@ use dsu_sys::x86::ENDBR64;
 use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
 use crate::callsites::{CallIndex, CallSite};
+use crate::frame_rules;
 use crate::link::{LinkedPatch, Resolved};
 use crate::prepare;
 use crate::resolve::SymbolIndex;
+use crate::unwind::CfiTables;
 use crate::write::CodeEdit;
 
 /// The bytes of `[address, address + len)` before any patch in effect touched them: the
@@ -55,6 +57,26 @@ pub(super) fn fits_in_place(
         && new.len() <= old.len()
         && (!old.starts_with(&ENDBR64) || new.starts_with(&ENDBR64))
         && !split
+}
+
+/// Whether target `i` of `resolved`, once it [fits in place](fits_in_place), may also go there as
+/// far as unwinding goes: the patch's table for the new code and the process's table for the old
+/// code must give the same rules over the new code's length, since each will describe the other
+/// code for a while (see [`crate::frame_rules`]). Otherwise the function is redirected.
+pub(super) fn unwinds_in_place(resolved: &Resolved, i: usize, tables: &CfiTables) -> bool {
+    let (Some(code), Some(target)) = (resolved.in_place_candidate(i), resolved.targets().get(i))
+    else {
+        return false;
+    };
+    let Ok(new) = resolved.new_frame_rules(i) else {
+        return false;
+    };
+    let old = match tables.frame_rules(target.address) {
+        None => None,
+        Some(Ok(rules)) => Some(rules),
+        Some(Err(_)) => return false,
+    };
+    frame_rules::in_place_keeps_unwinding(old.as_ref(), new.as_ref(), code.len() as u64)
 }
 
 /// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
