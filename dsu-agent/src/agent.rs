@@ -71,7 +71,7 @@ enum Job {
 
 static INSTALLED: OnceLock<Mutex<Option<Agent>>> = OnceLock::new();
 
-pub(crate) fn install(config: Builder) -> Result<Agent, Error> {
+pub(crate) fn install(mut config: Builder) -> Result<Agent, Error> {
     let mut slot = INSTALLED
         .get_or_init(|| Mutex::new(None))
         .lock()
@@ -87,6 +87,7 @@ pub(crate) fn install(config: Builder) -> Result<Agent, Error> {
         return Ok(agent.clone());
     }
     let signals = config.signals()?;
+    config.policy = config.effective_policy()?;
     let dir = config
         .control_dir
         .clone()

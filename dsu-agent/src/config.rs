@@ -29,6 +29,7 @@ pub struct Builder {
     pub(crate) stop_signal: Option<libc::c_int>,
     pub(crate) control_dir: Option<PathBuf>,
     pub(crate) policy: Policy,
+    hold_bound: Option<Duration>,
     pub(crate) log: bool,
 }
 
@@ -49,6 +50,7 @@ impl Default for Builder {
             stop_signal: None,
             control_dir: None,
             policy: Policy::default(),
+            hold_bound: None,
             log: std::env::var_os("DSU_LOG").is_none_or(|v| v != "0"),
         }
     }
@@ -104,10 +106,45 @@ impl Builder {
         self
     }
 
+    /// How long a thread parked or held by an update waits for the agent before it goes on
+    /// and the attempt is given up (default 3 s, or `DSU_HOLD_BOUND_MS`; see [`crate::gate`]).
+    pub fn hold_bound(mut self, bound: Duration) -> Builder {
+        self.hold_bound = Some(bound);
+        self
+    }
+
     /// Installs the agent, or returns the one already installed (the first configuration
     /// wins).
     pub fn install(self) -> Result<Agent, Error> {
         crate::agent::install(self)
+    }
+
+    /// The policy to use: the builder's, with the hold bound from the builder, else
+    /// `DSU_HOLD_BOUND_MS` (milliseconds, at least 1), else the default. Also takes the
+    /// testing-only `DSU_TEST_STALL_BEFORE_WRITE_MS`.
+    pub(crate) fn effective_policy(&self) -> Result<Policy, Error> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let millis = |name: &'static str| -> Result<Option<Duration>, Error> {
+            var(name)
+                .map(|value| match value.trim().parse::<u64>() {
+                    Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+                    _ => Err(Error::MillisVar { var: name, value }),
+                })
+                .transpose()
+        };
+        let mut policy = self.policy;
+        match self.hold_bound {
+            Some(bound) => policy.hold_bound = bound,
+            None => {
+                if let Some(bound) = millis("DSU_HOLD_BOUND_MS")? {
+                    policy.hold_bound = bound;
+                }
+            }
+        }
+        if let Some(stall) = millis("DSU_TEST_STALL_BEFORE_WRITE_MS")? {
+            crate::gate::set_test_stall(stall);
+        }
+        Ok(policy)
     }
 
     /// The signals to use, from the builder, the environment or the defaults.

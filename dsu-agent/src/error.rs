@@ -31,6 +31,8 @@ pub enum Error {
         value: String,
         reason: String,
     },
+    #[error("{var}={value:?}: not a whole number of milliseconds above 0")]
+    MillisVar { var: &'static str, value: String },
     #[error(
         "the dsu agent runs in process {agent_pid}, not in this forked child {pid}; a child has \
          no agent thread and cannot install its own"
@@ -51,7 +53,7 @@ impl Error {
             | Error::Thread(source) => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Stop(_) => libc::EBUSY,
             Error::AgentGone => libc::ESRCH,
-            Error::SignalVar { .. } => libc::EINVAL,
+            Error::SignalVar { .. } | Error::MillisVar { .. } => libc::EINVAL,
             Error::Forked { .. } => libc::ECHILD,
         };
         -code

@@ -47,7 +47,11 @@ use dsu_sys::futex;
 use dsu_sys::signal::{self, BlockDuring, Disposition, SavedAction, SavedErrno};
 use dsu_sys::threads;
 
+use crate::gate;
 use crate::write::CodeEdit;
+
+// Raw clock reads: the C library's `clock_gettime` may be the code being patched.
+use dsu_sys::raw::Moment as Instant;
 
 /// `int3`.
 pub const BREAKPOINT: u8 = 0xcc;
@@ -314,6 +318,19 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
 /// # Safety
 /// Called on the window's owner thread while its window is open.
 unsafe fn owner_trapped(site: usize) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { restore_first_bytes() };
+    OWNER_TRAPPED.store(site as u64, Ordering::SeqCst);
+}
+
+/// Puts the original first byte of every edit of the open window back and resynchronises the
+/// cores. No thread can be past a breakpoint: the tails are written only after the checks and
+/// the commit, which neither an owner trap nor a given-up attempt lets happen.
+///
+/// # Safety
+/// A window is open (its edits and writer are published and outlive it), and its agent will
+/// not write new code (its thread trapped, or the attempt was given up).
+unsafe fn restore_first_bytes() {
     let writer = WRITER.load(Ordering::SeqCst);
     let edits = EDITS.load(Ordering::SeqCst);
     let len = EDITS_LEN.load(Ordering::SeqCst) as usize;
@@ -328,18 +345,39 @@ unsafe fn owner_trapped(site: usize) {
         }
         let _ = dsu_sys::cpu::sync_cores();
     }
-    OWNER_TRAPPED.store(site as u64, Ordering::SeqCst);
 }
 
+/// How often a held thread looks at the attempt's gate, at most and at least.
+const GATE_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
+const GATE_SLICE_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Waits until window `generation` is closed, recorded as a hold of `(pc, sp)` meanwhile.
+/// Bounded: once the attempt's bound has passed (or another thread gave the attempt up), the
+/// thread gives the attempt up, puts back every original first byte and goes on, unless the
+/// agent has committed to writing ([`crate::gate`]).
 fn hold_until_closed(generation: u32, pc: u64, sp: u64) {
     let slot = claim_slot(pc, sp);
+    let held_at = Instant::now();
     loop {
         let seen = CLOSED.load(Ordering::Acquire);
         if (seen.wrapping_sub(generation) as i32) >= 0 {
             break;
         }
-        let _ = futex::wait(&CLOSED, seen, None);
+        let slice = match gate::bound() {
+            Some(bound) => {
+                let left = bound.saturating_sub(held_at.elapsed());
+                if (gate::abandoned() || left.is_zero()) && gate::give_up(threads::gettid()) {
+                    // SAFETY: a window is open (`generation` is not closed), so its edits and
+                    // writer are published and live; the attempt is abandoned, so the agent
+                    // writes no tail or new first byte any more.
+                    unsafe { restore_first_bytes() };
+                    break;
+                }
+                left.max(GATE_SLICE_MIN).min(GATE_SLICE)
+            }
+            None => GATE_SLICE,
+        };
+        let _ = futex::wait(&CLOSED, seen, Some(slice));
     }
     if let Some(slot) = slot {
         slot.tid.store(0, Ordering::Release);

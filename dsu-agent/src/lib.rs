@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod frame_rules;
+pub mod gate;
 pub mod hold;
 pub mod inspect;
 pub mod link;

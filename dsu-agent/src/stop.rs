@@ -57,6 +57,8 @@ use std::time::Duration;
 use dsu_sys::raw::Moment as Instant;
 
 use dsu_sys::futex;
+
+use crate::gate;
 use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers};
 use dsu_sys::stack::StackMaps;
 use dsu_sys::threads;
@@ -284,14 +286,31 @@ extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc:
         // A failed wake only delays the stopper until its next timeout slice.
         let _ = futex::wake(&array.parked, 1);
     }
+    // Bounded: a thread parked longer than the attempt's bound gives the attempt up and goes
+    // on, unless the agent has committed to writing ([`crate::gate`]).
+    let parked_at = Instant::now();
     loop {
         let seen = RELEASED.load(Ordering::Acquire);
         if (seen.wrapping_sub(round) as i32) >= 0 {
             break;
         }
-        let _ = futex::wait(&RELEASED, seen, None);
+        let slice = match gate::bound() {
+            Some(bound) => {
+                let left = bound.saturating_sub(parked_at.elapsed());
+                if left.is_zero() && gate::give_up(tid) {
+                    break;
+                }
+                left.max(GATE_SLICE_MIN).min(GATE_SLICE)
+            }
+            None => GATE_SLICE,
+        };
+        let _ = futex::wait(&RELEASED, seen, Some(slice));
     }
 }
+
+/// How often a parked thread looks at the attempt's gate, at most and at least.
+const GATE_SLICE: Duration = Duration::from_millis(100);
+const GATE_SLICE_MIN: Duration = Duration::from_millis(1);
 
 /// Stops and resumes all other threads of the process. See the module documentation.
 #[derive(Debug)]

@@ -24,6 +24,7 @@ use dsu_sys::threads;
 use super::error::UpdateError;
 use super::record::{Policy, Stages};
 use crate::check::{Activity, CheckError, Checker, How, Ranges};
+use crate::gate::{Gate, GaveUp};
 use crate::hold::Window;
 use crate::stop::{StopError, StopWorld, Stopped};
 use crate::survey::{Survey, SurveyError};
@@ -77,6 +78,8 @@ pub(super) enum Blocker {
     Unproven(CheckError),
     /// A running thread blocks the stop signal, so it cannot be parked and checked.
     StopSignalBlocked { tid: i32 },
+    /// A parked or held thread waited the attempt's bound and went on before the agent wrote.
+    GaveUp(GaveUp),
 }
 
 /// How an attempt ended.
@@ -112,6 +115,7 @@ pub(super) fn all_stopped(
     stages: &mut Stages,
 ) -> Result<Outcome, UpdateError> {
     let t_stop = Instant::now();
+    let mut gate = Gate::open(job.policy.hold_bound);
     // ---- threads stopped: no allocation, no lock, no output ----
     let stopped = match stopper.stop(job.policy.park_timeout) {
         Ok(stopped) => stopped,
@@ -125,9 +129,11 @@ pub(super) fn all_stopped(
     let t_write = Instant::now();
     let outcome = if tally.any_now() || unproven.is_some() {
         Outcome::Busy(unproven.map(Blocker::Unproven))
+    } else if let Err(gave_up) = gate.commit() {
+        Outcome::Busy(Some(Blocker::GaveUp(gave_up)))
     } else {
-        // SAFETY: every other thread is parked and none is in any of `ranges` (checked just
-        // above); sites are in mapped code.
+        // SAFETY: every other thread is parked (none gave up: committed just above) and none is
+        // in any of `ranges` (checked just above); sites are in mapped code.
         match unsafe { write::apply_all(job.writer, job.edits) } {
             Ok(()) => Outcome::Done,
             Err(failure) => Outcome::WriteFailed(failure),
@@ -238,6 +244,7 @@ pub(super) fn live(
 ) -> Result<Outcome, UpdateError> {
     let t_survey = Instant::now();
     tally.begin();
+    let mut gate = Gate::open(job.policy.hold_bound);
     // ---- threads may be held at breakpoints from here: no allocation, no lock, no output ----
     let window = Window::open(job.writer, job.edits);
     // SAFETY: every site is the start of an edit in mapped code, registered with the hold
@@ -362,10 +369,14 @@ pub(super) fn live(
         remove_breakpoints(job, Outcome::AgentTrapped { site })
     } else if tally.any_now() || unproven.is_some() {
         remove_breakpoints(job, Outcome::Busy(unproven.map(Blocker::Unproven)))
+    } else if let Err(gave_up) = gate.commit() {
+        // A thread went on: the checks may no longer hold, and held threads may have put
+        // original bytes back. Nothing new was written; take the breakpoints away.
+        remove_breakpoints(job, Outcome::Busy(Some(Blocker::GaveUp(gave_up))))
     } else {
         // SAFETY: the breakpoints are in place, and no thread is inside any range: the waiting
         // ones did not run since their check, the running ones are parked and were checked,
-        // the held ones have not executed their site.
+        // the held ones have not executed their site, and none gave up (committed above).
         match unsafe { write::finish_behind_breakpoints(job.writer, job.edits) } {
             Ok(()) => Outcome::Done,
             Err(failure) => Outcome::WriteFailed(failure),

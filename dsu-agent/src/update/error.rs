@@ -50,6 +50,20 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
+        "thread {tid} ({name}) waited {bound_ms} ms for the agent, the bound on how long a \
+         thread stays parked or held, and went on before anything was written (last of \
+         {attempts} attempts in {waited_ms} ms); the agent thread was too slow to finish (an \
+         overloaded machine, or a debugger holding it): retry, or allow more (Policy::hold_bound, \
+         DSU_HOLD_BOUND_MS)"
+    )]
+    WaitBound {
+        tid: i32,
+        name: String,
+        bound_ms: u64,
+        attempts: u32,
+        waited_ms: u64,
+    },
+    #[error(
         "{function} (in {module}) is part of the dsu agent, which runs the update with it: the \
          agent's own code cannot be patched; update the agent by restarting the program"
     )]
@@ -131,6 +145,7 @@ impl UpdateError {
             UpdateError::Active { attempts, .. }
             | UpdateError::Unproven { attempts, .. }
             | UpdateError::StopSignalBlocked { attempts, .. }
+            | UpdateError::WaitBound { attempts, .. }
             | UpdateError::Unsettled { attempts, .. } => *attempts,
             _ => 0,
         }

@@ -665,6 +665,13 @@ fn refusal(
             attempts,
             waited_ms,
         },
+        Some(attempt::Blocker::GaveUp(g)) => UpdateError::WaitBound {
+            tid: g.tid,
+            name: dsu_sys::tasks::name(g.tid),
+            bound_ms: g.bound.as_millis() as u64,
+            attempts,
+            waited_ms,
+        },
         Some(attempt::Blocker::Unproven(reason)) => UpdateError::Unproven {
             reason,
             attempts,

@@ -14,6 +14,10 @@ pub struct Policy {
     pub max_backoff: Duration,
     /// How long every thread has to park once signalled.
     pub park_timeout: Duration,
+    /// How long a thread parked or held by an attempt waits for the agent before it gives the
+    /// attempt up and goes on (nothing is written then; see [`crate::gate`]). Longer than
+    /// `park_timeout`, which a parked thread may spend waiting for the others.
+    pub hold_bound: Duration,
 }
 
 impl Default for Policy {
@@ -23,6 +27,7 @@ impl Default for Policy {
             backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(100),
             park_timeout: Duration::from_secs(1),
+            hold_bound: Duration::from_secs(3),
         }
     }
 }

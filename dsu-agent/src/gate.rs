@@ -1,0 +1,165 @@
+//! The commit point of an update attempt, and the bound on how long a thread waits for it.
+//!
+//! During an attempt, threads wait on the agent: running threads parked by the stop signal
+//! ([`crate::stop`]), threads that reached a breakpoint held at it ([`crate::hold`]). If the
+//! agent could not finish (its thread stopped by a debugger, descheduled for seconds on an
+//! overloaded machine, or blocked by a bug), they would wait forever and the program would hang.
+//! So every wait is bounded by [`Policy::hold_bound`](crate::update::Policy) (3 s by default,
+//! `DSU_HOLD_BOUND_MS` for a program started with the agent preloaded).
+//!
+//! One word decides who wins, the agent or a thread that has waited too long:
+//!
+//! - the agent [opens](Gate::open) the gate before it places a breakpoint or stops a thread,
+//!   and [commits](Gate::commit) it (open -> committed) before it writes the first byte of new
+//!   code; after the commit only raw `pwrite` and `membarrier` calls remain, which take no lock,
+//!   and the waiting threads wait for them to end;
+//! - a thread that has waited `hold_bound` gives up (open -> abandoned) and goes on:
+//!   a parked thread returns from the stop handler, a held thread first puts back the original
+//!   first byte of every edit, then executes its own. The agent's commit then fails, nothing new
+//!   has been written, and the attempt ends like a busy one: its breakpoints are removed, the
+//!   other threads resume, and the update is retried until its timeout, which names the thread
+//!   that gave up ([`UpdateError::WaitBound`](crate::update::UpdateError)).
+//!
+//! A thread parked or held when no attempt is open (the benchmark's bare stops) waits as before.
+//!
+//! Everything but [`Gate::open`] runs in signal handlers or while threads are held:
+//! *async-signal-safe*, atomics only.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// `(attempt << 2) | phase` of the latest attempt.
+static GATE: AtomicU64 = AtomicU64::new(0);
+/// The last attempt number handed out.
+static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+/// The bound of the attempt open now, in nanoseconds.
+static BOUND_NS: AtomicU64 = AtomicU64::new(0);
+/// The thread that gave up the attempt open now (0: none).
+static GAVE_UP: AtomicU32 = AtomicU32::new(0);
+/// Testing only (`DSU_TEST_STALL_BEFORE_WRITE_MS`): how long the agent sleeps just before it
+/// commits, with threads parked and held, so that tests can reach the bound.
+static STALL_NS: AtomicU64 = AtomicU64::new(0);
+
+const NONE: u64 = 0;
+const OPEN: u64 = 1;
+const COMMITTED: u64 = 2;
+const ABANDONED: u64 = 3;
+
+fn phase(word: u64) -> u64 {
+    word & 3
+}
+
+/// A thread gave up waiting for the attempt, which therefore wrote nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GaveUp {
+    /// The first thread that gave up.
+    pub tid: i32,
+    pub bound: Duration,
+}
+
+/// The agent's side of one attempt. Dropping it ends the attempt (threads still waiting then
+/// wait for their release as usual).
+#[derive(Debug)]
+pub struct Gate {
+    word: u64,
+    bound: Duration,
+}
+
+impl Gate {
+    /// Opens the gate of a new attempt whose waiting threads give up after `bound`.
+    pub fn open(bound: Duration) -> Gate {
+        let attempt = ATTEMPT.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let word = attempt << 2 | OPEN;
+        GAVE_UP.store(0, Ordering::SeqCst);
+        BOUND_NS.store(
+            bound.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::SeqCst,
+        );
+        GATE.store(word, Ordering::SeqCst);
+        Gate { word, bound }
+    }
+
+    /// Commits the attempt: from now on no waiting thread gives up. Fails when one already has.
+    /// *Async-signal-safe* (runs while threads are held).
+    pub fn commit(&mut self) -> Result<(), GaveUp> {
+        let stall = STALL_NS.load(Ordering::Relaxed);
+        if stall != 0 {
+            dsu_sys::raw::nap(Duration::from_nanos(stall));
+        }
+        match GATE.compare_exchange(
+            self.word,
+            self.word - OPEN + COMMITTED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(self.gave_up().unwrap_or(GaveUp {
+                tid: 0,
+                bound: self.bound,
+            })),
+        }
+    }
+
+    /// The thread that gave up this attempt, if one did. *Async-signal-safe*.
+    pub fn gave_up(&self) -> Option<GaveUp> {
+        let now = GATE.load(Ordering::SeqCst);
+        (now == self.word - OPEN + ABANDONED).then(|| GaveUp {
+            tid: GAVE_UP.load(Ordering::SeqCst) as i32,
+            bound: self.bound,
+        })
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let attempt = self.word & !3;
+        let _ = GATE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+            (now & !3 == attempt).then_some(attempt | NONE)
+        });
+    }
+}
+
+/// How long a thread waits before it may [give up](give_up); `None` when no attempt is open.
+/// *Async-signal-safe*.
+pub(crate) fn bound() -> Option<Duration> {
+    matches!(phase(GATE.load(Ordering::SeqCst)), OPEN | ABANDONED)
+        .then(|| Duration::from_nanos(BOUND_NS.load(Ordering::SeqCst)))
+}
+
+/// Called by thread `tid` that has waited its bound: gives the open attempt up, unless the
+/// agent has committed it. Returns whether the thread may go on (the attempt is abandoned, by
+/// this thread or another). *Async-signal-safe*.
+pub(crate) fn give_up(tid: i32) -> bool {
+    let mut now = GATE.load(Ordering::SeqCst);
+    loop {
+        match phase(now) {
+            ABANDONED => return true,
+            OPEN => {}
+            _ => return false,
+        }
+        let _ = GAVE_UP.compare_exchange(0, tid as u32, Ordering::SeqCst, Ordering::SeqCst);
+        match GATE.compare_exchange(
+            now,
+            now - OPEN + ABANDONED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => return true,
+            Err(seen) => now = seen,
+        }
+    }
+}
+
+/// Whether the open attempt was given up (a thread that reaches a breakpoint then goes on at
+/// once). *Async-signal-safe*.
+pub(crate) fn abandoned() -> bool {
+    phase(GATE.load(Ordering::SeqCst)) == ABANDONED
+}
+
+/// Testing only: makes every commit sleep `stall` first (see `DSU_TEST_STALL_BEFORE_WRITE_MS`).
+pub fn set_test_stall(stall: Duration) {
+    STALL_NS.store(
+        stall.as_nanos().min(u128::from(u64::MAX)) as u64,
+        Ordering::Relaxed,
+    );
+}
