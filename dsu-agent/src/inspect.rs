@@ -108,9 +108,29 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
             Ok(Some(t)) => {
                 let module = &index.modules()[t.module];
                 let mut warnings = aliases(index, &sym.name, t.address);
+                let read = |at: usize, len: usize| code_of(module, at, len as u64);
+                let parts = prepare::split_part_names(&sym.name)
+                    .flat_map(|part| {
+                        index
+                            .definitions(&part)
+                            .iter()
+                            .filter(|p| p.module == t.module)
+                            .filter_map(|p| {
+                                Some((part.clone(), p.address, code_of(module, p.address, p.size)?))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let around = prepare::Surroundings { parts, read: &read };
                 if let Some(code) = code_of(module, t.address, t.size)
-                    && let Err(e) =
-                        prepare::plan_redirect(&sym.name, &module.name, t.address, &code, t.address)
+                    && let Err(e) = prepare::plan_redirect(
+                        &sym.name,
+                        &module.name,
+                        t.address,
+                        &code,
+                        t.address,
+                        &around,
+                    )
                 {
                     warnings.push(e.to_string());
                 }

@@ -12,7 +12,7 @@
 #![allow(unsafe_code)]
 
 use dsu_sys::x86::{self, ENDBR64, JMP_REL32_LEN};
-use iced_x86::{Decoder, DecoderOptions};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -35,6 +35,25 @@ pub enum PrepareError {
         from: usize,
         to: usize,
         bytes: String,
+    },
+    #[error(
+        "{name} cannot take an entry jump: the instruction at {from:#x} in its split-off part {part} branches to {to:#x}, inside the bytes the jump overwrites"
+    )]
+    PartBranchIntoEntry {
+        name: String,
+        part: String,
+        from: usize,
+        to: usize,
+    },
+    #[error(
+        "{name} in {module} cannot take an entry jump: the jump table at {table:#x} (used by the instruction at {from:#x}) leads to {to:#x}, inside the bytes the jump overwrites"
+    )]
+    JumpTableIntoEntry {
+        name: String,
+        module: String,
+        from: usize,
+        table: usize,
+        to: usize,
     },
     #[error("{name} in {module}: cannot decode the instruction at {at:#x} ({bytes})")]
     Undecodable {
@@ -69,13 +88,53 @@ pub struct Redirect {
     pub original: [u8; JMP_REL32_LEN],
 }
 
-/// Checks the function's code (`code` is its bytes, read from `address`) and builds its jump.
+/// What besides its own body can lead into a function's first bytes: the parts the compiler
+/// split off it (`NAME.cold`, `NAME.cold.N`: they jump back into the body), and the jump tables
+/// of both, read through `read`.
+pub struct Surroundings<'a> {
+    /// `(name, address, code)` of each split-off part.
+    pub parts: Vec<(String, usize, Vec<u8>)>,
+    /// Reads `len` bytes at an address of the function's module (a jump table); `None` when
+    /// they are not there to read.
+    pub read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+}
+
+impl Surroundings<'_> {
+    /// Nothing around the function (no split-off part, no readable table).
+    pub fn none() -> Surroundings<'static> {
+        Surroundings {
+            parts: Vec::new(),
+            read: &|_, _| None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Surroundings<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<(&str, usize)> = self.parts.iter().map(|p| (p.0.as_str(), p.1)).collect();
+        f.debug_struct("Surroundings")
+            .field("parts", &parts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The names a compiler gives the cold parts it splits off `name`.
+pub fn split_part_names(name: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(format!("{name}.cold")).chain((0..4).map(move |n| format!("{name}.cold.{n}")))
+}
+
+/// Jump-table entries read before giving up on a table (switches rarely have more cases).
+const MAX_TABLE_ENTRIES: usize = 4096;
+
+/// Checks the function's code (`code` is its bytes, read from `address`) and what surrounds
+/// it, and builds its jump.
 pub fn plan_redirect(
     name: &str,
     module: &str,
     address: usize,
     code: &[u8],
     new_address: usize,
+    around: &Surroundings<'_>,
 ) -> Result<Redirect, PrepareError> {
     let skip = if code.starts_with(&ENDBR64) {
         ENDBR64.len()
@@ -92,7 +151,19 @@ pub fn plan_redirect(
         });
     }
     let site = address + skip;
-    check_branches(name, module, address, code, site)?;
+    let mut bodies = vec![(address, address + code.len())];
+    bodies.extend(around.parts.iter().map(|(_, at, c)| (*at, at + c.len())));
+    let whole = Region {
+        name,
+        module,
+        bodies: &bodies,
+        site,
+        read: around.read,
+    };
+    whole.check(None, address, code)?;
+    for (part, at, part_code) in &around.parts {
+        whole.check(Some(part), *at, part_code)?;
+    }
     let bytes = x86::jmp_rel32(site, new_address).ok_or_else(|| PrepareError::OutOfReach {
         name: name.into(),
         site,
@@ -107,46 +178,129 @@ pub fn plan_redirect(
     })
 }
 
-/// Refuses a branch from anywhere in the function into `(site, site + 5)`.
-fn check_branches(
-    name: &str,
-    module: &str,
-    address: usize,
-    code: &[u8],
+/// A function being redirected: its bodies (its own and its split-off parts) and the site of
+/// its jump.
+struct Region<'a> {
+    name: &'a str,
+    module: &'a str,
+    bodies: &'a [(usize, usize)],
     site: usize,
-) -> Result<(), PrepareError> {
-    let hex = |b: &[u8]| {
-        b.iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut decoder = Decoder::with_ip(64, code, address as u64, DecoderOptions::NONE);
-    while decoder.can_decode() {
-        let offset = decoder.position();
-        let instr = decoder.decode();
-        let at = address + offset;
-        let bytes = &code[offset..offset + instr.len().max(1).min(code.len() - offset)];
-        if instr.is_invalid() {
-            return Err(PrepareError::Undecodable {
-                name: name.into(),
-                module: module.into(),
-                at,
-                bytes: hex(bytes),
-            });
-        }
-        let to = instr.near_branch_target() as usize;
-        if to > site && to < site + JMP_REL32_LEN {
-            return Err(PrepareError::BranchIntoEntry {
-                name: name.into(),
-                module: module.into(),
-                from: at,
-                to,
-                bytes: hex(bytes),
-            });
-        }
+    read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+}
+
+impl Region<'_> {
+    fn lands_in_jump(&self, to: usize) -> bool {
+        to > self.site && to < self.site + JMP_REL32_LEN
     }
-    Ok(())
+
+    fn in_bodies(&self, to: usize) -> bool {
+        self.bodies.iter().any(|&(lo, hi)| to >= lo && to < hi)
+    }
+
+    /// Refuses a branch from `code` (the function, or its split-off `part`) into
+    /// `(site, site + 5)`, directly or through a jump table.
+    fn check(&self, part: Option<&str>, address: usize, code: &[u8]) -> Result<(), PrepareError> {
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // Jump tables: `lea rX, [rip + table]` then `jmp rY` (position-independent: 32-bit
+        // offsets from the table), or `jmp [table + rX * 8]` (absolute addresses).
+        let mut relative_tables = Vec::new();
+        let mut absolute_tables = Vec::new();
+        let mut indirect_jump = false;
+        let mut decoder = Decoder::with_ip(64, code, address as u64, DecoderOptions::NONE);
+        while decoder.can_decode() {
+            let offset = decoder.position();
+            let instr = decoder.decode();
+            let at = address + offset;
+            let bytes = &code[offset..offset + instr.len().max(1).min(code.len() - offset)];
+            if instr.is_invalid() {
+                return Err(PrepareError::Undecodable {
+                    name: self.name.into(),
+                    module: self.module.into(),
+                    at,
+                    bytes: hex(bytes),
+                });
+            }
+            let to = instr.near_branch_target() as usize;
+            if self.lands_in_jump(to) {
+                return Err(match part {
+                    None => PrepareError::BranchIntoEntry {
+                        name: self.name.into(),
+                        module: self.module.into(),
+                        from: at,
+                        to,
+                        bytes: hex(bytes),
+                    },
+                    Some(part) => PrepareError::PartBranchIntoEntry {
+                        name: self.name.into(),
+                        part: part.into(),
+                        from: at,
+                        to,
+                    },
+                });
+            }
+            if instr.mnemonic() == Mnemonic::Lea && instr.is_ip_rel_memory_operand() {
+                relative_tables.push((at, instr.ip_rel_memory_address() as usize));
+            }
+            if instr.flow_control() == FlowControl::IndirectBranch {
+                indirect_jump = true;
+                if instr.op0_kind() == OpKind::Memory
+                    && instr.memory_base() == iced_x86::Register::None
+                    && instr.memory_index() != iced_x86::Register::None
+                    && instr.memory_index_scale() == 8
+                {
+                    absolute_tables.push((at, instr.memory_displacement64() as usize));
+                }
+            }
+        }
+        if indirect_jump {
+            for &(from, table) in &relative_tables {
+                self.check_table(from, table, 4, |entry| {
+                    let offset = i32::from_le_bytes(entry.try_into().ok()?);
+                    table.checked_add_signed(offset as isize)
+                })?;
+            }
+        }
+        for &(from, table) in &absolute_tables {
+            self.check_table(from, table, 8, |entry| {
+                Some(u64::from_le_bytes(entry.try_into().ok()?) as usize)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Follows the entries of a jump table at `table` (each `width` bytes, decoded by `target`)
+    /// while they lead into the function's bodies: where they stop doing so the table ends.
+    fn check_table(
+        &self,
+        from: usize,
+        table: usize,
+        width: usize,
+        target: impl Fn(&[u8]) -> Option<usize>,
+    ) -> Result<(), PrepareError> {
+        for i in 0..MAX_TABLE_ENTRIES {
+            let Some(entry) = (self.read)(table + i * width, width) else {
+                return Ok(());
+            };
+            let Some(to) = target(&entry).filter(|&to| self.in_bodies(to)) else {
+                return Ok(());
+            };
+            if self.lands_in_jump(to) {
+                return Err(PrepareError::JumpTableIntoEntry {
+                    name: self.name.into(),
+                    module: self.module.into(),
+                    from,
+                    table,
+                    to,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads a function's bytes from this process, after checking they are mapped readable.
@@ -170,6 +324,19 @@ pub fn read_code(
     // code mappings of loaded modules are not unmapped while the agent runs.
     let code = unsafe { std::slice::from_raw_parts(address as *const u8, size as usize) };
     Ok(code.to_vec())
+}
+
+/// `len` bytes at `address` of this process, when mapped readable (`maps` is a snapshot of the
+/// memory map; module mappings do not go away while the agent runs).
+pub fn read_bytes(maps: &[dsu_sys::maps::MapEntry], address: usize, len: usize) -> Option<Vec<u8>> {
+    let end = address.checked_add(len)?;
+    if !readable(maps, address, end) {
+        return None;
+    }
+    // SAFETY: `[address, end)` is covered by readable mappings (checked above), and the
+    // mappings of loaded modules (where jump tables live) are not unmapped while the agent runs.
+    let bytes = unsafe { std::slice::from_raw_parts(address as *const u8, len) };
+    Some(bytes.to_vec())
 }
 
 /// Whether `[start, end)` is covered by readable mappings without a gap: a text mapping split
@@ -224,7 +391,7 @@ mod tests {
     fn plain_function_gets_a_jump_at_its_entry() {
         // mov eax, 1; add eax, edi; ret
         let code = [0xb8, 1, 0, 0, 0, 0x01, 0xf8, 0xc3];
-        let r = plan_redirect("f", "m", AT, &code, AT + 0x1000).unwrap();
+        let r = plan_redirect("f", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap();
         assert_eq!(r.site, AT);
         assert_eq!(r.bytes, [0xe9, 0xfb, 0x0f, 0, 0]);
         assert_eq!(r.original, [0xb8, 1, 0, 0, 0]);
@@ -234,7 +401,7 @@ mod tests {
     fn endbr64_is_kept_and_the_jump_follows_it() {
         let mut code = ENDBR64.to_vec();
         code.extend([0xb8, 1, 0, 0, 0, 0xc3]);
-        let r = plan_redirect("f", "m", AT, &code, AT + 0x1000).unwrap();
+        let r = plan_redirect("f", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap();
         assert_eq!(r.site, AT + 4);
         assert_eq!(r.bytes[0], 0xe9);
         assert_eq!(
@@ -245,7 +412,15 @@ mod tests {
 
     #[test]
     fn too_small_functions_are_refused() {
-        let e = plan_redirect("tiny", "m", AT, &[0x31, 0xc0, 0xc3], AT + 64).unwrap_err();
+        let e = plan_redirect(
+            "tiny",
+            "m",
+            AT,
+            &[0x31, 0xc0, 0xc3],
+            AT + 64,
+            &Surroundings::none(),
+        )
+        .unwrap_err();
         assert!(matches!(
             e,
             PrepareError::TooSmall {
@@ -256,7 +431,7 @@ mod tests {
         ));
         let mut code = ENDBR64.to_vec();
         code.extend([0x31, 0xc0, 0xc3]);
-        let e = plan_redirect("tiny", "m", AT, &code, AT + 64).unwrap_err();
+        let e = plan_redirect("tiny", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         assert!(matches!(
             e,
             PrepareError::TooSmall {
@@ -271,7 +446,7 @@ mod tests {
     fn a_branch_into_the_overwritten_bytes_is_refused() {
         // 0: xor eax,eax (2) ; 2: inc eax (2) ; 4: cmp eax,5 (3) ; 7: jne 2 (2) ; 9: ret
         let code = [0x31, 0xc0, 0xff, 0xc0, 0x83, 0xf8, 0x05, 0x75, 0xf9, 0xc3];
-        let e = plan_redirect("loop", "m", AT, &code, AT + 64).unwrap_err();
+        let e = plan_redirect("loop", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         match e {
             PrepareError::BranchIntoEntry {
                 from, to, bytes, ..
@@ -288,20 +463,137 @@ mod tests {
     fn a_branch_back_to_the_entry_itself_is_fine() {
         // 0: dec edi (2); 2: nop*3; 5: jnz 0 (2); 7: ret
         let code = [0xff, 0xcf, 0x90, 0x90, 0x90, 0x75, 0xf9, 0xc3];
-        assert!(plan_redirect("loop", "m", AT, &code, AT + 64).is_ok());
+        assert!(plan_redirect("loop", "m", AT, &code, AT + 64, &Surroundings::none()).is_ok());
     }
 
     #[test]
     fn undecodable_bytes_are_refused() {
         let code = [0xb8, 1, 0, 0, 0, 0x0f, 0xff];
-        let e = plan_redirect("f", "m", AT, &code, AT + 64).unwrap_err();
+        let e = plan_redirect("f", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         assert!(matches!(e, PrepareError::Undecodable { at, .. } if at == AT + 5));
     }
 
     #[test]
     fn out_of_reach_new_code_is_refused() {
         let code = [0xb8, 1, 0, 0, 0, 0xc3];
-        let e = plan_redirect("f", "m", AT, &code, AT + (1 << 33)).unwrap_err();
+        let e =
+            plan_redirect("f", "m", AT, &code, AT + (1 << 33), &Surroundings::none()).unwrap_err();
         assert!(matches!(e, PrepareError::OutOfReach { .. }));
+    }
+
+    /// The fixture's `dsu_cold_target` (at 0x1280) and its part `.cold` (at 0x1090), which
+    /// jumps back to entry + 3.
+    const COLD_MAIN: [u8; 14] = [
+        0x48, 0x85, 0xff, 0x0f, 0x88, 0x07, 0xfe, 0xff, 0xff, 0x48, 0x8d, 0x47, 0x01, 0xc3,
+    ];
+    const COLD_PART: [u8; 11] = [
+        0x48, 0xf7, 0xdf, 0x48, 0x85, 0xff, 0xe9, 0xe8, 0x01, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn a_split_off_part_that_jumps_into_the_entry_bytes_is_refused() {
+        let around = Surroundings {
+            parts: vec![("f.cold".into(), 0x1090, COLD_PART.to_vec())],
+            read: &|_, _| None,
+        };
+        let e = plan_redirect("f", "m", 0x1280, &COLD_MAIN, 0x9000, &around).unwrap_err();
+        assert_eq!(
+            e,
+            PrepareError::PartBranchIntoEntry {
+                name: "f".into(),
+                part: "f.cold".into(),
+                from: 0x1096,
+                to: 0x1283,
+            }
+        );
+        // Without the part in view, the body alone is fine.
+        assert!(plan_redirect("f", "m", 0x1280, &COLD_MAIN, 0x9000, &Surroundings::none()).is_ok());
+    }
+
+    /// The fixture's `dsu_table_target` at 0x1290, with its table at 0x2004.
+    const TABLE_MAIN: [u8; 28] = [
+        0x31, 0xc0, 0x48, 0x01, 0xf8, 0x48, 0x83, 0xf8, 0x03, 0x77, 0x10, 0x48, 0x8d, 0x15, 0x62,
+        0x0d, 0x00, 0x00, 0x48, 0x63, 0x0c, 0x82, 0x48, 0x01, 0xd1, 0xff, 0xe1, 0xc3,
+    ];
+
+    fn table(entries: &[i32]) -> Vec<u8> {
+        entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+    }
+
+    fn read_from(at: usize, data: Vec<u8>) -> impl Fn(usize, usize) -> Option<Vec<u8>> {
+        move |a, len| {
+            let from = a.checked_sub(at)?;
+            data.get(from..from + len).map(<[u8]>::to_vec)
+        }
+    }
+
+    #[test]
+    fn a_jump_table_entry_into_the_entry_bytes_is_refused() {
+        let ret = 0x12ab - 0x2004;
+        let read = read_from(
+            0x2004,
+            table(&[ret, ret, ret, 0x1292 - 0x2004, 0x7fff_0000]),
+        );
+        let around = Surroundings {
+            parts: vec![],
+            read: &read,
+        };
+        let e = plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
+        assert_eq!(
+            e,
+            PrepareError::JumpTableIntoEntry {
+                name: "f".into(),
+                module: "m".into(),
+                from: 0x129b,
+                table: 0x2004,
+                to: 0x1292,
+            }
+        );
+    }
+
+    #[test]
+    fn a_jump_table_ends_where_its_entries_leave_the_function() {
+        let ret = 0x12ab - 0x2004;
+        // Past the first entry that leads outside, words are not the table's: not followed.
+        let read = read_from(0x2004, table(&[ret, ret, 0x7000, 0x1292 - 0x2004]));
+        let around = Surroundings {
+            parts: vec![],
+            read: &read,
+        };
+        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        // An entry to the entry itself (not inside the jump) is fine too.
+        let read = read_from(0x2004, table(&[ret, 0x1290 - 0x2004, 0x7000]));
+        let around = Surroundings {
+            parts: vec![],
+            read: &read,
+        };
+        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+    }
+
+    #[test]
+    fn an_absolute_jump_table_entry_into_the_entry_bytes_is_refused() {
+        // jmp [rax * 8 + 0x402000]; ret
+        let code = [0xff, 0x24, 0xc5, 0x00, 0x20, 0x40, 0x00, 0xc3];
+        let entries: Vec<u8> = [0x401007u64, 0x401002]
+            .iter()
+            .flat_map(|e| e.to_le_bytes())
+            .collect();
+        let read = read_from(0x402000, entries);
+        let around = Surroundings {
+            parts: vec![],
+            read: &read,
+        };
+        let e = plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PrepareError::JumpTableIntoEntry {
+                    table: 0x402000,
+                    to: 0x401002,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 }

@@ -166,9 +166,15 @@ impl Engine {
             let modules = Checker::for_loaded_modules();
             in_place.retain(|&i| plan::unwinds_in_place(&resolved, i, modules.tables()));
         }
+        let resolved_targets = resolved.targets().to_vec();
         let linked = resolved.link(&self.writer, &in_place, &maps)?;
         let linked_at = Instant::now();
-        let mut functions = plan::plan_functions(&linked, &pristine, &current)?;
+        let read = |at: usize, len: usize| prepare::read_bytes(&maps, at, len);
+        let around: Vec<prepare::Surroundings> = resolved_targets
+            .iter()
+            .map(|t| plan::surroundings(t, &index, &maps, &read))
+            .collect();
+        let mut functions = plan::plan_functions(&linked, &pristine, &current, &around)?;
         self.plan_call_sites(&mut functions, &index, &maps);
 
         let edits: Vec<CodeEdit> = functions.iter().flat_map(|f| f.edits.clone()).collect();

@@ -14,7 +14,7 @@ use crate::callsites::{CallIndex, CallSite};
 use crate::frame_rules;
 use crate::link::{LinkedPatch, Resolved};
 use crate::prepare;
-use crate::resolve::SymbolIndex;
+use crate::resolve::{SymbolIndex, Target};
 use crate::unwind::CfiTables;
 use crate::write::CodeEdit;
 
@@ -79,12 +79,38 @@ pub(super) fn unwinds_in_place(resolved: &Resolved, i: usize, tables: &CfiTables
     frame_rules::in_place_keeps_unwinding(old.as_ref(), new.as_ref(), code.len() as u64)
 }
 
+/// What surrounds target `t` in the process: the parts split off it in its module, read now,
+/// and `read` for its jump tables.
+pub(super) fn surroundings<'a>(
+    t: &Target,
+    index: &SymbolIndex,
+    maps: &[dsu_sys::maps::MapEntry],
+    read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+) -> prepare::Surroundings<'a> {
+    let parts = prepare::split_part_names(&t.name)
+        .flat_map(|part| {
+            index
+                .definitions(&part)
+                .iter()
+                .filter(|p| index.module_name(p.module) == t.module)
+                .filter_map(|p| {
+                    let code =
+                        prepare::read_code(&part, &t.module, p.address, p.size, maps).ok()?;
+                    Some((part.clone(), p.address, code))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    prepare::Surroundings { parts, read }
+}
+
 /// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
 /// `i`'s old code before any patch and now.
 pub(super) fn plan_functions(
     linked: &LinkedPatch,
     pristine: &[Vec<u8>],
     current: &[Vec<u8>],
+    around: &[prepare::Surroundings<'_>],
 ) -> Result<Vec<AppliedFunction>, UpdateError> {
     let mut out = Vec::with_capacity(linked.targets.len());
     for (i, t) in linked.targets.iter().enumerate() {
@@ -107,6 +133,7 @@ pub(super) fn plan_functions(
                     tg.address,
                     &pristine[i],
                     t.new_address,
+                    &around[i],
                 )?;
                 let at = r.site - tg.address;
                 let edit = CodeEdit {
