@@ -32,8 +32,14 @@ use std::time::Duration;
 static GATE: AtomicU64 = AtomicU64::new(0);
 /// The last attempt number handed out.
 static ATTEMPT: AtomicU64 = AtomicU64::new(0);
-/// The bound of the attempt open now, in nanoseconds.
-static BOUND_NS: AtomicU64 = AtomicU64::new(0);
+/// The bound of the attempt open now, in waits of [`SLICE`].
+static BOUND_SLICES: AtomicU32 = AtomicU32::new(0);
+
+/// How long one wait of a parked or held thread lasts before it looks at the gate again. The
+/// bound is counted in whole waits that timed out, not read from a clock: the handlers may run
+/// on a small alternate signal stack, nested (a held thread can be parked), and a clock read
+/// costs stack in a debug build.
+pub(crate) const SLICE: Duration = Duration::from_millis(50);
 /// The thread that gave up the attempt open now (0: none).
 static GAVE_UP: AtomicU32 = AtomicU32::new(0);
 /// Testing only (`DSU_TEST_STALL_BEFORE_WRITE_MS`): how long the agent sleeps just before it
@@ -71,10 +77,11 @@ impl Gate {
         let attempt = ATTEMPT.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         let word = attempt << 2 | OPEN;
         GAVE_UP.store(0, Ordering::SeqCst);
-        BOUND_NS.store(
-            bound.as_nanos().min(u128::from(u64::MAX)) as u64,
-            Ordering::SeqCst,
-        );
+        let slices = bound
+            .as_nanos()
+            .div_ceil(SLICE.as_nanos())
+            .clamp(1, u128::from(u32::MAX));
+        BOUND_SLICES.store(slices as u32, Ordering::SeqCst);
         GATE.store(word, Ordering::SeqCst);
         Gate { word, bound }
     }
@@ -119,11 +126,11 @@ impl Drop for Gate {
     }
 }
 
-/// How long a thread waits before it may [give up](give_up); `None` when no attempt is open.
-/// *Async-signal-safe*.
-pub(crate) fn bound() -> Option<Duration> {
+/// How many timed-out waits of [`SLICE`] a thread waits before it may [give up](give_up);
+/// `None` when no attempt is open. *Async-signal-safe*.
+pub(crate) fn bound_slices() -> Option<u32> {
     matches!(phase(GATE.load(Ordering::SeqCst)), OPEN | ABANDONED)
-        .then(|| Duration::from_nanos(BOUND_NS.load(Ordering::SeqCst)))
+        .then(|| BOUND_SLICES.load(Ordering::SeqCst))
 }
 
 /// Called by thread `tid` that has waited its bound: gives the open attempt up, unless the

@@ -50,9 +50,6 @@ use dsu_sys::threads;
 use crate::gate;
 use crate::write::CodeEdit;
 
-// Raw clock reads: the C library's `clock_gettime` may be the code being patched.
-use dsu_sys::raw::Moment as Instant;
-
 /// `int3`.
 pub const BREAKPOINT: u8 = 0xcc;
 /// Held threads recorded at once; more are still held, but checked as if active.
@@ -107,10 +104,13 @@ pub fn install(stop_signal: i32) -> Result<(), HoldError> {
     if *done {
         return Ok(());
     }
+    // On the thread's own stack: a held thread waits in the handler and may be parked there
+    // by the stop signal, whose handler runs on the alternate stack; both nested frames did not
+    // fit in a small alternate stack (a stack overflow, seen in debug builds).
     // SAFETY: `on_trap` is async-signal-safe (module documentation) and passes every trap
     // that is not ours to the previous action, saved first.
     let previous = unsafe {
-        signal::install(
+        signal::install_on_thread_stack(
             libc::SIGTRAP,
             on_trap,
             BlockDuring::EverythingBut(stop_signal),
@@ -347,37 +347,31 @@ unsafe fn restore_first_bytes() {
     }
 }
 
-/// How often a held thread looks at the attempt's gate, at most and at least.
-const GATE_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
-const GATE_SLICE_MIN: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Waits until window `generation` is closed, recorded as a hold of `(pc, sp)` meanwhile.
 /// Bounded: once the attempt's bound has passed (or another thread gave the attempt up), the
 /// thread gives the attempt up, puts back every original first byte and goes on, unless the
 /// agent has committed to writing ([`crate::gate`]).
 fn hold_until_closed(generation: u32, pc: u64, sp: u64) {
     let slot = claim_slot(pc, sp);
-    let held_at = Instant::now();
+    let mut left = gate::bound_slices();
     loop {
         let seen = CLOSED.load(Ordering::Acquire);
         if (seen.wrapping_sub(generation) as i32) >= 0 {
             break;
         }
-        let slice = match gate::bound() {
-            Some(bound) => {
-                let left = bound.saturating_sub(held_at.elapsed());
-                if (gate::abandoned() || left.is_zero()) && gate::give_up(threads::gettid()) {
-                    // SAFETY: a window is open (`generation` is not closed), so its edits and
-                    // writer are published and live; the attempt is abandoned, so the agent
-                    // writes no tail or new first byte any more.
-                    unsafe { restore_first_bytes() };
-                    break;
-                }
-                left.max(GATE_SLICE_MIN).min(GATE_SLICE)
-            }
-            None => GATE_SLICE,
+        if (gate::abandoned() || left == Some(0)) && gate::give_up(threads::gettid()) {
+            // SAFETY: a window is open (`generation` is not closed), so its edits and writer
+            // are published and live; the attempt is abandoned, so the agent writes no tail or
+            // new first byte any more.
+            unsafe { restore_first_bytes() };
+            break;
+        }
+        let woke = futex::wait(&CLOSED, seen, Some(gate::SLICE));
+        left = match (left, woke) {
+            (Some(n), Ok(futex::Wake::TimedOut)) => Some(n.saturating_sub(1)),
+            (Some(n), _) => Some(n),
+            (None, _) => gate::bound_slices(),
         };
-        let _ = futex::wait(&CLOSED, seen, Some(slice));
     }
     if let Some(slot) = slot {
         slot.tid.store(0, Ordering::Release);

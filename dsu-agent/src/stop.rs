@@ -288,29 +288,23 @@ extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc:
     }
     // Bounded: a thread parked longer than the attempt's bound gives the attempt up and goes
     // on, unless the agent has committed to writing ([`crate::gate`]).
-    let parked_at = Instant::now();
+    let mut left = gate::bound_slices();
     loop {
         let seen = RELEASED.load(Ordering::Acquire);
         if (seen.wrapping_sub(round) as i32) >= 0 {
             break;
         }
-        let slice = match gate::bound() {
-            Some(bound) => {
-                let left = bound.saturating_sub(parked_at.elapsed());
-                if left.is_zero() && gate::give_up(tid) {
-                    break;
-                }
-                left.max(GATE_SLICE_MIN).min(GATE_SLICE)
-            }
-            None => GATE_SLICE,
+        if left == Some(0) && gate::give_up(tid) {
+            break;
+        }
+        let woke = futex::wait(&RELEASED, seen, Some(gate::SLICE));
+        left = match (left, woke) {
+            (Some(n), Ok(futex::Wake::TimedOut)) => Some(n.saturating_sub(1)),
+            (Some(n), _) => Some(n),
+            (None, _) => gate::bound_slices(),
         };
-        let _ = futex::wait(&RELEASED, seen, Some(slice));
     }
 }
-
-/// How often a parked thread looks at the attempt's gate, at most and at least.
-const GATE_SLICE: Duration = Duration::from_millis(100);
-const GATE_SLICE_MIN: Duration = Duration::from_millis(1);
 
 /// Stops and resumes all other threads of the process. See the module documentation.
 #[derive(Debug)]

@@ -119,13 +119,41 @@ pub unsafe fn install(
     handler: RawHandler,
     block: BlockDuring,
 ) -> io::Result<SavedAction> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { install_with(sig, handler, block, libc::SA_ONSTACK) }
+}
+
+/// As [`install`], but the handler runs on the thread's own stack even where the thread has an
+/// alternate signal stack (`SA_SIGINFO | SA_RESTART`). For a handler that waits and inside which
+/// another handler may run: two nested signal frames with their saved vector state do not fit
+/// on a small alternate stack.
+///
+/// # Safety
+/// As [`install`].
+pub unsafe fn install_on_thread_stack(
+    sig: i32,
+    handler: RawHandler,
+    block: BlockDuring,
+) -> io::Result<SavedAction> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { install_with(sig, handler, block, 0) }
+}
+
+/// # Safety
+/// As [`install`].
+unsafe fn install_with(
+    sig: i32,
+    handler: RawHandler,
+    block: BlockDuring,
+    extra_flags: libc::c_int,
+) -> io::Result<SavedAction> {
     let mut act = MaybeUninit::<libc::sigaction>::zeroed();
     let act_ptr = act.as_mut_ptr();
     // SAFETY: `act_ptr` points to a zeroed, live sigaction; the fields written are plain data
     // and `sa_mask` is a valid sigset_t for sigemptyset/sigfillset.
     unsafe {
         (*act_ptr).sa_sigaction = handler as usize;
-        (*act_ptr).sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+        (*act_ptr).sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | extra_flags;
         match block {
             BlockDuring::Nothing => libc::sigemptyset(&mut (*act_ptr).sa_mask),
             BlockDuring::Everything => libc::sigfillset(&mut (*act_ptr).sa_mask),
