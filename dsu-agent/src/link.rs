@@ -235,13 +235,39 @@ impl Resolved {
         in_place: &[usize],
         maps: &[dsu_sys::maps::MapEntry],
     ) -> Result<LinkedPatch, LinkError> {
+        let layout = self.layout(dsu_sys::mem::page_size())?;
+        let (anchor, reach) = place::window(&self.near_points(), layout.size)?;
+        let mapping = place::map_image(&layout, anchor, reach, maps)?;
+        let relocated = self.relocate(layout, mapping.addr(), in_place)?;
+        place::publish(&mapping, &relocated.layout, &relocated.image, writer)?;
         let Resolved {
+            patch, resolution, ..
+        } = self;
+        Ok(finish(
             patch,
             resolution,
-            plan,
-        } = self;
-        let page = dsu_sys::mem::page_size();
-        let layout = place::layout(&patch, plan.got_slots, plan.stubs.len(), page);
+            mapping,
+            relocated.layout,
+            &relocated.addresses,
+            relocated.moved,
+        ))
+    }
+
+    /// Addresses every byte of the image must reach with a rel32: the replaced functions and
+    /// the process symbols the patch reaches pc-relatively (input of [`place::window`]).
+    pub fn near_points(&self) -> Vec<usize> {
+        self.plan.near_points(&self.resolution)
+    }
+
+    /// Where every part of the image goes for pages of `page` bytes (see [`place`]); refused
+    /// when the image would be too large. Pure.
+    pub fn layout(&self, page: usize) -> Result<Layout, LinkError> {
+        let layout = place::layout(
+            &self.patch,
+            self.plan.got_slots,
+            self.plan.stubs.len(),
+            page,
+        );
         // Sections and commons are capped at load; alignment padding and the GOT add little.
         if layout.size as u64 > 2 * load::MAX_IMAGE_BYTES {
             return Err(LoadError::TooLarge {
@@ -250,10 +276,24 @@ impl Resolved {
             }
             .into());
         }
-        let (anchor, reach) = place::window(&plan.near_points(&resolution), layout.size)?;
-        let mapping = place::map_image(&layout, anchor, reach, maps)?;
-        let base = mapping.addr();
+        Ok(layout)
+    }
 
+    /// Builds the image of `layout` (from [`Resolved::layout`]) relocated for an image at
+    /// `base`, with the targets listed in `in_place` (indices into [`Resolved::targets`])
+    /// relocated for their old function's address instead. Pure: it maps and writes nothing
+    /// but the returned buffer, so it can run for any address (tests, fuzzing, `inspect`).
+    pub fn relocate(
+        &self,
+        layout: Layout,
+        base: usize,
+        in_place: &[usize],
+    ) -> Result<RelocatedImage, RelocError> {
+        let Resolved {
+            patch,
+            resolution,
+            plan,
+        } = self;
         // Section address at run time: in the image, or over the old function when in place.
         let mut sections: HashMap<usize, usize> = layout
             .sections
@@ -266,7 +306,7 @@ impl Resolved {
                 sections.insert(section, t.address);
             }
         }
-        let addresses = symbol_addresses(&patch, &resolution, &layout, base, &sections);
+        let addresses = symbol_addresses(patch, resolution, &layout, base, &sections);
         let mut image = vec![0u8; layout.size];
         for s in &patch.sections {
             if s.kind != SectionKind::Bss {
@@ -274,16 +314,9 @@ impl Resolved {
                 image[at..at + s.data.len()].copy_from_slice(&s.data);
             }
         }
-        plan.write_got_and_stubs(&mut image, &layout, base, &addresses, &resolution);
+        plan.write_got_and_stubs(&mut image, &layout, base, &addresses, resolution);
         relocate_all(
-            &patch,
-            &plan,
-            &resolution,
-            &layout,
-            base,
-            &sections,
-            &addresses,
-            &mut image,
+            patch, plan, resolution, &layout, base, &sections, &addresses, &mut image,
         )?;
         // In-place code leaves the image; its slot there is filled with traps.
         let mut moved = HashMap::new();
@@ -296,12 +329,32 @@ impl Resolved {
                 image[at..at + len].fill(0xcc);
             }
         }
-        place::publish(&mapping, &layout, &image, writer)?;
-
-        Ok(finish(
-            patch, resolution, mapping, layout, &addresses, moved,
-        ))
+        Ok(RelocatedImage {
+            layout,
+            base,
+            image,
+            addresses,
+            moved,
+        })
     }
+}
+
+/// A patch image relocated for one address, not mapped anywhere: what [`Resolved::link`]
+/// publishes into its mapping.
+#[derive(Debug, Clone)]
+pub struct RelocatedImage {
+    pub layout: Layout,
+    /// The address the image is relocated for.
+    pub base: usize,
+    /// `layout.size` bytes: sections, stubs and GOT, relocated; in-place code replaced by
+    /// `int3`.
+    pub image: Vec<u8>,
+    /// Run-time address of every patch symbol, by symbol index (`None` for symbols in
+    /// sections that are not loaded).
+    pub addresses: Vec<Option<usize>>,
+    /// In-place target (index into [`Resolved::targets`]) -> its code relocated for the old
+    /// function's address.
+    pub moved: HashMap<usize, Vec<u8>>,
 }
 
 /// What a GOT entry holds.

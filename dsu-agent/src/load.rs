@@ -34,6 +34,10 @@ pub enum LoadError {
         "section {section} defines thread-local storage; a patch cannot add thread-local variables"
     )]
     ThreadLocalSection { section: String },
+    #[error(
+        "relocation section {section} relocates {target}, a zeroed section (SHT_NOBITS) that has no bytes to relocate"
+    )]
+    RelocatesZeroed { section: String, target: String },
     #[error("section {section} uses REL relocations; x86_64 objects use RELA")]
     RelRelocations { section: String },
     #[error("the object has no symbol table")]
@@ -338,6 +342,9 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
         let Some((relas, _)) = shdr.rela(endian, data).map_err(malformed)? else {
             continue;
         };
+        // A zeroed section's bytes are the kernel's zero pages: a value relocated there would
+        // be silently lost.
+        let zeroed = target_section.sh_type(endian) == elf::SHT_NOBITS;
         for rela in relas {
             let symbol = rela.r_sym(endian, false) as usize;
             if symbol >= symbols.len() {
@@ -347,6 +354,12 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
             }
             if rela.r_type(endian, false).0 == elf::R_X86_64_NONE.0 {
                 continue;
+            }
+            if zeroed {
+                return Err(LoadError::RelocatesZeroed {
+                    section: name,
+                    target: target_name,
+                });
             }
             relocations.push(Relocation {
                 section: target,

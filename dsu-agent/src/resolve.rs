@@ -136,6 +136,23 @@ impl SymbolIndex {
         Ok(())
     }
 
+    /// Adds a module whose symbols the caller already knows, instead of reading them from
+    /// its file: an index of another process or a saved build, or a synthetic process in tests
+    /// and fuzz targets. Each symbol's [`ProcessSymbol::module`] is set to the new module,
+    /// whose index is returned. Names that are not UTF-8 are skipped, as when reading a file.
+    pub fn add_symbols<'a>(
+        &mut self,
+        info: ModuleInfo,
+        symbols: impl IntoIterator<Item = (&'a [u8], ProcessSymbol)>,
+    ) -> usize {
+        let module = self.modules.len();
+        for (name, sym) in symbols {
+            self.insert(name, ProcessSymbol { module, ..sym });
+        }
+        self.modules.push(info);
+        module
+    }
+
     fn insert(&mut self, name: &[u8], symbol: ProcessSymbol) {
         let Ok(name) = std::str::from_utf8(name) else {
             return;
