@@ -424,16 +424,14 @@ fn thousands_of_updates_under_load_change_nothing_else() {
         after.rss_kib
     );
 
-    // KNOWN BUG, left failing on purpose (see docs/reliability.md, "Soak"): a child forked
-    // while an update's breakpoint window is open inherits the `int3` on the first byte of an
-    // edit and the window's "open" state, but not the agent thread that would close it; when
-    // it calls the patched function it waits in the agent's SIGTRAP handler for ever
-    // (`hold_until_closed`, futex wait on `CLOSED`). About one update in twenty here.
+    // A child forked while an update's breakpoint window is open inherits the `int3` on the
+    // first byte of an edit and the window's "open" state, but not the agent thread that
+    // closes it: the agent puts the original bytes back in the child (`pthread_atfork`).
+    // Before that, about one update in twenty left a child waiting in the SIGTRAP handler.
     assert!(
         hung.starts_with("hung 0 "),
-        "KNOWN BUG (fork during an update's breakpoint window): forked children that never \
-         exited: {hung:?}; each waits in the agent's SIGTRAP handler for a window only its \
-         parent could close; log:\n{}",
+        "forked children that never exited (fork during an update's breakpoint window): \
+         {hung:?}; log:\n{}",
         log_tail(&fx, 20)
     );
 }

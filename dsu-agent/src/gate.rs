@@ -163,6 +163,12 @@ pub(crate) fn abandoned() -> bool {
     phase(GATE.load(Ordering::SeqCst)) == ABANDONED
 }
 
+/// In a forked child: no agent thread will commit or end the attempt copied from the parent.
+/// *Async-signal-safe*.
+pub(crate) fn forget_in_child() {
+    GATE.store(NONE, Ordering::SeqCst);
+}
+
 /// Testing only: makes every commit sleep `stall` first (see `DSU_TEST_STALL_BEFORE_WRITE_MS`).
 pub fn set_test_stall(stall: Duration) {
     STALL_NS.store(

@@ -118,8 +118,79 @@ pub fn install(stop_signal: i32) -> Result<(), HoldError> {
     }
     .map_err(HoldError::Install)?;
     let _ = PREVIOUS.set(previous);
+    AGENT_PID.store(threads::getpid() as u32, Ordering::SeqCst);
+    // SAFETY: `restore_in_child` is async-signal-safe (raw system calls and atomics only), as a
+    // handler run in a child of a multi-threaded process must be.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(restore_in_child)) };
+    if rc != 0 {
+        return Err(HoldError::Install(io::Error::from_raw_os_error(rc)));
+    }
     *done = true;
     Ok(())
+}
+
+/// The process the agent runs in. A forked child has a copy of the open window (its
+/// breakpoints, maybe half-written new code) but no agent thread to finish it, and a copy of
+/// the code writer's descriptor, which still writes into the parent.
+static AGENT_PID: AtomicU32 = AtomicU32::new(0);
+
+/// In a child forked while a window was open: puts back the whole original bytes of every edit,
+/// through the child's own `/proc/self/mem`, and closes the window, so the child runs the old
+/// code throughout. Runs from `pthread_atfork` (and from the trap handler for a child made
+/// without it). *Async-signal-safe*: raw system calls and atomics only.
+extern "C" fn restore_in_child() {
+    if STATE.load(Ordering::SeqCst) & 1 == 0 {
+        return;
+    }
+    let edits = EDITS.load(Ordering::SeqCst);
+    let len = EDITS_LEN.load(Ordering::SeqCst) as usize;
+    if !edits.is_null() && len > 0 {
+        // SAFETY: published by `Window::open` from a live slice; the child's copy of the parent's
+        // memory holds it unchanged (the agent thread that owned it does not exist here).
+        let edits = unsafe { std::slice::from_raw_parts(edits, len) };
+        let path = c"/proc/self/mem";
+        // SAFETY: a NUL-terminated path; openat only reads it.
+        let fd = unsafe {
+            dsu_sys::raw::call(
+                libc::SYS_openat,
+                &[
+                    libc::AT_FDCWD as usize,
+                    path.as_ptr() as usize,
+                    (libc::O_RDWR | libc::O_CLOEXEC) as usize,
+                ],
+            )
+        };
+        if let Ok(fd) = fd {
+            for edit in edits {
+                // SAFETY: `edit.original` is a live buffer of its length; pwrite64 only reads it.
+                let _ = unsafe {
+                    dsu_sys::raw::call(
+                        libc::SYS_pwrite64,
+                        &[
+                            fd,
+                            edit.original.as_ptr() as usize,
+                            edit.original.len(),
+                            edit.site,
+                        ],
+                    )
+                };
+            }
+            // SAFETY: closes the descriptor opened above.
+            let _ = unsafe { dsu_sys::raw::call(libc::SYS_close, &[fd]) };
+        }
+    }
+    let generation = (STATE.load(Ordering::SeqCst) >> 1) as u32;
+    STATE.store(u64::from(generation) << 1, Ordering::SeqCst);
+    CLOSED.store(generation, Ordering::SeqCst);
+    EDITS_LEN.store(0, Ordering::SeqCst);
+    OWNER.store(0, Ordering::SeqCst);
+    gate::forget_in_child();
+}
+
+/// Whether this is a child forked from the agent's process.
+fn in_child() -> bool {
+    let agent = AGENT_PID.load(Ordering::SeqCst);
+    agent != 0 && agent != threads::getpid() as u32
 }
 
 /// Whether our handler is the one installed now (a program may replace it; then no window may
@@ -274,6 +345,11 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     let site = pc.wrapping_sub(1) as usize;
     if code != SI_KERNEL || !known_site(site) {
         return chain(sig, info, uc.cast());
+    }
+    if in_child() {
+        // Forked without the fork handlers (a raw `clone`): restore here, never through the
+        // parent's writer.
+        restore_in_child();
     }
     if STATE.load(Ordering::SeqCst) & 1 == 1
         && OWNER.load(Ordering::SeqCst) == threads::gettid() as u32
