@@ -14,6 +14,11 @@ pub struct Policy {
     pub max_backoff: Duration,
     /// How long every thread has to park once signalled.
     pub park_timeout: Duration,
+    /// Update a program that switches stacks (imports `makecontext`/`swapcontext`, or has
+    /// boost.context) although it has declared none ([`crate::stacks`]). Off by default: a
+    /// coroutine suspended in a replaced function would crash when it resumes. Turn it on only
+    /// when no coroutine runs the functions patched.
+    pub allow_undeclared_stacks: bool,
 }
 
 impl Default for Policy {
@@ -23,6 +28,7 @@ impl Default for Policy {
             backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(100),
             park_timeout: Duration::from_secs(1),
+            allow_undeclared_stacks: false,
         }
     }
 }
