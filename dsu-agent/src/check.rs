@@ -39,6 +39,8 @@ pub struct Ranges {
     items: Vec<(usize, usize, usize)>,
     /// `max_end[i]`: the largest end among `items[..=i]` (ranges may overlap).
     max_end: Vec<usize>,
+    /// `[lowest start, highest end)`: most words a scan reads lie outside, rejected at once.
+    span: (usize, usize),
 }
 
 impl Ranges {
@@ -59,6 +61,7 @@ impl Ranges {
             m = m.max(e);
             self.max_end.push(m);
         }
+        self.span = (self.items[0].0, m);
     }
 
     pub fn len(&self) -> usize {
@@ -76,6 +79,9 @@ impl Ranges {
 
     /// The target of a range containing `addr`.
     pub fn find(&self, addr: usize) -> Option<usize> {
+        if addr < self.span.0 || addr >= self.span.1 {
+            return None;
+        }
         let mut i = self.items.partition_point(|&(s, _, _)| s <= addr);
         while i > 0 && self.max_end[i - 1] > addr {
             i -= 1;
