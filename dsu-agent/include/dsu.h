@@ -7,6 +7,8 @@
 #ifndef DSU_H
 #define DSU_H
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -19,6 +21,21 @@ extern "C" {
  * bad DSU_SIGNAL or DSU_STOP_SIGNAL; -ECHILD: called in a fork()ed child of a process with an
  * agent). Idempotent. */
 int dsu_install(void);
+
+/* Stacks no thread runs on. A program that switches stacks (makecontext/swapcontext,
+ * boost.context, its own coroutines) declares each stack it creates, so that an update never
+ * replaces a function a suspended coroutine will return into: every update scans the declared
+ * stacks and waits (then refuses) while one holds a return address into a function being
+ * replaced. A program that switches stacks and has never declared one is refused updates.
+ * Both functions are cheap and thread-safe; do not call them from a signal handler.
+ *
+ * dsu_stack_declare: declares [lo, lo + len). Returns 0, or -EINVAL (lo is NULL or len is 0),
+ * -EOVERFLOW (the range wraps around), -EEXIST (it overlaps a declared stack), -ENOSPC (16384
+ * stacks are declared already).
+ * dsu_stack_forget: forgets the declared stack that starts at lo; call it before the stack is
+ * freed. Returns 0, or -ENOENT (no declared stack starts at lo). */
+int dsu_stack_declare(void *lo, size_t len);
+int dsu_stack_forget(void *lo);
 
 #ifdef __cplusplus
 }

@@ -36,3 +36,24 @@ extern "C" fn preload_constructor() {
 #[used]
 #[unsafe(link_section = ".init_array")]
 static PRELOAD_CONSTRUCTOR: extern "C" fn() = preload_constructor;
+
+/// Declares the stack `[lo, lo + len)` (a coroutine's) so every update checks it. Returns 0,
+/// or `-EINVAL` (`lo` null or `len` 0), `-EOVERFLOW` (the range wraps), `-EEXIST` (it
+/// overlaps a declared stack), `-ENOSPC` (the table is full). See [`crate::stacks::declare`].
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_stack_declare(lo: *mut std::ffi::c_void, len: usize) -> c_int {
+    match crate::stacks::declare(lo as usize, len) {
+        Ok(_) => 0,
+        Err(e) => e.errno(),
+    }
+}
+
+/// Forgets the declared stack starting at `lo`. Returns 0, or `-ENOENT` when no declared
+/// stack starts there. See [`crate::stacks::forget`].
+#[unsafe(no_mangle)]
+pub extern "C" fn dsu_stack_forget(lo: *mut std::ffi::c_void) -> c_int {
+    match crate::stacks::forget(lo as usize) {
+        Ok(_) => 0,
+        Err(e) => e.errno(),
+    }
+}

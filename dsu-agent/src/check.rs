@@ -27,6 +27,7 @@ use dsu_sys::signal::Registers;
 use dsu_sys::stack::StackMaps;
 
 use crate::hold::Holds;
+use crate::stacks::{self, DeclaredStack};
 use crate::stop::{ParkedThread, StackBounds, Stopped, stack_bounds};
 use crate::unwind::{CfiTables, FrameKind, StackCopy, StackMemory, Unwinder, WalkEnd};
 
@@ -38,6 +39,8 @@ pub struct Ranges {
     items: Vec<(usize, usize, usize)>,
     /// `max_end[i]`: the largest end among `items[..=i]` (ranges may overlap).
     max_end: Vec<usize>,
+    /// `[lowest start, highest end)`: most words a scan reads lie outside, rejected at once.
+    span: (usize, usize),
 }
 
 impl Ranges {
@@ -58,6 +61,7 @@ impl Ranges {
             m = m.max(e);
             self.max_end.push(m);
         }
+        self.span = (self.items[0].0, m);
     }
 
     pub fn len(&self) -> usize {
@@ -75,6 +79,9 @@ impl Ranges {
 
     /// The target of a range containing `addr`.
     pub fn find(&self, addr: usize) -> Option<usize> {
+        if addr < self.span.0 || addr >= self.span.1 {
+            return None;
+        }
         let mut i = self.items.partition_point(|&(s, _, _)| s <= addr);
         while i > 0 && self.max_end[i - 1] > addr {
             i -= 1;
@@ -115,6 +122,9 @@ pub enum How {
     Interrupted { depth: usize },
     /// A word of the stack at address `at`, found by the conservative scan.
     StackScan { at: usize },
+    /// A word at address `at` of a declared stack no thread runs on (a suspended
+    /// coroutine's; see [`crate::stacks`]), found by the conservative scan.
+    DeclaredStack { stack: DeclaredStack, at: usize },
 }
 
 impl std::fmt::Display for How {
@@ -126,15 +136,21 @@ impl std::fmt::Display for How {
                 write!(f, "interrupted in it by a signal ({depth} frames up)")
             }
             How::StackScan { at } => write!(f, "a return address into it on the stack at {at:#x}"),
+            How::DeclaredStack { stack, at } => write!(
+                f,
+                "a return address into it at {at:#x} on the {stack}: \
+                 a suspended coroutine returns into it"
+            ),
         }
     }
 }
 
-/// A thread active in a function being replaced.
+/// A thread (or a declared stack) active in a function being replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Activity {
     /// Index of the target (as given to [`Ranges::push`]).
     pub target: usize,
+    /// The thread; 0 for a declared stack no thread runs on ([`How::DeclaredStack`]).
     pub tid: i32,
     /// The program counter or return address inside the range.
     pub pc: u64,
@@ -189,8 +205,13 @@ pub struct Checker {
     tables: CfiTables,
     unwinder: Unwinder,
     last_end: Option<WalkEnd>,
+    /// Where declared stacks are copied, a chunk at a time, to be scanned.
+    declared_buf: Vec<u8>,
     _pins: Pins,
 }
+
+/// Bytes of a declared stack copied and scanned at a time.
+const DECLARED_CHUNK: usize = 64 << 10;
 
 /// References on shared libraries (`dlopen(RTLD_NOLOAD)`) that keep them loaded while a
 /// checker reads their unwind tables and code; released by `dlclose` on drop.
@@ -267,6 +288,7 @@ impl Checker {
             tables: unsafe { CfiTables::from_modules(modules) },
             unwinder: Unwinder::new(),
             last_end: None,
+            declared_buf: vec![0; DECLARED_CHUNK],
             _pins: Pins::default(),
         }
     }
@@ -377,7 +399,9 @@ impl Checker {
     ) -> Result<Option<Activity>, CheckError> {
         let holds = Holds;
         let mut found = None;
+        let mut last_sp = 0;
         let visit = |frame: &crate::unwind::Frame| {
+            last_sp = frame.sp;
             let pc = frame.pc as usize;
             let hit = match frame.kind {
                 FrameKind::Interrupted => ranges.find(pc).map(|t| (t, How::Pc)),
@@ -414,12 +438,46 @@ impl Checker {
         }
         self.last_end = Some(end);
         match end {
-            WalkEnd::Outermost | WalkEnd::Stopped => Ok(None),
+            // A frame that says it is the outermost is trusted only up to where it lies: a
+            // stack switched to (`makecontext`'s trampoline ends its walk too) may have
+            // anything above it, so the rest of the stack is scanned.
+            WalkEnd::Outermost => match mem.region(last_sp as usize) {
+                Some(region) => self.scan(mem, region, last_sp as usize, tid, ranges),
+                None => Ok(None),
+            },
+            WalkEnd::Stopped => Ok(None),
             WalkEnd::Failed { at, region, .. } => match region {
                 Some(region) => self.scan(mem, region, at.sp as usize, tid, ranges),
                 None => Err(CheckError::NoStack { tid, sp: at.sp }),
             },
         }
+    }
+
+    /// Whether a suspended coroutine returns into a range: scans every declared stack (see
+    /// [`crate::stacks`]) for which `occupied` is false, conservatively, word by word. A stack
+    /// a thread runs on is `occupied`: its live part is walked as that thread's stack and the
+    /// part below its stack pointer is dead. The stack is read through `process_vm_readv`
+    /// copies (it may be unmapped meanwhile); pages that cannot be read (a guard page, a stack
+    /// freed without being forgotten) hold no frame and are skipped. Allocates nothing, takes
+    /// no lock: safe while threads are stopped or held.
+    pub fn find_active_declared(
+        &mut self,
+        ranges: &Ranges,
+        occupied: impl Fn(&DeclaredStack) -> bool,
+    ) -> Option<Activity> {
+        if ranges.is_empty() {
+            return None;
+        }
+        let buf = &mut self.declared_buf;
+        stacks::for_each(|stack| {
+            if occupied(&stack) {
+                return ControlFlow::Continue(());
+            }
+            match scan_declared(stack, buf, ranges) {
+                Some(found) => ControlFlow::Break(found),
+                None => ControlFlow::Continue(()),
+            }
+        })
     }
 
     /// The conservative scan: every word from `sp` to the end of `region`, then of the stacks
@@ -481,6 +539,41 @@ impl Checker {
         }
         Ok(None)
     }
+}
+
+/// Scans one declared stack, a chunk at a time, for a word that is a return address into a
+/// range (or an interrupted program counter in one, saved in a signal frame). Allocates
+/// nothing.
+fn scan_declared(stack: DeclaredStack, buf: &mut [u8], ranges: &Ranges) -> Option<Activity> {
+    const PAGE: usize = 4096;
+    let chunk = buf.len() & !7;
+    debug_assert!(chunk >= 8);
+    let mut addr = stack.lo.checked_add(7)? & !7;
+    while addr.checked_add(8).is_some_and(|end| end <= stack.hi) {
+        let want = (stack.hi - addr).min(chunk) & !7;
+        let got = dsu_sys::mem::copy_from_self(addr, &mut buf[..want]).unwrap_or(0) & !7;
+        if got == 0 {
+            // Unreadable now: skip to the next page.
+            addr = (addr | (PAGE - 1)).checked_add(1)?;
+            continue;
+        }
+        for (i, word) in buf[..got].chunks_exact(8).enumerate() {
+            let w = u64::from_ne_bytes(word.try_into().ok()?);
+            if let Some(target) = ranges.find_return(w as usize) {
+                return Some(Activity {
+                    target,
+                    tid: 0,
+                    pc: w,
+                    how: How::DeclaredStack {
+                        stack,
+                        at: addr + 8 * i,
+                    },
+                });
+            }
+        }
+        addr += got;
+    }
+    None
 }
 
 #[cfg(test)]

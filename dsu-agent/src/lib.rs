@@ -32,6 +32,7 @@ pub mod prepare;
 pub mod relocate;
 pub mod report;
 pub mod resolve;
+pub mod stacks;
 pub mod stop;
 pub mod survey;
 mod trigger;

@@ -769,7 +769,9 @@ fn next_round() -> u32 {
 }
 
 /// Bounds of the stack `sp` points into: the alternate signal stack when `sp` is on it, else
-/// the readable mapping containing `sp` (or ending at it: an empty stack). Allocates nothing.
+/// the readable mapping containing `sp` (or ending at it: an empty stack), clipped to the
+/// declared stack holding `sp` if any (a coroutine's, see [`crate::stacks`]). Allocates
+/// nothing, takes no lock.
 pub fn stack_bounds(maps: &StackMaps, sp: usize, alt: Option<AltStack>) -> Option<StackBounds> {
     let region = maps
         .find(sp)
@@ -779,6 +781,12 @@ pub fn stack_bounds(maps: &StackMaps, sp: usize, alt: Option<AltStack>) -> Optio
     if let Some(alt) = alt.filter(|a| a.contains(sp) || a.base + a.size == sp) {
         start = start.max(alt.base);
         end = end.min(alt.base + alt.size);
+    }
+    if let Some(s) =
+        crate::stacks::containing(sp).or_else(|| crate::stacks::containing(sp.wrapping_sub(1)))
+    {
+        start = start.max(s.lo);
+        end = end.min(s.hi);
     }
     Some(StackBounds { start, end })
 }

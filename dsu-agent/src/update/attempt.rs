@@ -27,7 +27,7 @@ use crate::check::{Activity, CheckError, Checker, How, Ranges};
 use crate::gate::{Gate, GaveUp};
 use crate::hold::Window;
 use crate::stop::{StopError, StopWorld, Stopped};
-use crate::survey::{Survey, SurveyError};
+use crate::survey::{Survey, SurveyError, Waiting};
 use crate::write::{self, CodeEdit, WriteFailure};
 
 /// Per target: in how many attempts it was active, and the latest sighting. Allocated before
@@ -126,6 +126,7 @@ pub(super) fn all_stopped(
     let t_check = Instant::now();
     tally.begin();
     let unproven = check_parked(&stopped, checker, job.ranges, tally);
+    check_declared(&stopped, &[], checker, job.ranges, tally);
     let t_write = Instant::now();
     let outcome = if tally.any_now() || unproven.is_some() {
         Outcome::Busy(unproven.map(Blocker::Unproven))
@@ -169,6 +170,28 @@ fn check_parked(
         }
     }
     unproven
+}
+
+/// Scans the declared stacks no thread runs on (suspended coroutines'), once every thread
+/// has been checked: a stack holding a parked thread's or a waiting thread's stack pointer is
+/// that thread's and was walked with it. Activities go to the tally. Allocates nothing.
+fn check_declared(
+    stopped: &Stopped<'_>,
+    waiting: &[Waiting],
+    checker: &mut Checker,
+    ranges: &Ranges,
+    tally: &mut Tally,
+) {
+    let occupied = |s: &crate::stacks::DeclaredStack| {
+        stopped
+            .threads()
+            .iter()
+            .any(|t| s.contains(t.regs.rsp as usize))
+            || waiting.iter().any(|w| s.contains(w.sp as usize))
+    };
+    if let Some(a) = checker.find_active_declared(ranges, occupied) {
+        tally.saw(a);
+    }
 }
 
 /// How often a waiting thread that ran during its check is checked again before it is
@@ -364,6 +387,7 @@ pub(super) fn live(
     if let Some(e) = check_parked(&stopped, checker, job.ranges, tally) {
         unproven = Some(e);
     }
+    check_declared(&stopped, bufs.survey.waiting(), checker, job.ranges, tally);
     let t_write = Instant::now();
     let outcome = if let Some(site) = window.owner_trapped() {
         remove_breakpoints(job, Outcome::AgentTrapped { site })

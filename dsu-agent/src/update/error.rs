@@ -29,6 +29,24 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
+        "{function} is active on a stack no thread runs on ({how}) after {attempts} attempts \
+         over {waited_ms} ms; nothing was changed. Retry once the coroutine has left it"
+    )]
+    ActiveOnStack {
+        function: String,
+        how: String,
+        attempts: u32,
+        waited_ms: u64,
+    },
+    #[error(
+        "the program switches stacks ({sign}) and has declared none of them, so a coroutine \
+         suspended in a function being replaced would be missed and crash when it resumes; \
+         nothing was changed. Declare each coroutine stack with dsu_stack_declare (Rust: \
+         dsu_agent::stacks::declare), or, if no coroutine ever runs the patched functions, \
+         set Policy::allow_undeclared_stacks"
+    )]
+    SwitchesStacks { sign: crate::stacks::Switching },
+    #[error(
         "cannot prove the functions inactive after {attempts} attempts over {waited_ms} ms: {reason}; nothing was changed"
     )]
     Unproven {
@@ -143,6 +161,7 @@ impl UpdateError {
     pub fn attempts(&self) -> u32 {
         match self {
             UpdateError::Active { attempts, .. }
+            | UpdateError::ActiveOnStack { attempts, .. }
             | UpdateError::Unproven { attempts, .. }
             | UpdateError::StopSignalBlocked { attempts, .. }
             | UpdateError::WaitBound { attempts, .. }

@@ -428,6 +428,11 @@ impl Engine {
             // revert's check; the new image is owned by the caller for the whole update).
             unsafe { checker.add_eh_frame(start, len) }.map_err(UpdateError::Unwind)?;
         }
+        if !policy.allow_undeclared_stacks
+            && let Some(sign) = crate::stacks::undeclared_switching()
+        {
+            return Err(UpdateError::SwitchesStacks { sign });
+        }
         self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
         self.live.prepare().map_err(UpdateError::StopPrepare)?;
         self.check_own_stack(&mut checker, ranges, names)?;
@@ -655,6 +660,14 @@ fn refusal(
     if let Some(i) = busiest
         && let Some(a) = tally.last_seen[i]
     {
+        if let crate::check::How::DeclaredStack { .. } = a.how {
+            return UpdateError::ActiveOnStack {
+                function: names[i].to_string(),
+                how: a.how.to_string(),
+                attempts,
+                waited_ms,
+            };
+        }
         return UpdateError::Active {
             function: names[i].to_string(),
             tid: a.tid,

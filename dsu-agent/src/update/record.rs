@@ -18,6 +18,11 @@ pub struct Policy {
     /// attempt up and goes on (nothing is written then; see [`crate::gate`]). Longer than
     /// `park_timeout`, which a parked thread may spend waiting for the others.
     pub hold_bound: Duration,
+    /// Update a program that switches stacks (imports `makecontext`/`swapcontext`, or has
+    /// boost.context) although it has declared none ([`crate::stacks`]). Off by default: a
+    /// coroutine suspended in a replaced function would crash when it resumes. Turn it on only
+    /// when no coroutine runs the functions patched.
+    pub allow_undeclared_stacks: bool,
 }
 
 impl Default for Policy {
@@ -28,6 +33,7 @@ impl Default for Policy {
             max_backoff: Duration::from_millis(100),
             park_timeout: Duration::from_secs(1),
             hold_bound: Duration::from_secs(3),
+            allow_undeclared_stacks: false,
         }
     }
 }
