@@ -67,8 +67,8 @@ pub struct Engine {
     stopper: StopWorld,
     writer: CodeWriter,
     index: Option<(ModuleKey, Arc<SymbolIndex>)>,
-    /// Direct call sites per module (by name), decoded once.
-    calls: HashMap<String, Arc<CallIndex>>,
+    /// Direct call sites per module (by name, with its load bias), decoded once.
+    calls: HashMap<String, (usize, Arc<CallIndex>)>,
     patches: Vec<AppliedPatch>,
     live: attempt::LiveBuffers,
 }
@@ -123,8 +123,18 @@ impl Engine {
             .map(|m| (m.name, m.bias))
             .collect();
         if self.index.as_ref().is_none_or(|(k, _)| *k != key) {
-            self.index = Some((key, Arc::new(SymbolIndex::of_process()?)));
-            self.calls.clear();
+            // Call-site indices stay valid for modules still loaded where they were: they were
+            // decoded before any call site in them was rewritten. One decoded now would list
+            // rewritten sites under the patch code they lead to, which a later patch could
+            // reuse the address of.
+            let index = SymbolIndex::of_process()?;
+            self.calls.retain(|name, (bias, _)| {
+                index
+                    .modules()
+                    .iter()
+                    .any(|m| m.name == *name && m.bias == *bias)
+            });
+            self.index = Some((key, Arc::new(index)));
         }
         Ok(self.index.as_ref().expect("just built").1.clone())
     }
@@ -269,7 +279,7 @@ impl Engine {
         index: &SymbolIndex,
         maps: &[dsu_sys::maps::MapEntry],
     ) -> Option<Arc<CallIndex>> {
-        if let Some(found) = self.calls.get(module) {
+        if let Some((_, found)) = self.calls.get(module) {
             return Some(found.clone());
         }
         let m = index.module_named(module)?;
@@ -279,7 +289,8 @@ impl Engine {
         // SAFETY: every range was just checked to be covered by readable mappings of a loaded
         // module, and loaded modules are not unmapped while the agent decodes them.
         let calls = Arc::new(unsafe { CallIndex::build(&functions) });
-        self.calls.insert(module.to_string(), calls.clone());
+        self.calls
+            .insert(module.to_string(), (index.modules()[m].bias, calls.clone()));
         Some(calls)
     }
 

@@ -1,0 +1,85 @@
+//! The index of direct call sites stays true across a change of the loaded modules: after a
+//! `dlopen`, the executable's call sites are not decoded again from code that patches have
+//! rewritten (found by the soak: a caller of one function was sent to another function's
+//! patch, placed later at an address an earlier patch had used).
+//!
+//! The program (`tests/fixtures/two_calls.c`) is built with `cc` at test time and made
+//! patchable with `LD_PRELOAD=libdsu_agent.so`. Needs the workspace built first
+//! (`scripts/test.sh` does).
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{Fixture, cargo_bin, cc_object, cc_program, finish, scratch};
+
+const PROGRAM_C: &str = include_str!("fixtures/two_calls.c");
+
+fn dsu(fx: &Fixture, args: &[&str]) -> String {
+    let child = Command::new(cargo_bin("dsu"))
+        .arg(args[0])
+        .args(["-p", &fx.pid.to_string()])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finish(child, Duration::from_secs(30));
+    assert!(out.status.success(), "dsu {args:?} failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_dlopen_between_updates_does_not_send_a_caller_to_another_functions_patch() {
+    let dir = scratch("call-index");
+    // Larger than the originals: redirected, with main's direct call rewritten.
+    let f1 = cc_object(
+        &dir,
+        "f1",
+        "long dsu_f(long x) { volatile long k = 10; return x * k + 2; }",
+        &[],
+    );
+    let g1 = cc_object(
+        &dir,
+        "g1",
+        "long dsu_g(long x) { volatile long k = 100; return x * k + 2; }",
+        &[],
+    );
+    let g2 = cc_object(
+        &dir,
+        "g2",
+        "long dsu_g(long x) { volatile long k = 100; return x * k + 3; }",
+        &[],
+    );
+    let program = cc_program(&dir, "two_calls", &[("two_calls.c", PROGRAM_C)], &["-ldl"]);
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    assert_eq!(fx.send("f"), "f 8");
+
+    let out = dsu(&fx, &["apply", f1.to_str().unwrap()]);
+    assert!(out.contains("redirect, 1 call site rewritten"), "{out}");
+    assert_eq!(fx.send("f"), "f 72");
+    assert_eq!(fx.send("dlopen"), "opened");
+    dsu(&fx, &["apply", g1.to_str().unwrap()]);
+    assert_eq!(fx.send("g"), "g 702");
+    dsu(&fx, &["revert"]);
+    dsu(&fx, &["revert"]);
+    assert_eq!((fx.send("f"), fx.send("g")), ("f 8".into(), "g 9".into()));
+
+    let out = dsu(&fx, &["apply", g1.to_str().unwrap()]);
+    assert!(out.contains("1 call site rewritten"), "{out}");
+    let out = dsu(&fx, &["apply", g2.to_str().unwrap()]);
+    assert!(
+        out.contains("1 call site rewritten"),
+        "only main's call of dsu_g is dsu_g's: {out}"
+    );
+    assert_eq!(fx.send("g"), "g 703");
+    assert_eq!(
+        fx.send("f"),
+        "f 8",
+        "main's call of dsu_f went to dsu_g's patch"
+    );
+    assert!(fx.alive(), "{}", fx.log());
+}
