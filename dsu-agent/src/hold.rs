@@ -79,6 +79,8 @@ struct HoldSlot {
     tid: AtomicU32,
     pc: AtomicU64,
     sp: AtomicU64,
+    /// The held thread's thread pointer (see [`Holds::thread_pointer`]).
+    tp: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -86,6 +88,7 @@ const FREE: HoldSlot = HoldSlot {
     tid: AtomicU32::new(0),
     pc: AtomicU64::new(0),
     sp: AtomicU64::new(0),
+    tp: AtomicU64::new(0),
 };
 static HELD: [HoldSlot; HOLD_SLOTS] = [FREE; HOLD_SLOTS];
 
@@ -321,6 +324,14 @@ impl Holds {
         })
     }
 
+    /// The thread pointer of thread `tid` when it is held now: it tells the thread's own stack
+    /// (see [`crate::update`]'s check for threads on foreign stacks).
+    pub fn thread_pointer(&self, tid: i32) -> Option<usize> {
+        HELD.iter()
+            .find(|slot| slot.tid.load(Ordering::Acquire) == tid as u32)
+            .map(|slot| slot.tp.load(Ordering::Acquire) as usize)
+    }
+
     /// How many threads are held now.
     pub fn count(&self) -> usize {
         HELD.iter()
@@ -464,6 +475,8 @@ fn claim_slot(pc: u64, sp: u64) -> Option<&'static HoldSlot> {
         {
             slot.pc.store(pc, Ordering::Release);
             slot.sp.store(sp, Ordering::Release);
+            slot.tp
+                .store(threads::thread_pointer() as u64, Ordering::Release);
             slot.tid.store(tid, Ordering::Release);
             return Some(slot);
         }

@@ -128,6 +128,10 @@ pub struct ParkedThread {
     pub stack: Option<StackBounds>,
     /// The thread's alternate signal stack, when it has one.
     pub alt_stack: Option<AltStack>,
+    /// Its thread pointer (`%fs:0`). A thread of the C library keeps its control block at the
+    /// top of its own stack, so a stack pointer in a mapping that does not hold it means the
+    /// thread runs on a stack that is not its own.
+    pub thread_pointer: usize,
 }
 
 const SLOT_MARGIN: usize = 64;
@@ -140,6 +144,7 @@ const LIVENESS_SLICE: Duration = Duration::from_millis(2);
 struct SlotData {
     gregs: [u64; NGREG],
     alt: AltStack,
+    thread_pointer: usize,
 }
 
 struct Slot {
@@ -173,6 +178,7 @@ impl SlotArray {
                 data: UnsafeCell::new(SlotData {
                     gregs: [0; NGREG],
                     alt: AltStack::default(),
+                    thread_pointer: 0,
                 }),
             })
             .collect();
@@ -275,6 +281,7 @@ extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc:
             let data = slot.data.get();
             signal::copy_gregs(uc, &mut (*data).gregs);
             (*data).alt = AltStack::from_ucontext(uc);
+            (*data).thread_pointer = threads::thread_pointer();
         }
         slot.tag.store(
             u64::from(round) << 32 | u64::from(tid as u32),
@@ -722,6 +729,7 @@ impl StopWorld {
                 regs: Registers::from_gregs(&data.gregs),
                 stack: None,
                 alt_stack: alt,
+                thread_pointer: data.thread_pointer,
             });
         }
         Ok(())

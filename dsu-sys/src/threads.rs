@@ -20,6 +20,22 @@ pub fn gettid() -> i32 {
     unsafe { crate::raw::syscall6(libc::SYS_gettid, [0; 6]) as i32 }
 }
 
+/// The calling thread's thread pointer: the x86_64 TLS ABI keeps it at `%fs:0`.
+/// *Async-signal-safe*.
+pub fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: reads one word at `%fs:0`, which the x86_64 TLS ABI requires to hold the thread
+    // pointer itself in every thread (glibc and musl both set it up before any code runs).
+    unsafe {
+        std::arch::asm!(
+            "mov {}, qword ptr fs:[0]",
+            out(reg) tp,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    tp
+}
+
 /// The process id (the thread-group id). Async-signal-safe.
 pub fn getpid() -> i32 {
     // SAFETY: getpid takes no arguments and cannot fail.

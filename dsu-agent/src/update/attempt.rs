@@ -29,6 +29,8 @@ use crate::hold::Window;
 use crate::stop::{StopError, StopWorld, Stopped};
 use crate::survey::{Survey, SurveyError, Waiting};
 use crate::write::{self, CodeEdit, WriteFailure};
+use dsu_sys::signal::AltStack;
+use dsu_sys::stack::StackMaps;
 
 /// Per target: in how many attempts it was active, and the latest sighting. Allocated before
 /// the first attempt, only updated in place while threads are held.
@@ -96,6 +98,9 @@ pub(super) enum Outcome {
     /// The agent's own thread reached the breakpoint at `site` while checking: it runs that
     /// code itself. Nothing was changed; retrying cannot help.
     AgentTrapped { site: usize },
+    /// Thread `tid` runs on a stack that is not its own (at `sp`), and the program has declared
+    /// no stack: it switches stacks, and a suspended stack could hide an active function.
+    ForeignStack { tid: i32, sp: usize },
 }
 
 /// What an attempt works with.
@@ -104,6 +109,60 @@ pub(super) struct Job<'a> {
     pub edits: &'a [CodeEdit],
     pub ranges: &'a Ranges,
     pub policy: &'a Policy,
+    /// Where threads' own stacks are, to refuse a program caught running a thread on another
+    /// stack; `None` when that is not refused (stacks declared, or allowed by the policy).
+    pub own_stacks: Option<OwnStacks>,
+}
+
+/// How to tell a thread's own stack: the main thread's is the `[stack]` mapping (its end does
+/// not move), any other thread's holds its thread pointer (the C library puts the thread's
+/// control block at the top of its stack).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OwnStacks {
+    pub pid: i32,
+    pub main_stack_end: Option<usize>,
+}
+
+impl OwnStacks {
+    /// Whether a thread with stack pointer `sp` (and, when known, thread pointer `tp`) runs on
+    /// a stack that is not its own: outside its alternate signal stack, the declared stacks, and
+    /// its own. Allocates nothing.
+    fn foreign(
+        &self,
+        maps: &StackMaps,
+        tid: i32,
+        sp: usize,
+        tp: Option<usize>,
+        alt: Option<AltStack>,
+    ) -> bool {
+        if alt.is_some_and(|a| a.contains(sp)) || crate::stacks::containing(sp).is_some() {
+            return false;
+        }
+        // An unreadable stack pointer leaves the walk unproven: refused as such.
+        let Some(region) = maps.find(sp).or_else(|| maps.find(sp.wrapping_sub(1))) else {
+            return false;
+        };
+        if tid == self.pid {
+            self.main_stack_end.is_some_and(|end| region.end != end)
+        } else {
+            tp.is_some_and(|tp| !(region.start <= tp && tp < region.end))
+        }
+    }
+
+    /// The first parked thread on a stack not its own: `(tid, sp)`.
+    fn parked_foreign(&self, stopped: &Stopped<'_>) -> Option<(i32, usize)> {
+        stopped.threads().iter().find_map(|t| {
+            let sp = t.regs.rsp as usize;
+            self.foreign(
+                stopped.maps(),
+                t.tid,
+                sp,
+                Some(t.thread_pointer),
+                t.alt_stack,
+            )
+            .then_some((t.tid, sp))
+        })
+    }
 }
 
 /// The fallback attempt: park every other thread, check, write every edit at once, resume.
@@ -127,8 +186,11 @@ pub(super) fn all_stopped(
     tally.begin();
     let unproven = check_parked(&stopped, checker, job.ranges, tally);
     check_declared(&stopped, &[], checker, job.ranges, tally);
+    let foreign = job.own_stacks.and_then(|own| own.parked_foreign(&stopped));
     let t_write = Instant::now();
-    let outcome = if tally.any_now() || unproven.is_some() {
+    let outcome = if let Some((tid, sp)) = foreign {
+        Outcome::ForeignStack { tid, sp }
+    } else if tally.any_now() || unproven.is_some() {
         Outcome::Busy(unproven.map(Blocker::Unproven))
     } else if let Err(gave_up) = gate.commit() {
         Outcome::Busy(Some(Blocker::GaveUp(gave_up)))
@@ -388,9 +450,26 @@ pub(super) fn live(
         unproven = Some(e);
     }
     check_declared(&stopped, bufs.survey.waiting(), checker, job.ranges, tally);
+    let foreign = job.own_stacks.and_then(|own| {
+        own.parked_foreign(&stopped).or_else(|| {
+            // Waiting threads: the main thread's stack is known, and a held thread's thread
+            // pointer; any other's is not (it is not stopped to be asked).
+            bufs.survey
+                .waiting()
+                .iter()
+                .find(|w| {
+                    let tp = crate::hold::Holds.thread_pointer(w.tid);
+                    (w.tid == own.pid || tp.is_some())
+                        && own.foreign(stopped.maps(), w.tid, w.sp as usize, tp, None)
+                })
+                .map(|w| (w.tid, w.sp as usize))
+        })
+    });
     let t_write = Instant::now();
     let outcome = if let Some(site) = window.owner_trapped() {
         remove_breakpoints(job, Outcome::AgentTrapped { site })
+    } else if let Some((tid, sp)) = foreign {
+        remove_breakpoints(job, Outcome::ForeignStack { tid, sp })
     } else if tally.any_now() || unproven.is_some() {
         remove_breakpoints(job, Outcome::Busy(unproven.map(Blocker::Unproven)))
     } else if let Err(gave_up) = gate.commit() {

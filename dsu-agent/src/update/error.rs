@@ -47,6 +47,14 @@ pub enum UpdateError {
     )]
     SwitchesStacks { sign: crate::stacks::Switching },
     #[error(
+        "thread {tid} ({name}) runs on a stack that is not its own (stack pointer {sp:#x}): the \
+         program switches stacks, and a coroutine suspended on another stack could be inside a \
+         function being replaced; declare the program's stacks (dsu_stack_declare, \
+         dsu_agent::stacks::declare) or allow undeclared stacks (Policy::allow_undeclared_stacks); \
+         nothing was changed"
+    )]
+    ForeignStack { tid: i32, name: String, sp: usize },
+    #[error(
         "cannot prove the functions inactive after {attempts} attempts over {waited_ms} ms: {reason}; nothing was changed"
     )]
     Unproven {

@@ -451,11 +451,23 @@ impl Engine {
         if live {
             crate::hold::register_sites(edits.iter().map(|e| e.site));
         }
+        let own_stacks =
+            (!policy.allow_undeclared_stacks && !crate::stacks::ever_declared()).then(|| {
+                attempt::OwnStacks {
+                    pid: dsu_sys::threads::getpid(),
+                    main_stack_end: dsu_sys::maps::read_self().ok().and_then(|maps| {
+                        maps.iter()
+                            .find(|m| m.path.as_deref() == Some("[stack]"))
+                            .map(|m| m.end)
+                    }),
+                }
+            });
         let job = attempt::Job {
             writer: &self.writer,
             edits,
             ranges,
             policy,
+            own_stacks,
         };
         let mut backoff = policy.backoff;
         let mut attempts = 0;
@@ -495,6 +507,13 @@ impl Engine {
                 attempt::Outcome::Busy(blocker) => blocker,
                 attempt::Outcome::PrepareAgain if attempts < 1000 => continue,
                 attempt::Outcome::PrepareAgain => None,
+                attempt::Outcome::ForeignStack { tid, sp } => {
+                    return Err(UpdateError::ForeignStack {
+                        tid,
+                        name: dsu_sys::tasks::name(tid),
+                        sp,
+                    });
+                }
                 attempt::Outcome::AgentTrapped { site } => {
                     let at = edits.iter().position(|e| e.site == site);
                     return Err(UpdateError::AgentUses {

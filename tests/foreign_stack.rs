@@ -1,0 +1,71 @@
+//! A thread caught running on a stack that is not its own shows that the program switches
+//! stacks, even when nothing it imports gives that away (issue 10, item 3): without declared
+//! stacks the update is refused, naming the thread; with the stack declared it goes through.
+//!
+//! The program (`tests/fixtures/own_switch.c`) moves a thread onto a stack it mapped itself,
+//! by hand, and is made patchable with `LD_PRELOAD=libdsu_agent.so`. Needs the workspace built
+//! first (`scripts/test.sh` does).
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::{Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, finish, scratch};
+
+const PROGRAM_C: &str = include_str!("fixtures/own_switch.c");
+const C_X10: &str = "
+#include <stdint.h>
+uint64_t dsu_fixture_compute(uint64_t x) { return x * 10; }
+";
+
+fn apply(fx: &Fixture, patch: &std::path::Path) -> Output {
+    let child = Command::new(cargo_bin("dsu"))
+        .args(["apply", "-p", &fx.pid.to_string(), "--timeout", "5"])
+        .arg(patch)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child, Duration::from_secs(30))
+}
+
+fn start(dir: &std::path::Path, args: &[&str]) -> Fixture {
+    let program = cc_program(
+        dir,
+        "own_switch",
+        &[("own_switch.c", PROGRAM_C)],
+        &["-pthread", "-ldl"],
+    );
+    let library = cargo_bin("libdsu_agent.so");
+    Fixture::start(dir, &program, args, &[("LD_PRELOAD", library.as_path())])
+}
+
+#[test]
+fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared() {
+    let dir = scratch("foreign-stack");
+    let patch = cc_object(&dir, "x10", C_X10, &[]);
+
+    let mut fx = start(&dir, &[]);
+    let before = fx.code("compute");
+    let out = apply(&fx, &patch);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("runs on a stack that is not its own")
+            && stderr.contains("dsu_stack_declare"),
+        "{stderr}"
+    );
+    assert_eq!(fx.code_between_attempts("compute", &before), before);
+    assert_eq!(fx.compute(), ORIGINAL);
+    assert!(fx.alive(), "{}", fx.log());
+    drop(fx);
+
+    let mut fx = start(&dir, &["declare"]);
+    let out = apply(&fx, &patch);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fx.compute(), 70);
+    fx.workers_see(70);
+    assert!(fx.alive(), "{}", fx.log());
+}
