@@ -209,11 +209,115 @@ mod tests {
         assert!(!in_place_keeps_unwinding(Some(&plain), None, 12));
         assert!(!in_place_keeps_unwinding(None, Some(&plain), 12));
         assert!(in_place_keeps_unwinding(None, None, 12));
+        // A signal frame, or another return-address register, is another kind of frame.
+        let mut signal = plain.clone();
+        signal.signal_frame = true;
+        assert!(!in_place_keeps_unwinding(Some(&plain), Some(&signal), 12));
+        assert!(!in_place_keeps_unwinding(Some(&signal), Some(&plain), 12));
+        let mut other_ra = plain.clone();
+        other_ra.return_register = 15;
+        assert!(!in_place_keeps_unwinding(Some(&plain), Some(&other_ra), 12));
         // Rows that stop short of the new code's end describe nothing there.
         assert!(!in_place_keeps_unwinding(
             Some(&rules(vec![row(0, 8, 8)])),
             Some(&plain),
             12
         ));
+    }
+
+    /// The `.eh_frame` of `source` compiled as a patch is (`-O2 -fPIC -ffunction-sections`),
+    /// by `compiler` (`cc` or `c++`).
+    fn eh_frame_of(compiler: &str, source: &str, ext: &str) -> Vec<u8> {
+        use object::{Object, ObjectSection};
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "dsu-frame-rules-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join(format!("f.{ext}"));
+        let obj = dir.join("f.o");
+        std::fs::write(&src, source).unwrap();
+        let status = std::process::Command::new(compiler)
+            .args(["-c", "-O2", "-fPIC", "-ffunction-sections", "-o"])
+            .arg(&obj)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{compiler} failed");
+        let bytes = std::fs::read(&obj).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = object::File::parse(&*bytes).unwrap();
+        file.section_by_name(".eh_frame")
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec()
+    }
+
+    const C_FUNCTIONS: &str = "
+        extern long ext(long);
+        long leaf(long x) { return x * 3 + 1; }
+        long other_leaf(long x) { return x * 5 + 2; }
+        long framed(long x) { volatile long b[32]; b[0] = x; return ext(b[0]) + b[0]; }
+    ";
+
+    #[test]
+    fn rules_of_real_functions_tell_frames_apart() {
+        let data = eh_frame_of("cc", C_FUNCTIONS, "c");
+        let fdes = FrameRules::of_object_section(&data).unwrap();
+        assert_eq!(fdes.len(), 3, "{fdes:?}");
+        // FDE order follows the sections: leaf, other_leaf, framed.
+        let (leaf, other, framed) = (&fdes[0].1, &fdes[1].1, &fdes[2].1);
+        assert!(fdes[0].0 < fdes[1].0 && fdes[1].0 < fdes[2].0);
+        assert_eq!(leaf.rows.len(), 1, "{leaf:?}");
+        assert_eq!(
+            leaf.rows[0].cfa,
+            CfaRule::RegisterAndOffset {
+                register: Register(7),
+                offset: 8
+            }
+        );
+        assert!(!leaf.lsda && !leaf.signal_frame && leaf.return_register == 16);
+        assert!(framed.rows.len() > 1, "{framed:?}");
+        assert!(leaf.interchangeable_with(other, 4));
+        assert!(!framed.interchangeable_with(leaf, 16));
+        assert!(!leaf.interchangeable_with(framed, 16));
+    }
+
+    #[test]
+    fn landing_pads_are_seen_in_real_code() {
+        let data = eh_frame_of(
+            "c++",
+            "extern void ext(); int guarded() { try { ext(); } catch (...) { return 1; } return 0; }",
+            "cc",
+        );
+        let fdes = FrameRules::of_object_section(&data).unwrap();
+        // The function and its cold part (the handler), each with the landing pads' table.
+        assert!(!fdes.is_empty(), "{fdes:?}");
+        for (_, rules) in &fdes {
+            assert!(rules.lsda, "{rules:?}");
+            assert!(!rules.interchangeable_with(rules, 4));
+        }
+    }
+
+    #[test]
+    fn an_entry_outside_the_fde_is_refused() {
+        let data = eh_frame_of("cc", C_FUNCTIONS, "c");
+        let eh_frame = EhFrame::new(&data[..], NativeEndian);
+        let bases = BaseAddresses::default().set_eh_frame(0);
+        let mut entries = eh_frame.entries(&bases);
+        while let Some(entry) = entries.next().unwrap() {
+            if let gimli::CieOrFde::Fde(partial) = entry {
+                let fde = partial.parse(EhFrame::cie_from_offset).unwrap();
+                let start = fde.initial_address();
+                assert!(FrameRules::of_fde(&fde, &eh_frame, &bases, start).is_ok());
+                assert!(FrameRules::of_fde(&fde, &eh_frame, &bases, start + fde.len()).is_err());
+                // Rows are relative to the entry asked for.
+                let inside = FrameRules::of_fde(&fde, &eh_frame, &bases, start + 1).unwrap();
+                assert!(inside.rows.iter().all(|r| r.end < fde.len()));
+            }
+        }
     }
 }

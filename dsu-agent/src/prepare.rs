@@ -596,4 +596,140 @@ mod tests {
             "{e:?}"
         );
     }
+
+    #[test]
+    fn the_split_off_parts_have_the_names_compilers_give_them() {
+        let names: Vec<String> = split_part_names("f").collect();
+        assert_eq!(
+            names,
+            ["f.cold", "f.cold.0", "f.cold.1", "f.cold.2", "f.cold.3"]
+        );
+    }
+
+    #[test]
+    fn a_function_exactly_as_long_as_the_jump_takes_it() {
+        // xor rax, rax; nop; ret: 5 bytes.
+        let code = [0x48, 0x31, 0xc0, 0x90, 0xc3];
+        assert!(plan_redirect("f", "m", AT, &code, AT + 64, &Surroundings::none()).is_ok());
+    }
+
+    #[test]
+    fn jump_table_entries_just_past_the_jump_or_at_the_end_of_a_body_are_fine() {
+        // Entry + 5 is the first byte after the jump: an instruction boundary that stays.
+        let read = read_from(0x2004, table(&[0x1295 - 0x2004]));
+        let around = Surroundings {
+            parts: vec![],
+            read: &read,
+        };
+        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        // The first entry leads to the end of the body (outside it): the table ends there,
+        // and the word after it is not an entry.
+        let read = read_from(0x2004, table(&[0x12ac - 0x2004, 0x1292 - 0x2004]));
+        let around = Surroundings {
+            parts: vec![],
+            read: &read,
+        };
+        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+    }
+
+    #[test]
+    fn a_jump_table_is_followed_through_entries_into_a_split_off_part() {
+        // The first entry leads into the cold part (part of the function), the second into the
+        // jump: the table goes on through the part's range.
+        let read = read_from(0x2004, table(&[0x3004 - 0x2004, 0x1292 - 0x2004]));
+        let around = Surroundings {
+            parts: vec![("f.cold".into(), 0x3000, vec![0xc3; 16])],
+            read: &read,
+        };
+        let e = plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
+        assert!(
+            matches!(e, PrepareError::JumpTableIntoEntry { to: 0x1292, .. }),
+            "{e:?}"
+        );
+        assert!(format!("{around:?}").contains("f.cold"));
+        // Past the part's end the table has ended.
+        let read = read_from(0x2004, table(&[0x3010 - 0x2004, 0x1292 - 0x2004]));
+        let around = Surroundings {
+            parts: vec![("f.cold".into(), 0x3000, vec![0xc3; 16])],
+            read: &read,
+        };
+        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+    }
+
+    /// Memory whose every word, read as a table's first entry (a 32-bit offset from where it is
+    /// read, or a 64-bit address), leads to 0x401002: inside a jump at 0x401000.
+    fn into_the_jump_everywhere(a: usize, len: usize) -> Option<Vec<u8>> {
+        Some(match len {
+            4 => ((0x401002 - a as i64) as i32).to_le_bytes().to_vec(),
+            _ => 0x401002u64.to_le_bytes().to_vec(),
+        })
+    }
+
+    #[test]
+    fn only_lea_rip_and_scaled_index_jumps_are_taken_for_tables() {
+        // The reader does lead into the jump for a real table: lea rdx, [rip + 0x0ff9];
+        // jmp rdx; ret.
+        let code = [0x48, 0x8d, 0x15, 0xf9, 0x0f, 0x00, 0x00, 0xff, 0xe2, 0xc3];
+        let around = Surroundings {
+            parts: vec![],
+            read: &into_the_jump_everywhere,
+        };
+        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_err());
+        let around = Surroundings {
+            parts: vec![],
+            read: &into_the_jump_everywhere,
+        };
+        // mov rax, [rip + 0x0ff9] (data, not a table base); jmp rax; ret
+        let code = [0x48, 0x8b, 0x05, 0xf9, 0x0f, 0x00, 0x00, 0xff, 0xe0, 0xc3];
+        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        // lea rax, [rbx + 8] (not rip-relative); jmp rax; ret
+        let code = [0x48, 0x8d, 0x43, 0x08, 0xff, 0xe0, 0xc3];
+        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        // jmp [rax * 4 + 0x402000] (scale 4: not a table of addresses); ret
+        let code = [0xff, 0x24, 0x85, 0x00, 0x20, 0x40, 0x00, 0xc3];
+        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        // jmp [rbx + rax * 8 + 0x402000] (a base register: not a fixed table); ret
+        let code = [0xff, 0xa4, 0xc3, 0x00, 0x20, 0x40, 0x00, 0xc3];
+        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        // jmp [rip + 0x0ff9] (one pointer, no index); ret
+        let code = [0xff, 0x25, 0xf9, 0x0f, 0x00, 0x00, 0xc3];
+        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+    }
+
+    #[test]
+    fn a_truncated_last_instruction_is_named_by_its_bytes() {
+        // ret; then the first byte of a two-byte instruction, cut off.
+        let code = [0x90, 0x90, 0x90, 0x90, 0xc3, 0x0f];
+        let e = plan_redirect("f", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
+        assert_eq!(
+            e,
+            PrepareError::Undecodable {
+                name: "f".into(),
+                module: "m".into(),
+                at: AT + 5,
+                bytes: "0f".into(),
+            }
+        );
+    }
+
+    static DATA: [u8; 64] = [0x5a; 64];
+
+    #[test]
+    fn this_process_is_read_where_it_is_mapped_and_nowhere_else() {
+        let maps = dsu_sys::maps::read_self().unwrap();
+        let at = DATA.as_ptr() as usize;
+        assert_eq!(read_bytes(&maps, at, 64), Some(DATA.to_vec()));
+        assert_eq!(read_code("d", "m", at, 64, &maps), Ok(DATA.to_vec()));
+        // Page 0 is never mapped; the top of the address space wraps.
+        assert_eq!(read_bytes(&maps, 16, 8), None);
+        assert_eq!(read_bytes(&maps, usize::MAX - 3, 8), None);
+        assert!(matches!(
+            read_code("d", "m", 16, 8, &maps),
+            Err(PrepareError::NotMapped {
+                address: 16,
+                size: 8,
+                ..
+            })
+        ));
+    }
 }
