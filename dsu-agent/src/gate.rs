@@ -176,3 +176,74 @@ pub fn set_test_stall(stall: Duration) {
         Ordering::Relaxed,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One test for the whole protocol: the gate is process-wide state.
+    #[test]
+    fn the_agent_and_a_waiting_thread_agree_on_who_wins() {
+        // No attempt open: a waiter has no bound and may not go on.
+        assert_eq!(bound_slices(), None);
+        assert!(!give_up(7));
+        assert!(!abandoned());
+
+        // The agent commits first: no waiter gives up afterwards.
+        let mut gate = Gate::open(Duration::from_millis(120));
+        assert_eq!(
+            bound_slices(),
+            Some(3),
+            "120 ms in waits of 50 ms, rounded up"
+        );
+        assert_eq!(gate.gave_up(), None);
+        assert_eq!(gate.commit(), Ok(()));
+        assert_eq!(GATE.load(Ordering::SeqCst), gate.word - OPEN + COMMITTED);
+        assert!(!give_up(7));
+        assert!(!abandoned());
+        assert_eq!(bound_slices(), None, "committed: nothing to count down to");
+        drop(gate);
+        assert_eq!(bound_slices(), None);
+        assert_eq!(phase(GATE.load(Ordering::SeqCst)), NONE);
+
+        // A waiter gives up first: the commit fails and names it; later waiters go on too.
+        let mut gate = Gate::open(Duration::from_secs(3));
+        assert_eq!(bound_slices(), Some(60));
+        assert!(give_up(41));
+        assert!(abandoned());
+        assert!(give_up(42));
+        assert_eq!(
+            bound_slices(),
+            Some(60),
+            "abandoned: waiters still go on at once"
+        );
+        let expected = GaveUp {
+            tid: 41,
+            bound: Duration::from_secs(3),
+        };
+        assert_eq!(gate.gave_up(), Some(expected));
+        assert_eq!(gate.commit(), Err(expected));
+        drop(gate);
+        assert!(!abandoned());
+
+        // A new attempt starts clean: the old attempt's waiter is forgotten.
+        let mut gate = Gate::open(Duration::from_nanos(1));
+        assert_eq!(bound_slices(), Some(1), "never less than one wait");
+        assert_eq!(gate.gave_up(), None);
+        // The gate of an older attempt does not end a newer one.
+        let older = Gate {
+            word: gate.word - 4,
+            bound: gate.bound,
+        };
+        drop(older);
+        assert_eq!(bound_slices(), Some(1));
+        assert_eq!(gate.commit(), Ok(()));
+        drop(gate);
+
+        // In a forked child nothing is open any more.
+        let _gate = Gate::open(Duration::from_secs(1));
+        forget_in_child();
+        assert_eq!(bound_slices(), None);
+        assert!(!give_up(9));
+    }
+}
