@@ -29,7 +29,11 @@ __attribute__((noinline)) long price(long qty) {
     for (int i = 0; i < 3; i++) p += qty >> i;
     return p;
 }
-__attribute__((noinline)) void nothing(void) {}
+/* A lone `ret` with another function right after it: no padding for an entry jump. */
+void nothing(void);
+__asm__(".text\n.globl nothing\n.type nothing, @function\n.p2align 4\nnothing:\n  ret\n"
+        ".size nothing, 1\n.globl nothing_next\n.type nothing_next, @function\n"
+        "nothing_next:\n  ret\n.size nothing_next, 1\n");
 long price_alias(long qty) __attribute__((alias("price")));
 int main(int argc, char **argv) {
     (void)argv;
@@ -89,7 +93,7 @@ fn against_a_binary_lists_replacements_additions_needs_and_warnings() {
             .any(|w| w.as_str().unwrap().contains("price_alias")),
         "{price}"
     );
-    // `nothing` is a lone `ret`: too small for an entry jump.
+    // `nothing` is a lone `ret` with no padding after it: too small for an entry jump.
     assert_eq!(nothing["old_size"], 1, "{nothing}");
     assert!(
         nothing["warnings"][0]

@@ -1,6 +1,7 @@
 //! Inspect: what a patch replaces, adds and needs, checked against a binary or a running
 //! process without changing anything (the `dsu inspect` command).
 
+use dsu_sys::x86::{ENDBR64, JMP_REL32_LEN};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -121,7 +122,22 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                             .collect::<Vec<_>>()
                     })
                     .collect();
-                let around = prepare::Surroundings { parts, read: &read };
+                let padding = if (t.size as usize) < ENDBR64.len() + JMP_REL32_LEN {
+                    let end = t.address + t.size as usize;
+                    let limit = index
+                        .next_start_after(t.module, t.address)
+                        .map_or(prepare::PADDING_LOOKED_AT, |next| next.saturating_sub(end))
+                        .min(prepare::PADDING_LOOKED_AT);
+                    let after = read(end, limit).unwrap_or_default();
+                    after[..prepare::free_padding(&after, end)].to_vec()
+                } else {
+                    Vec::new()
+                };
+                let around = prepare::Surroundings {
+                    parts,
+                    read: &read,
+                    padding,
+                };
                 if let Some(code) = code_of(module, t.address, t.size)
                     && let Err(e) = prepare::plan_redirect(
                         &sym.name,

@@ -18,12 +18,13 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum PrepareError {
     #[error(
-        "{name} in {module} is {size} bytes; an entry jump needs {need}: too small to patch (was it inlined or folded?)"
+        "{name} in {module} is {size} bytes with {free} bytes of free padding after it: too small for an entry jump ({need} bytes). A replacement that fits in {size} bytes (and keeps its unwind rules) is written in place instead; a longer one cannot be switched to"
     )]
     TooSmall {
         name: String,
         module: String,
         size: u64,
+        free: u64,
         need: u64,
     },
     #[error(
@@ -90,24 +91,48 @@ pub struct Redirect {
 
 /// What besides its own body can lead into a function's first bytes: the parts the compiler
 /// split off it (`NAME.cold`, `NAME.cold.N`: they jump back into the body), and the jump tables
-/// of both, read through `read`.
+/// of both, read through `read`; and the free bytes after it.
 pub struct Surroundings<'a> {
     /// `(name, address, code)` of each split-off part.
     pub parts: Vec<(String, usize, Vec<u8>)>,
     /// Reads `len` bytes at an address of the function's module (a jump table); `None` when
     /// they are not there to read.
     pub read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+    /// The alignment padding right after the function, before any other symbol (`nop` and
+    /// `int3` encodings only, as they were before any patch; see [`free_padding`]): bytes no
+    /// code runs, which an entry jump may cover when the function is shorter than the jump.
+    pub padding: Vec<u8>,
 }
 
 impl Surroundings<'_> {
-    /// Nothing around the function (no split-off part, no readable table).
+    /// Nothing around the function (no split-off part, no readable table, no padding).
     pub fn none() -> Surroundings<'static> {
         Surroundings {
             parts: Vec::new(),
             read: &|_, _| None,
+            padding: Vec::new(),
         }
     }
 }
+
+/// The longest prefix of `after` (the bytes after a function, up to the next symbol) made of
+/// whole padding instructions: `int3` and the `nop` forms compilers and assemblers align with.
+pub fn free_padding(after: &[u8], address: usize) -> usize {
+    let mut decoder = Decoder::with_ip(64, after, address as u64, DecoderOptions::NONE);
+    let mut free = 0;
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.is_invalid() || !matches!(instr.mnemonic(), Mnemonic::Nop | Mnemonic::Int3) {
+            break;
+        }
+        free += instr.len();
+    }
+    free
+}
+
+/// How many bytes after a function are looked at for padding: an entry jump never needs more
+/// than 4 of them, and alignment seldom leaves more than 15.
+pub const PADDING_LOOKED_AT: usize = 16;
 
 impl std::fmt::Debug for Surroundings<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,11 +167,17 @@ pub fn plan_redirect(
         0
     };
     let need = (skip + JMP_REL32_LEN) as u64;
+    // A function shorter than the jump takes it over its alignment padding, which no code runs.
+    let mut room = code.to_vec();
     if (code.len() as u64) < need {
+        room.extend_from_slice(&around.padding);
+    }
+    if (room.len() as u64) < need {
         return Err(PrepareError::TooSmall {
             name: name.into(),
             module: module.into(),
             size: code.len() as u64,
+            free: around.padding.len() as u64,
             need,
         });
     }
@@ -170,7 +201,7 @@ pub fn plan_redirect(
         new: new_address,
     })?;
     let mut original = [0; JMP_REL32_LEN];
-    original.copy_from_slice(&code[skip..skip + JMP_REL32_LEN]);
+    original.copy_from_slice(&room[skip..skip + JMP_REL32_LEN]);
     Ok(Redirect {
         site,
         bytes,
@@ -495,6 +526,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![("f.cold".into(), 0x1090, COLD_PART.to_vec())],
             read: &|_, _| None,
+            padding: vec![],
         };
         let e = plan_redirect("f", "m", 0x1280, &COLD_MAIN, 0x9000, &around).unwrap_err();
         assert_eq!(
@@ -537,6 +569,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &read,
+            padding: vec![],
         };
         let e = plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
         assert_eq!(
@@ -559,6 +592,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &read,
+            padding: vec![],
         };
         assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
         // An entry to the entry itself (not inside the jump) is fine too.
@@ -566,6 +600,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &read,
+            padding: vec![],
         };
         assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
     }
@@ -582,6 +617,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &read,
+            padding: vec![],
         };
         let e = plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).unwrap_err();
         assert!(
@@ -620,6 +656,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &read,
+            padding: vec![],
         };
         assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
         // The first entry leads to the end of the body (outside it): the table ends there,
@@ -628,6 +665,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &read,
+            padding: vec![],
         };
         assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
     }
@@ -640,6 +678,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![("f.cold".into(), 0x3000, vec![0xc3; 16])],
             read: &read,
+            padding: vec![],
         };
         let e = plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
         assert!(
@@ -652,6 +691,7 @@ mod tests {
         let around = Surroundings {
             parts: vec![("f.cold".into(), 0x3000, vec![0xc3; 16])],
             read: &read,
+            padding: vec![],
         };
         assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
     }
@@ -673,11 +713,13 @@ mod tests {
         let around = Surroundings {
             parts: vec![],
             read: &into_the_jump_everywhere,
+            padding: vec![],
         };
         assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_err());
         let around = Surroundings {
             parts: vec![],
             read: &into_the_jump_everywhere,
+            padding: vec![],
         };
         // mov rax, [rip + 0x0ff9] (data, not a table base); jmp rax; ret
         let code = [0x48, 0x8b, 0x05, 0xf9, 0x0f, 0x00, 0x00, 0xff, 0xe0, 0xc3];
@@ -731,5 +773,45 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_function_shorter_than_the_jump_takes_it_over_its_padding() {
+        // imul eax, edi, 100; ret (4 bytes), then alignment: nop dword [rax + 0]; int3 x8.
+        let code = [0x6b, 0xc7, 0x64, 0xc3];
+        let after = [
+            0x0f, 0x1f, 0x40, 0x00, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
+        ];
+        assert_eq!(free_padding(&after, AT + 4), 12);
+        let around = Surroundings {
+            parts: vec![],
+            read: &|_, _| None,
+            padding: after.to_vec(),
+        };
+        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around).unwrap();
+        assert_eq!(r.site, AT);
+        assert_eq!(r.original, [0x6b, 0xc7, 0x64, 0xc3, 0x0f]);
+        // Without the padding: refused, saying what would fit.
+        let e =
+            plan_redirect("price", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "price in m is 4 bytes with 0 bytes of free padding after it: too small for an \
+             entry jump (5 bytes). A replacement that fits in 4 bytes (and keeps its unwind \
+             rules) is written in place instead; a longer one cannot be switched to"
+        );
+    }
+
+    #[test]
+    fn padding_ends_at_the_first_byte_that_is_not_a_filler() {
+        // 66 90 (xchg ax, ax), 66 2e 0f 1f 84 00 00 00 00 00 (cs nop word), then push rbp.
+        let after = [
+            0x66, 0x90, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0, 0x55, 0xcc,
+        ];
+        assert_eq!(free_padding(&after, AT), 12);
+        assert_eq!(free_padding(&[0x55, 0xcc], AT), 0);
+        // A filler cut short by the end of what was read is not counted.
+        assert_eq!(free_padding(&[0xcc, 0x0f, 0x1f], AT), 1);
+        assert_eq!(free_padding(&[], AT), 0);
     }
 }

@@ -272,6 +272,19 @@ impl SymbolIndex {
         out
     }
 
+    /// Where the first symbol of `module` after `address` starts (any kind but thread-local,
+    /// whose values are offsets): the end of the bytes that may belong to the symbol at
+    /// `address`.
+    pub fn next_start_after(&self, module: usize, address: usize) -> Option<usize> {
+        self.by_name
+            .values()
+            .flatten()
+            .filter(|s| s.module == module && s.kind != SymbolKind::ThreadLocal)
+            .map(|s| s.address)
+            .filter(|&a| a > address)
+            .min()
+    }
+
     /// The index of the module named `name`.
     pub fn module_named(&self, name: &str) -> Option<usize> {
         self.modules.iter().position(|m| m.name == name)

@@ -182,7 +182,7 @@ impl Engine {
         let read = |at: usize, len: usize| prepare::read_bytes(&maps, at, len);
         let around: Vec<prepare::Surroundings> = resolved_targets
             .iter()
-            .map(|t| plan::surroundings(t, &index, &maps, &read))
+            .map(|t| plan::surroundings(t, &index, &maps, &read, &self.patches))
             .collect();
         let mut functions = plan::plan_functions(&linked, &pristine, &current, &around)?;
         self.plan_call_sites(&mut functions, &index, &maps);

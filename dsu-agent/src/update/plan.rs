@@ -6,7 +6,7 @@
 
 #![allow(unsafe_code)]
 
-use dsu_sys::x86::ENDBR64;
+use dsu_sys::x86::{ENDBR64, JMP_REL32_LEN};
 
 use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
@@ -86,6 +86,7 @@ pub(super) fn surroundings<'a>(
     index: &SymbolIndex,
     maps: &[dsu_sys::maps::MapEntry],
     read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+    applied: &[AppliedPatch],
 ) -> prepare::Surroundings<'a> {
     let parts = prepare::split_part_names(&t.name)
         .flat_map(|part| {
@@ -101,7 +102,39 @@ pub(super) fn surroundings<'a>(
                 .collect::<Vec<_>>()
         })
         .collect();
-    prepare::Surroundings { parts, read }
+    prepare::Surroundings {
+        parts,
+        read,
+        padding: padding_after(t, index, read, applied),
+    }
+}
+
+/// The free padding after target `t` as it was before any patch (an earlier entry jump may
+/// cover it now), up to the next symbol of its module. Looked at only for a function shorter
+/// than an entry jump.
+fn padding_after(
+    t: &Target,
+    index: &SymbolIndex,
+    read: &dyn Fn(usize, usize) -> Option<Vec<u8>>,
+    applied: &[AppliedPatch],
+) -> Vec<u8> {
+    if t.size as usize >= ENDBR64.len() + JMP_REL32_LEN {
+        return Vec::new();
+    }
+    let end = t.address + t.size as usize;
+    let Some(module) = index.module_named(&t.module) else {
+        return Vec::new();
+    };
+    let limit = index
+        .next_start_after(module, t.address)
+        .map_or(prepare::PADDING_LOOKED_AT, |next| next.saturating_sub(end))
+        .min(prepare::PADDING_LOOKED_AT);
+    let Some(now) = read(end, limit) else {
+        return Vec::new();
+    };
+    let before = pristine_code(&now, end, applied);
+    let free = prepare::free_padding(&before, end);
+    before[..free].to_vec()
 }
 
 /// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
@@ -136,10 +169,24 @@ pub(super) fn plan_functions(
                     &around[i],
                 )?;
                 let at = r.site - tg.address;
+                let len = r.bytes.len();
+                // The current bytes under the jump: past the function's end (a jump over its
+                // padding) they are read from memory, as an earlier patch may have written them.
+                let original = match current[i].get(at..at + len) {
+                    Some(bytes) => bytes.to_vec(),
+                    None => (around[i].read)(r.site, len).ok_or_else(|| {
+                        prepare::PrepareError::NotMapped {
+                            name: tg.name.clone(),
+                            module: tg.module.clone(),
+                            address: r.site,
+                            size: len as u64,
+                        }
+                    })?,
+                };
                 let edit = CodeEdit {
                     site: r.site,
                     bytes: r.bytes.to_vec(),
-                    original: current[i][at..at + r.bytes.len()].to_vec(),
+                    original,
                 };
                 (Strategy::Redirect, edit)
             }
