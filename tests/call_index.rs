@@ -9,24 +9,16 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
-use support::{Fixture, cargo_bin, cc_object, cc_program, finish, scratch};
+use support::{Fixture, cargo_bin, cc_object, cc_program, dsu, scratch};
 
 const PROGRAM_C: &str = include_str!("fixtures/two_calls.c");
 
-fn dsu(fx: &Fixture, args: &[&str]) -> String {
-    let child = Command::new(cargo_bin("dsu"))
-        .arg(args[0])
-        .args(["-p", &fx.pid.to_string()])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = finish(child, Duration::from_secs(30));
+/// `dsu ARGS[0] -p PID ARGS[1..]`, which must succeed; its standard output.
+fn dsu_on(fx: &Fixture, args: &[&str]) -> String {
+    let pid = fx.pid.to_string();
+    let mut all = vec![args[0], "-p", &pid];
+    all.extend_from_slice(&args[1..]);
+    let out = dsu(&all);
     assert!(out.status.success(), "dsu {args:?} failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -58,19 +50,19 @@ fn a_dlopen_between_updates_does_not_send_a_caller_to_another_functions_patch() 
     let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
     assert_eq!(fx.send("f"), "f 8");
 
-    let out = dsu(&fx, &["apply", f1.to_str().unwrap()]);
+    let out = dsu_on(&fx, &["apply", f1.to_str().unwrap()]);
     assert!(out.contains("redirect, 1 call site rewritten"), "{out}");
     assert_eq!(fx.send("f"), "f 72");
     assert_eq!(fx.send("dlopen"), "opened");
-    dsu(&fx, &["apply", g1.to_str().unwrap()]);
+    dsu_on(&fx, &["apply", g1.to_str().unwrap()]);
     assert_eq!(fx.send("g"), "g 702");
-    dsu(&fx, &["revert"]);
-    dsu(&fx, &["revert"]);
+    dsu_on(&fx, &["revert"]);
+    dsu_on(&fx, &["revert"]);
     assert_eq!((fx.send("f"), fx.send("g")), ("f 8".into(), "g 9".into()));
 
-    let out = dsu(&fx, &["apply", g1.to_str().unwrap()]);
+    let out = dsu_on(&fx, &["apply", g1.to_str().unwrap()]);
     assert!(out.contains("1 call site rewritten"), "{out}");
-    let out = dsu(&fx, &["apply", g2.to_str().unwrap()]);
+    let out = dsu_on(&fx, &["apply", g2.to_str().unwrap()]);
     assert!(
         out.contains("1 call site rewritten"),
         "only main's call of dsu_g is dsu_g's: {out}"

@@ -11,10 +11,8 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use support::{Fixture, cargo_bin, cc_object, cc_program, finish, scratch};
+use support::{Fixture, cargo_bin, cc_object, cc_program, dsu, scratch};
 
 const PROGRAM_C: &str = include_str!("fixtures/entry_branches.c");
 
@@ -39,17 +37,6 @@ fn start(dir: &Path) -> Fixture {
     );
     let library = cargo_bin("libdsu_agent.so");
     Fixture::start(dir, &program, &[], &[("LD_PRELOAD", library.as_path())])
-}
-
-fn dsu(args: &[&str]) -> Output {
-    let child = Command::new(cargo_bin("dsu"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child, Duration::from_secs(30))
 }
 
 /// Applies `patch`, which must be refused with `expected` in the message, and checks that the

@@ -8,10 +8,9 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::Output;
 
-use support::{Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, finish, scratch};
+use support::{Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, scratch};
 
 const PROGRAM_C: &str = include_str!("fixtures/own_switch.c");
 const C_X10: &str = "
@@ -20,15 +19,15 @@ uint64_t dsu_fixture_compute(uint64_t x) { return x * 10; }
 ";
 
 fn apply(fx: &Fixture, patch: &std::path::Path) -> Output {
-    let child = Command::new(cargo_bin("dsu"))
-        .args(["apply", "-p", &fx.pid.to_string(), "--timeout", "5"])
-        .arg(patch)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child, Duration::from_secs(30))
+    let pid = fx.pid.to_string();
+    dsu(&[
+        "apply",
+        "-p",
+        &pid,
+        "--timeout",
+        "5",
+        patch.to_str().unwrap(),
+    ])
 }
 
 fn start(dir: &std::path::Path, args: &[&str]) -> Fixture {

@@ -8,10 +8,7 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-use support::{Fixture, cargo_bin, cc_object, cc_program, finish, scratch};
+use support::{Fixture, cargo_bin, cc_object, cc_program, dsu, scratch};
 
 const PROGRAM_C: &str = r#"
 #include <stdio.h>
@@ -37,17 +34,6 @@ int main(void) {
 const DISCOUNT: &str = "
 int dsu_price(int q) { return q > 5 ? q * 90 + (q >> 1) : q * 100; }
 ";
-
-fn dsu(args: &[&str]) -> Output {
-    let child = Command::new(cargo_bin("dsu"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child, Duration::from_secs(30))
-}
 
 #[test]
 fn a_four_byte_function_takes_a_longer_replacement_over_its_padding() {

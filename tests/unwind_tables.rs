@@ -9,10 +9,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Fixture, WAIT, cargo_bin, finish, run, scratch};
+use support::{Fixture, WAIT, cargo_bin, dsu, run, scratch};
 
 const THROWS_CPP: &str = include_str!("fixtures/throws.cpp");
 
@@ -39,17 +39,6 @@ fn cxx(dir: &Path, name: &str, source: &str, args: &[&str]) -> PathBuf {
         .arg(&out)
         .arg(&src));
     out
-}
-
-fn dsu(args: &[&str]) -> Output {
-    let child = Command::new(cargo_bin("dsu"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child, Duration::from_secs(60))
 }
 
 /// `(exceptions caught, normal returns)` so far.

@@ -133,6 +133,18 @@ pub(crate) fn bound_slices() -> Option<u32> {
         .then(|| BOUND_SLICES.load(Ordering::SeqCst))
 }
 
+/// The waits left before a waiting thread may give up, after one more wait of [`SLICE`]
+/// (`timed_out`: it lasted the whole slice; a wake-up or a signal does not count). A thread
+/// that started waiting with no attempt open takes the bound of one opened since.
+/// *Async-signal-safe*.
+pub(crate) fn after_wait(left: Option<u32>, timed_out: bool) -> Option<u32> {
+    match left {
+        Some(n) if timed_out => Some(n.saturating_sub(1)),
+        Some(n) => Some(n),
+        None => bound_slices(),
+    }
+}
+
 /// Called by thread `tid` that has waited its bound: gives the open attempt up, unless the
 /// agent has committed it. Returns whether the thread may go on (the attempt is abandoned, by
 /// this thread or another). *Async-signal-safe*.
@@ -239,6 +251,19 @@ mod tests {
         assert_eq!(bound_slices(), Some(1));
         assert_eq!(gate.commit(), Ok(()));
         drop(gate);
+
+        // Counting down: only whole waits count; no bound until an attempt opens.
+        let _gate = Gate::open(Duration::from_millis(100));
+        assert_eq!(after_wait(Some(2), true), Some(1));
+        assert_eq!(after_wait(Some(0), true), Some(0));
+        assert_eq!(after_wait(Some(2), false), Some(2));
+        assert_eq!(
+            after_wait(None, false),
+            Some(2),
+            "the bound of the attempt opened since"
+        );
+        drop(_gate);
+        assert_eq!(after_wait(None, true), None);
 
         // In a forked child nothing is open any more.
         let _gate = Gate::open(Duration::from_secs(1));

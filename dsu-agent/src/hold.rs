@@ -454,11 +454,7 @@ fn hold_until_closed(generation: u32, pc: u64, sp: u64) {
             break;
         }
         let woke = futex::wait(&CLOSED, seen, Some(gate::SLICE));
-        left = match (left, woke) {
-            (Some(n), Ok(futex::Wake::TimedOut)) => Some(n.saturating_sub(1)),
-            (Some(n), _) => Some(n),
-            (None, _) => gate::bound_slices(),
-        };
+        left = gate::after_wait(left, matches!(woke, Ok(futex::Wake::TimedOut)));
     }
     if let Some(slot) = slot {
         slot.tid.store(0, Ordering::Release);

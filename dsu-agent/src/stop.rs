@@ -305,11 +305,7 @@ extern "C" fn park(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc:
             break;
         }
         let woke = futex::wait(&RELEASED, seen, Some(gate::SLICE));
-        left = match (left, woke) {
-            (Some(n), Ok(futex::Wake::TimedOut)) => Some(n.saturating_sub(1)),
-            (Some(n), _) => Some(n),
-            (None, _) => gate::bound_slices(),
-        };
+        left = gate::after_wait(left, matches!(woke, Ok(futex::Wake::TimedOut)));
     }
 }
 

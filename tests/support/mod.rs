@@ -106,6 +106,20 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the `dsu` command with `args` (stdin closed, output captured), failing the test if it
+/// runs longer than a minute.
+pub fn dsu(args: &[&str]) -> std::process::Output {
+    use std::process::Stdio;
+    let child = Command::new(cargo_bin("dsu"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run dsu {args:?}: {e}"));
+    finish(child, std::time::Duration::from_secs(60))
+}
+
 /// Waits for `child`, killing it and failing the test if it runs longer than `limit`.
 pub fn finish(mut child: std::process::Child, limit: std::time::Duration) -> std::process::Output {
     use std::io::Read;
