@@ -173,7 +173,11 @@ impl Engine {
             .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
             .collect();
         if !in_place.is_empty() {
-            let modules = Checker::for_loaded_modules();
+            let at: Vec<usize> = in_place
+                .iter()
+                .map(|&i| resolved.targets()[i].address)
+                .collect();
+            let modules = Checker::for_modules_holding(&at);
             in_place.retain(|&i| plan::unwinds_in_place(&resolved, i, modules.tables()));
         }
         let resolved_targets = resolved.targets().to_vec();
