@@ -133,6 +133,34 @@ pub fn resolve_patch(bytes: &[u8], index: &SymbolIndex) -> Result<Resolved, Link
     })
 }
 
+/// The unwind rules of a patch's code: `(section, offset in it, rules)` per FDE, or why the
+/// `.eh_frame` could not be read ([`Resolved::new_frame_rules`]).
+#[derive(Debug)]
+pub struct NewFrameRules(Result<Vec<(usize, u64, FrameRules)>, String>);
+
+impl NewFrameRules {
+    /// The rules of target `i`'s new code (an FDE starting at its symbol), `Ok(None)` when no
+    /// FDE describes it.
+    pub fn of_target(&self, resolved: &Resolved, i: usize) -> Result<Option<&FrameRules>, String> {
+        let fdes = self.0.as_ref().map_err(String::clone)?;
+        let t = resolved.resolution.targets.get(i).ok_or("no such target")?;
+        let Definition::Section { section, offset } =
+            resolved.patch.symbols[t.patch_symbol].definition
+        else {
+            return Err(format!("{} is not defined in a section", t.name));
+        };
+        let mut found = fdes
+            .iter()
+            .filter(|(s, at, _)| *s == section && *at == offset)
+            .map(|(_, _, rules)| rules);
+        let first = found.next();
+        if found.next().is_some() {
+            return Err(format!("two FDEs describe {}", t.name));
+        }
+        Ok(first)
+    }
+}
+
 /// A patch bound to the process's symbols, not yet mapped.
 pub struct Resolved {
     patch: PatchObject,
@@ -173,30 +201,24 @@ impl Resolved {
         (s.kind == SectionKind::Code && alone && sym.size == s.size).then_some(s.data.as_slice())
     }
 
-    /// The unwind rules the patch's `.eh_frame` gives target `i`'s new code, relative to its
-    /// entry; `Ok(None)` when no FDE describes it. An FDE is matched to the function through the
-    /// relocation of its start address (the object's own address fields are still zero).
-    pub fn new_frame_rules(&self, i: usize) -> Result<Option<FrameRules>, String> {
-        let t = self.resolution.targets.get(i).ok_or("no such target")?;
-        let Definition::Section {
-            section: code,
-            offset: 0,
-        } = self.patch.symbols[t.patch_symbol].definition
-        else {
-            return Err(format!("{} does not start its section", t.name));
-        };
-        let mut found = None;
+    /// The unwind rules the patch's `.eh_frame` sections give its code, by the section each FDE
+    /// describes (matched through the relocation of the FDE's start address: the object's own
+    /// address fields are still zero). Parsed once for all targets.
+    pub fn new_frame_rules(&self) -> NewFrameRules {
+        let mut by_section: Vec<(usize, u64, FrameRules)> = Vec::new();
         for s in self
             .patch
             .sections
             .iter()
             .filter(|s| s.kind == SectionKind::EhFrame)
         {
-            let fdes =
-                FrameRules::of_object_section(&s.data).map_err(|e| format!("{}: {e}", s.name))?;
+            let fdes = match FrameRules::of_object_section(&s.data) {
+                Ok(fdes) => fdes,
+                Err(e) => return NewFrameRules(Err(format!("{}: {e}", s.name))),
+            };
             for (at, rules) in fdes {
                 if s.data.get(at..at + 4) == Some(&[0xff; 4]) {
-                    return Err(format!("{}: 64-bit FDE at {at:#x}", s.name));
+                    return NewFrameRules(Err(format!("{}: 64-bit FDE at {at:#x}", s.name)));
                 }
                 // The start address follows the 4-byte length and the 4-byte CIE pointer.
                 let start = (at + 8) as u64;
@@ -206,23 +228,22 @@ impl Resolved {
                     .iter()
                     .find(|r| r.section == s.index && r.offset == start)
                 else {
-                    return Err(format!(
+                    return NewFrameRules(Err(format!(
                         "{}: the FDE at {at:#x} has no relocated start",
                         s.name
-                    ));
+                    )));
                 };
-                let describes = match self.patch.symbols.get(r.symbol).map(|s| s.definition) {
-                    Some(Definition::Section { section, offset }) => {
-                        section == code && offset as i64 + r.addend == 0
+                if let Some(Definition::Section { section, offset }) =
+                    self.patch.symbols.get(r.symbol).map(|s| s.definition)
+                {
+                    let start = offset as i64 + r.addend;
+                    if start >= 0 {
+                        by_section.push((section, start as u64, rules));
                     }
-                    _ => false,
-                };
-                if describes && found.replace(rules).is_some() {
-                    return Err(format!("{}: two FDEs describe {}", s.name, t.name));
                 }
             }
         }
-        Ok(found)
+        NewFrameRules(Ok(by_section))
     }
 
     /// Maps and relocates the patch. The targets listed in `in_place` get their new code

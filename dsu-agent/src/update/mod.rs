@@ -114,6 +114,9 @@ impl Engine {
             return;
         };
         let _ = self.call_index(&name, &index, &maps);
+        // Reads every module's dynamic symbols once (cached): the first update need not.
+        let _ = crate::stacks::undeclared_switching();
+        let _ = main_stack_end();
     }
 
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
@@ -178,7 +181,9 @@ impl Engine {
                 .map(|&i| resolved.targets()[i].address)
                 .collect();
             let modules = Checker::for_modules_holding(&at);
-            in_place.retain(|&i| plan::unwinds_in_place(&resolved, i, modules.tables()));
+            let new_rules = resolved.new_frame_rules();
+            in_place
+                .retain(|&i| plan::unwinds_in_place(&resolved, i, &new_rules, modules.tables()));
         }
         let resolved_targets = resolved.targets().to_vec();
         let linked = resolved.link(&self.writer, &in_place, &maps)?;
@@ -459,11 +464,7 @@ impl Engine {
             (!policy.allow_undeclared_stacks && !crate::stacks::ever_declared()).then(|| {
                 attempt::OwnStacks {
                     pid: dsu_sys::threads::getpid(),
-                    main_stack_end: dsu_sys::maps::read_self().ok().and_then(|maps| {
-                        maps.iter()
-                            .find(|m| m.path.as_deref() == Some("[stack]"))
-                            .map(|m| m.end)
-                    }),
+                    main_stack_end: main_stack_end(),
                 }
             });
         let job = attempt::Job {
@@ -735,6 +736,18 @@ fn refusal(
             waited_ms,
         },
     }
+}
+
+/// The end of the main thread's stack (the `[stack]` mapping), which never moves: read once.
+fn main_stack_end() -> Option<usize> {
+    static END: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *END.get_or_init(|| {
+        dsu_sys::maps::read_self().ok().and_then(|maps| {
+            maps.iter()
+                .find(|m| m.path.as_deref() == Some("[stack]"))
+                .map(|m| m.end)
+        })
+    })
 }
 
 fn register_frames(frames: &[(usize, usize)]) -> Vec<usize> {

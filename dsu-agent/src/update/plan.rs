@@ -12,7 +12,7 @@ use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
 use crate::callsites::{CallIndex, CallSite};
 use crate::frame_rules;
-use crate::link::{LinkedPatch, Resolved};
+use crate::link::{LinkedPatch, NewFrameRules, Resolved};
 use crate::prepare;
 use crate::resolve::{SymbolIndex, Target};
 use crate::unwind::CfiTables;
@@ -63,12 +63,17 @@ pub(super) fn fits_in_place(
 /// far as unwinding goes: the patch's table for the new code and the process's table for the old
 /// code must give the same rules over the new code's length, since each will describe the other
 /// code for a while (see [`crate::frame_rules`]). Otherwise the function is redirected.
-pub(super) fn unwinds_in_place(resolved: &Resolved, i: usize, tables: &CfiTables) -> bool {
+pub(super) fn unwinds_in_place(
+    resolved: &Resolved,
+    i: usize,
+    new_rules: &NewFrameRules,
+    tables: &CfiTables,
+) -> bool {
     let (Some(code), Some(target)) = (resolved.in_place_candidate(i), resolved.targets().get(i))
     else {
         return false;
     };
-    let Ok(new) = resolved.new_frame_rules(i) else {
+    let Ok(new) = new_rules.of_target(resolved, i) else {
         return false;
     };
     let old = match tables.frame_rules(target.address) {
@@ -76,7 +81,7 @@ pub(super) fn unwinds_in_place(resolved: &Resolved, i: usize, tables: &CfiTables
         Some(Ok(rules)) => Some(rules),
         Some(Err(_)) => return false,
     };
-    frame_rules::in_place_keeps_unwinding(old.as_ref(), new.as_ref(), code.len() as u64)
+    frame_rules::in_place_keeps_unwinding(old.as_ref(), new, code.len() as u64)
 }
 
 /// What surrounds target `t` in the process: the parts split off it in its module, read now,
