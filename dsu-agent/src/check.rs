@@ -277,21 +277,6 @@ impl Checker {
         checker
     }
 
-    /// A checker for just the loaded modules that hold one of `addresses` (pinned like
-    /// [`for_loaded_modules`](Self::for_loaded_modules)): their unwind tables, cheaply.
-    pub fn for_modules_holding(addresses: &[usize]) -> Checker {
-        let modules = dsu_sys::modules::loaded()
-            .into_iter()
-            .filter(|m| addresses.iter().any(|&a| m.contains(a)))
-            .collect();
-        let (pins, modules) = Pins::take(modules);
-        // SAFETY: as in `for_loaded_modules`: loader records of modules loaded now, the
-        // libraries among them pinned by `pins`, which lives as long as the checker.
-        let mut checker = unsafe { Checker::new(&modules) };
-        checker._pins = pins;
-        checker
-    }
-
     /// A checker for `modules`.
     ///
     /// # Safety

@@ -175,15 +175,13 @@ impl Engine {
         let mut in_place: Vec<usize> = (0..resolved.targets().len())
             .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
             .collect();
+        // The loaded modules' unwind tables: for the in-place decision now (before any patch
+        // table is added to it), for the activeness check later.
+        let checker = Checker::for_loaded_modules();
         if !in_place.is_empty() {
-            let at: Vec<usize> = in_place
-                .iter()
-                .map(|&i| resolved.targets()[i].address)
-                .collect();
-            let modules = Checker::for_modules_holding(&at);
             let new_rules = resolved.new_frame_rules();
             in_place
-                .retain(|&i| plan::unwinds_in_place(&resolved, i, &new_rules, modules.tables()));
+                .retain(|&i| plan::unwinds_in_place(&resolved, i, &new_rules, checker.tables()));
         }
         let resolved_targets = resolved.targets().to_vec();
         let linked = resolved.link(&self.writer, &in_place, &maps)?;
@@ -219,6 +217,7 @@ impl Engine {
         }
         let registered = register_frames(&linked.eh_frames);
         let switched = self.switch(
+            checker,
             &edits,
             &edit_names,
             &ranges,
@@ -385,8 +384,16 @@ impl Engine {
         names.push(format!("code of patch {}", patch.id));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let edit_names: Vec<&str> = edit_names.iter().map(String::as_str).collect();
-        let (attempts, stages) =
-            self.switch(&edits, &edit_names, &ranges, &names, &[], policy, started)?;
+        let (attempts, stages) = self.switch(
+            Checker::for_loaded_modules(),
+            &edits,
+            &edit_names,
+            &ranges,
+            &names,
+            &[],
+            policy,
+            started,
+        )?;
 
         let patch = self.patches.remove(at);
         deregister_frames(&patch.eh_frames.iter().map(|f| f.0).collect::<Vec<_>>());
@@ -428,10 +435,12 @@ impl Engine {
     }
 
     /// Stops the world until nothing in `ranges` is active, then writes the edits. Returns
-    /// the number of attempts.
+    /// the number of attempts. `checker` holds the loaded modules' unwind tables; the applied
+    /// patches' and `new_eh_frames` are added here.
     #[allow(clippy::too_many_arguments)]
     fn switch(
         &mut self,
+        mut checker: Checker,
         edits: &[CodeEdit],
         edit_names: &[&str],
         ranges: &Ranges,
@@ -440,7 +449,6 @@ impl Engine {
         policy: &Policy,
         started: Instant,
     ) -> Result<(u32, Stages), UpdateError> {
-        let mut checker = Checker::for_loaded_modules();
         let frames = self.patches.iter().flat_map(|p| p.eh_frames.iter());
         for &(start, len) in frames.chain(new_eh_frames) {
             // SAFETY: each range is the relocated `.eh_frame` of a patch image that stays
