@@ -128,18 +128,29 @@ pub enum CliError {
 
     // Exit 4: no answer in time.
     #[error(
-        "timed out after {:.1}s waiting for process {pid} to answer; {}",
+        "timed out after {:.1}s waiting for process {pid} to answer; {}{}",
         .waited.as_secs_f64(),
         if *.withdrawn {
             "the request was withdrawn before the agent took it: nothing changed"
         } else {
             "the agent took the request and may still act on it: check `dsu status`"
+        },
+        if *.stopped {
+            format!(
+                ". Process {pid} is stopped (SIGSTOP, a job-control stop or a debugger), so its \
+                 agent cannot answer: continue it (`kill -CONT {pid}`, or detach the debugger) \
+                 and retry"
+            )
+        } else {
+            String::new()
         }
     )]
     TimedOut {
         pid: u32,
         waited: Duration,
         withdrawn: bool,
+        /// The process was stopped when the wait ended (`T` or `t` in `/proc/PID/stat`).
+        stopped: bool,
     },
 
     #[error("{0}")]

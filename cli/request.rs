@@ -62,6 +62,7 @@ pub fn exchange(
                 pid: target.pid,
                 waited: now - started,
                 withdrawn: !taken,
+                stopped: is_stopped(target.pid),
             });
         }
         let mut fds = vec![stream.as_fd()];
@@ -166,4 +167,19 @@ fn new_id() -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{}-{nanos}", std::process::id())
+}
+
+/// Whether process `pid` is stopped: by a signal (`T`) or by a tracer (`t`), the state that
+/// follows the command name in `/proc/PID/stat`.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after) = stat.rsplit_once(')')?;
+            after
+                .split_whitespace()
+                .next()
+                .map(|s| s == "T" || s == "t")
+        })
+        .unwrap_or(false)
 }

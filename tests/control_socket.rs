@@ -464,3 +464,34 @@ unsigned long dsu_fixture_block(int fd) {
     let text = succeeded("dsu status", &dsu(&["status", "-p", &pid]));
     assert!(text.contains("no patch applied"), "{text}");
 }
+
+#[test]
+fn a_stopped_process_times_out_saying_it_is_stopped_and_how_to_continue_it() {
+    let dir = scratch("socket-stopped");
+    let patch = x10_patch(&dir);
+    let mut fx = plain(&dir, "", &[]);
+    let pid = fx.pid.to_string();
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(fx.pid as i32, libc::SIGSTOP) }, 0);
+    let out = dsu(&[
+        "apply",
+        "-p",
+        &pid,
+        "--timeout",
+        "1",
+        patch.to_str().unwrap(),
+    ]);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(fx.pid as i32, libc::SIGCONT) }, 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&format!("Process {pid} is stopped (SIGSTOP"))
+            && stderr.contains(&format!("kill -CONT {pid}")),
+        "{stderr}"
+    );
+    // Continued, it answers again.
+    assert_eq!(fx.send("signals"), "signals 0");
+    let json = status_json(fx.pid);
+    assert!(json["agent"].is_object(), "{json}");
+}

@@ -21,7 +21,12 @@ use crate::load::{Definition, PatchObject};
 pub enum ResolveError {
     #[error("cannot read symbols of {module}: {reason}")]
     Module { module: String, reason: String },
-    #[error("undefined symbol{} not found in the process: {}", plural(.names.len()), .names.join(", "))]
+    #[error(
+        "undefined symbol{} not found in the process: {}{}",
+        plural(.names.len()),
+        .names.join(", "),
+        unresolved_hint(.names)
+    )]
     Unresolved { names: Vec<String> },
     #[error("symbol {name} is ambiguous in the process; candidates: {}", .candidates.join(", "))]
     Ambiguous {
@@ -45,6 +50,18 @@ pub enum ResolveError {
         .functions.join(", ")
     )]
     NothingToReplace { functions: Vec<String> },
+}
+
+/// What usually explains an unresolved name a patch needs.
+fn unresolved_hint(names: &[String]) -> &'static str {
+    if names.iter().any(|n| n.contains("panic_const_")) {
+        ". The patch checks arithmetic for overflow (core's panic_const_* functions), which a \
+         release program does not contain: the patch was built without optimisation or with \
+         debug assertions; build it with the program's flags (rustc -O, or \
+         -C debug-assertions=off)"
+    } else {
+        ""
+    }
 }
 
 fn plural(n: usize) -> &'static str {
@@ -477,4 +494,31 @@ pub fn index_file(path: &Path, bias: usize) -> Result<SymbolIndex, ResolveError>
         tls_modid: 0,
     })?;
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overflow_check_the_program_lacks_says_the_patch_was_built_unoptimised() {
+        let e = ResolveError::Unresolved {
+            names: vec![
+                "_RNvNtNtCsk2PQ1Tgl0K4_4core9panicking11panic_const24panic_const_mul_overflow"
+                    .into(),
+            ],
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("built without optimisation") && text.contains("rustc -O"),
+            "{text}"
+        );
+        let e = ResolveError::Unresolved {
+            names: vec!["missing_helper".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "undefined symbol not found in the process: missing_helper"
+        );
+    }
 }
