@@ -391,21 +391,24 @@ fn ambiguous_static_symbols_are_refused_with_candidates() {
 
 #[test]
 fn unsupported_relocation_is_named() {
-    let dir = support::scratch("tls");
+    let dir = support::scratch("gotoff");
+    // An offset from the GOT (R_X86_64_GOTOFF64) against a function the program has: resolved,
+    // then refused by type, naming it.
     let obj = support::cc_object(
         &dir,
-        "tls",
+        "gotoff",
         r#"
-extern __thread long dsu_test_tls;
-long dsu_test_price(long x) { return x + dsu_test_tls; }
+long dsu_test_price(long x) { return x + 1; }
+__asm__(".section .data.gotoff,\"aw\"\n.globl dsu_gotoff\ndsu_gotoff:\n"
+        "  .quad dsu_test_base@GOTOFF\n.text\n");
 "#,
-        &["-ftls-model=initial-exec"],
+        &[],
     );
-    // The symbol does not exist either; TLS relocations are refused first or it is unresolved.
     let e = link_file(&obj).unwrap_err().to_string();
     assert!(
-        e.contains("dsu_test_tls"),
-        "error should name the symbol: {e}"
+        e.contains("R_X86_64_GOTOFF64 against dsu_test_base")
+            && e.contains("unsupported relocation type"),
+        "error should name the relocation and its symbol: {e}"
     );
 }
 

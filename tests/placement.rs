@@ -266,13 +266,21 @@ fn a_process_that_forbids_gaining_execute_permission_is_patched() {
     assert_eq!(r["functions"][0]["strategy"], "redirect");
     fx.expect("small", "small 1700");
     fx.expect("pointer", "pointer 700");
-    // No mapping of the process is writable and executable at once.
+    // The new code runs from a mapping that is executable and not writable: under MDWE the
+    // image was mapped executable from the start (the kernel would refuse to add execute
+    // permission later, and to map it writable and executable at once).
+    let new_code = hex(&r["functions"][0]["new_address"]);
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", fx.pid)).unwrap();
-    assert!(
-        !maps.lines().any(|l| l
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|p| p.starts_with("rwx"))),
-        "{maps}"
-    );
+    let perms = maps
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let (range, perms) = (w.next()?, w.next()?);
+            let (lo, hi) = range.split_once('-')?;
+            let lo = usize::from_str_radix(lo, 16).ok()?;
+            let hi = usize::from_str_radix(hi, 16).ok()?;
+            (lo <= new_code && new_code < hi).then(|| perms.to_string())
+        })
+        .unwrap_or_else(|| panic!("no mapping holds the new code at {new_code:#x}:\n{maps}"));
+    assert_eq!(&perms[..3], "r-x", "the new code's mapping: {perms}");
 }

@@ -103,7 +103,53 @@ pub fn cargo_bin(name: &str) -> PathBuf {
         "{} is missing: run `cargo build --workspace --all-targets` first",
         path.display()
     );
+    // A test file run alone (`cargo test --test NAME`) does not rebuild the agent's libraries,
+    // `dsu` or the examples: refuse to run an artifact older than the code it is built from.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
+    if let Some((newest, source)) = newest_source()
+        && newest > built
+    {
+        panic!(
+            "{} is older than {}: run `cargo build --workspace --all-targets` first",
+            path.display(),
+            source.display()
+        );
+    }
     path
+}
+
+/// The most recently modified source file the artifacts are built from.
+fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
+    static NEWEST: std::sync::OnceLock<Option<(std::time::SystemTime, PathBuf)>> =
+        std::sync::OnceLock::new();
+    NEWEST
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let mut newest = None;
+            let mut dirs: Vec<PathBuf> = ["dsu-agent/src", "dsu-sys/src", "cli", "examples"]
+                .iter()
+                .map(|d| root.join(d))
+                .collect();
+            while let Some(dir) = dirs.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.is_dir() {
+                        dirs.push(path);
+                    } else if path.extension().is_some_and(|e| e == "rs")
+                        && let Ok(modified) = meta.modified()
+                        && newest.as_ref().is_none_or(|(t, _)| modified > *t)
+                    {
+                        newest = Some((modified, path));
+                    }
+                }
+            }
+            newest
+        })
+        .clone()
 }
 
 /// Runs the `dsu` command with `args` (stdin closed, output captured), failing the test if it
