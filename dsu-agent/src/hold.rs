@@ -151,36 +151,13 @@ extern "C" fn restore_in_child() {
         // SAFETY: published by `Window::open` from a live slice; the child's copy of the parent's
         // memory holds it unchanged (the agent thread that owned it does not exist here).
         let edits = unsafe { std::slice::from_raw_parts(edits, len) };
-        let path = c"/proc/self/mem";
-        // SAFETY: a NUL-terminated path; openat only reads it.
-        let fd = unsafe {
-            dsu_sys::raw::call(
-                libc::SYS_openat,
-                &[
-                    libc::AT_FDCWD as usize,
-                    path.as_ptr() as usize,
-                    (libc::O_RDWR | libc::O_CLOEXEC) as usize,
-                ],
+        // SAFETY: every edit's site is in this process's code (the child's copy of it), and
+        // the child's only thread is here, not running those bytes.
+        let _ = unsafe {
+            dsu_sys::code::write_through_fresh_proc_mem(
+                edits.iter().map(|e| (e.site, e.original.as_slice())),
             )
         };
-        if let Ok(fd) = fd {
-            for edit in edits {
-                // SAFETY: `edit.original` is a live buffer of its length; pwrite64 only reads it.
-                let _ = unsafe {
-                    dsu_sys::raw::call(
-                        libc::SYS_pwrite64,
-                        &[
-                            fd,
-                            edit.original.as_ptr() as usize,
-                            edit.original.len(),
-                            edit.site,
-                        ],
-                    )
-                };
-            }
-            // SAFETY: closes the descriptor opened above.
-            let _ = unsafe { dsu_sys::raw::call(libc::SYS_close, &[fd]) };
-        }
     }
     let generation = (STATE.load(Ordering::SeqCst) >> 1) as u32;
     STATE.store(u64::from(generation) << 1, Ordering::SeqCst);

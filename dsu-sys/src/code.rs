@@ -14,7 +14,7 @@
 
 use std::arch::asm;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::mem::{Mapping, Prot, page_size, round_down, round_up};
 
@@ -149,7 +149,7 @@ impl CodeWriter {
             .checked_add(bytes.len())
             .ok_or(io::ErrorKind::InvalidInput)?;
         match &self.inner {
-            Inner::ProcSelfMem(fd) => pwrite_all(fd, addr, bytes),
+            Inner::ProcSelfMem(fd) => pwrite_all(fd.as_raw_fd(), addr, bytes),
             Inner::Mprotect => {
                 let (first, pages_len) = page_span(addr, end).ok_or(io::ErrorKind::InvalidInput)?;
                 if overlaps_writer(first, pages_len) {
@@ -206,9 +206,45 @@ fn open_proc_self_mem() -> io::Result<OwnedFd> {
     Ok(file.into())
 }
 
-/// `pwrite` all of `bytes` at offset `addr` of `/proc/self/mem`, across short writes and
-/// `EINTR`. Async-signal-safe.
-fn pwrite_all(fd: &OwnedFd, addr: usize, bytes: &[u8]) -> io::Result<()> {
+/// Writes each `(address, bytes)` of `writes` into this process's code through a
+/// `/proc/self/mem` opened for this call alone, with raw system calls only (no allocation, no
+/// C library: async-signal-safe). For a forked child: the descriptor of a [`CodeWriter`] it
+/// inherited still writes into the parent's memory. Every write is tried; the first failure is
+/// returned.
+///
+/// # Safety
+/// As [`CodeWriter::write`] through `/proc/self/mem`: every range lies in this process's code,
+/// and no thread runs the bytes while they change.
+pub unsafe fn write_through_fresh_proc_mem<'a>(
+    writes: impl IntoIterator<Item = (usize, &'a [u8])>,
+) -> io::Result<()> {
+    let path = c"/proc/self/mem";
+    // SAFETY: a NUL-terminated path that outlives the call; openat only reads it.
+    let fd = unsafe {
+        crate::raw::call(
+            libc::SYS_openat,
+            &[
+                libc::AT_FDCWD as usize,
+                path.as_ptr() as usize,
+                (libc::O_RDWR | libc::O_CLOEXEC) as usize,
+            ],
+        )
+    }? as RawFd;
+    let mut written = Ok(());
+    for (addr, bytes) in writes {
+        let result = pwrite_all(fd, addr, bytes);
+        if written.is_ok() {
+            written = result;
+        }
+    }
+    // SAFETY: closes the descriptor opened above, used by nothing else.
+    let _ = unsafe { crate::raw::call(libc::SYS_close, &[fd as usize]) };
+    written
+}
+
+/// `pwrite` all of `bytes` at offset `addr` of `/proc/self/mem` (open as `fd`), across short
+/// writes and `EINTR`. Async-signal-safe.
+fn pwrite_all(fd: RawFd, addr: usize, bytes: &[u8]) -> io::Result<()> {
     let mut done = 0;
     while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
         let offset = addr
@@ -222,7 +258,7 @@ fn pwrite_all(fd: &OwnedFd, addr: usize, bytes: &[u8]) -> io::Result<()> {
             crate::raw::call(
                 libc::SYS_pwrite64,
                 &[
-                    fd.as_raw_fd() as usize,
+                    fd as usize,
                     rest.as_ptr() as usize,
                     rest.len(),
                     offset as usize,
