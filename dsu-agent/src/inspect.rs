@@ -1,7 +1,6 @@
 //! Inspect: what a patch replaces, adds and needs, checked against a binary or a running
 //! process without changing anything (the `dsu inspect` command).
 
-use dsu_sys::x86::{ENDBR64, JMP_REL32_LEN};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -110,34 +109,15 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                 let module = &index.modules()[t.module];
                 let mut warnings = aliases(index, &sym.name, t.address);
                 let read = |at: usize, len: usize| code_of(module, at, len as u64);
-                let parts = prepare::split_part_names(&sym.name)
-                    .flat_map(|part| {
-                        index
-                            .definitions(&part)
-                            .iter()
-                            .filter(|p| p.module == t.module)
-                            .filter_map(|p| {
-                                Some((part.clone(), p.address, code_of(module, p.address, p.size)?))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
-                let padding = if (t.size as usize) < ENDBR64.len() + JMP_REL32_LEN {
-                    let end = t.address + t.size as usize;
-                    let limit = index
-                        .next_start_after(t.module, t.address)
-                        .map_or(prepare::PADDING_LOOKED_AT, |next| next.saturating_sub(end))
-                        .min(prepare::PADDING_LOOKED_AT);
-                    let after = read(end, limit).unwrap_or_default();
-                    after[..prepare::free_padding(&after, end)].to_vec()
-                } else {
-                    Vec::new()
-                };
-                let around = prepare::Surroundings {
-                    parts,
-                    read: &read,
-                    padding,
-                };
+                let around = prepare::Surroundings::gather(
+                    index,
+                    t.module,
+                    &sym.name,
+                    t.address,
+                    t.size,
+                    &read,
+                    &|bytes, _| bytes,
+                );
                 if let Some(code) = code_of(module, t.address, t.size)
                     && let Err(e) = prepare::plan_redirect(
                         &sym.name,

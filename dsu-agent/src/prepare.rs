@@ -12,6 +12,8 @@
 #![allow(unsafe_code)]
 
 use dsu_sys::x86::{self, ENDBR64, JMP_REL32_LEN};
+
+use crate::resolve::SymbolIndex;
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use thiserror::Error;
 
@@ -104,7 +106,52 @@ pub struct Surroundings<'a> {
     pub padding: Vec<u8>,
 }
 
-impl Surroundings<'_> {
+impl<'a> Surroundings<'a> {
+    /// What surrounds function `name` (`size` bytes at `address`, in module `module` of
+    /// `index`): its split-off parts and, for a function shorter than an entry jump, the free
+    /// padding after it up to the next symbol, all read through `read` (this process's memory
+    /// for an apply, the binary's sections for `inspect`). `unpatched` gives back bytes read at
+    /// an address as they were before any patch (an earlier entry jump may cover the padding).
+    pub fn gather(
+        index: &SymbolIndex,
+        module: usize,
+        name: &str,
+        address: usize,
+        size: u64,
+        read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+        unpatched: &dyn Fn(Vec<u8>, usize) -> Vec<u8>,
+    ) -> Surroundings<'a> {
+        let parts = split_part_names(name)
+            .flat_map(|part| {
+                index
+                    .definitions(&part)
+                    .iter()
+                    .filter(|p| p.module == module)
+                    .filter_map(|p| {
+                        Some((part.clone(), p.address, read(p.address, p.size as usize)?))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut padding = Vec::new();
+        if (size as usize) < ENDBR64.len() + JMP_REL32_LEN {
+            let end = address + size as usize;
+            let limit = index
+                .next_start_after(module, address)
+                .map_or(PADDING_LOOKED_AT, |next| next.saturating_sub(end))
+                .min(PADDING_LOOKED_AT);
+            if let Some(now) = read(end, limit) {
+                let before = unpatched(now, end);
+                padding = before[..free_padding(&before, end)].to_vec();
+            }
+        }
+        Surroundings {
+            parts,
+            read,
+            padding,
+        }
+    }
+
     /// Nothing around the function (no split-off part, no readable table, no padding).
     pub fn none() -> Surroundings<'static> {
         Surroundings {

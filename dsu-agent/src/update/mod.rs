@@ -183,13 +183,13 @@ impl Engine {
             in_place
                 .retain(|&i| plan::unwinds_in_place(&resolved, i, &new_rules, checker.tables()));
         }
-        let resolved_targets = resolved.targets().to_vec();
         let linked = resolved.link(&self.writer, &in_place, &maps)?;
         let linked_at = Instant::now();
         let read = |at: usize, len: usize| prepare::read_bytes(&maps, at, len);
-        let around: Vec<prepare::Surroundings> = resolved_targets
+        let around: Vec<prepare::Surroundings> = linked
+            .targets
             .iter()
-            .map(|t| plan::surroundings(t, &index, &maps, &read, &self.patches))
+            .map(|t| plan::surroundings(&t.target, &index, &read, &self.patches))
             .collect();
         let mut functions = plan::plan_functions(&linked, &pristine, &current, &around)?;
         self.plan_call_sites(&mut functions, &index, &maps);

@@ -6,7 +6,7 @@
 
 #![allow(unsafe_code)]
 
-use dsu_sys::x86::{ENDBR64, JMP_REL32_LEN};
+use dsu_sys::x86::ENDBR64;
 
 use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
@@ -84,62 +84,23 @@ pub(super) fn unwinds_in_place(
     frame_rules::in_place_keeps_unwinding(old.as_ref(), new, code.len() as u64)
 }
 
-/// What surrounds target `t` in the process: the parts split off it in its module, read now,
-/// and `read` for its jump tables.
+/// What surrounds target `t` in this process ([`prepare::Surroundings::gather`]), with the
+/// padding after it as it was before any patch in `applied`.
 pub(super) fn surroundings<'a>(
     t: &Target,
     index: &SymbolIndex,
-    maps: &[dsu_sys::maps::MapEntry],
     read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
     applied: &[AppliedPatch],
 ) -> prepare::Surroundings<'a> {
-    let parts = prepare::split_part_names(&t.name)
-        .flat_map(|part| {
-            index
-                .definitions(&part)
-                .iter()
-                .filter(|p| index.module_name(p.module) == t.module)
-                .filter_map(|p| {
-                    let code =
-                        prepare::read_code(&part, &t.module, p.address, p.size, maps).ok()?;
-                    Some((part.clone(), p.address, code))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    prepare::Surroundings {
-        parts,
-        read,
-        padding: padding_after(t, index, read, applied),
-    }
-}
-
-/// The free padding after target `t` as it was before any patch (an earlier entry jump may
-/// cover it now), up to the next symbol of its module. Looked at only for a function shorter
-/// than an entry jump.
-fn padding_after(
-    t: &Target,
-    index: &SymbolIndex,
-    read: &dyn Fn(usize, usize) -> Option<Vec<u8>>,
-    applied: &[AppliedPatch],
-) -> Vec<u8> {
-    if t.size as usize >= ENDBR64.len() + JMP_REL32_LEN {
-        return Vec::new();
-    }
-    let end = t.address + t.size as usize;
     let Some(module) = index.module_named(&t.module) else {
-        return Vec::new();
+        return prepare::Surroundings {
+            parts: Vec::new(),
+            read,
+            padding: Vec::new(),
+        };
     };
-    let limit = index
-        .next_start_after(module, t.address)
-        .map_or(prepare::PADDING_LOOKED_AT, |next| next.saturating_sub(end))
-        .min(prepare::PADDING_LOOKED_AT);
-    let Some(now) = read(end, limit) else {
-        return Vec::new();
-    };
-    let before = pristine_code(&now, end, applied);
-    let free = prepare::free_padding(&before, end);
-    before[..free].to_vec()
+    let unpatched = |now: Vec<u8>, at: usize| pristine_code(&now, at, applied);
+    prepare::Surroundings::gather(index, module, &t.name, t.address, t.size, read, &unpatched)
 }
 
 /// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
