@@ -30,8 +30,13 @@
 //! says so.
 //!
 //! The handler is *async-signal-safe*: atomics, the preallocated tables, raw `futex`,
-//! `tgkill` and `sigaction` only. It never blocks the stop signal, so a held thread can still
-//! be parked and checked.
+//! `tgkill`, `sigaction` and the code writer's raw `pwrite` only. It never blocks the stop
+//! signal, so a held thread can still be parked and checked, and it runs on the thread's own
+//! stack (two nested handlers do not fit on a small alternate stack). A held thread waits at
+//! most the attempt's bound: then it gives the attempt up, puts the original first bytes back
+//! and goes on ([`crate::gate`]). A child forked while a window is open gets the original
+//! bytes of every edit back at once (`pthread_atfork`), since no agent thread will close the
+//! window there.
 //!
 //! Unsafe code is allowed here: this module installs the `SIGTRAP` handler, reads and changes
 //! the trapped context, and calls the previous handler; every block states its invariant.

@@ -19,7 +19,9 @@
 //! The handler (`park`) claims a slot index with a compare-and-swap on `state` that only
 //! succeeds while round `r` is open, copies its interrupted registers into the slot, tags the
 //! slot `(r, tid)`, bumps `parked` (waking the stopper once the count reaches what it waits
-//! for), then sleeps on the `RELEASED` futex until `RELEASED >= r` (wrapping comparison).
+//! for), then sleeps on the `RELEASED` futex until `RELEASED >= r` (wrapping comparison), or,
+//! during an update, until the attempt's bound has passed and it may give the attempt up
+//! ([`crate::gate`]).
 //! Resuming (or aborting) closes the round (`state` back to 0), then stores `RELEASED = r`
 //! and wakes everyone. The tags are the truth; `parked` is only a wake-up hint.
 //!
@@ -57,11 +59,11 @@ use std::time::Duration;
 use dsu_sys::raw::Moment as Instant;
 
 use dsu_sys::futex;
-
-use crate::gate;
 use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers};
 use dsu_sys::stack::StackMaps;
 use dsu_sys::threads;
+
+use crate::gate;
 
 /// Errors of stopping the world. Every one leaves all threads running.
 #[derive(Debug, thiserror::Error)]
