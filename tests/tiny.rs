@@ -87,3 +87,206 @@ fn a_four_byte_function_takes_a_longer_replacement_over_its_padding() {
     );
     assert!(fx.alive(), "{}", fx.log());
 }
+
+/// Functions packed with no padding between them (`-falign-functions=1`): `dsu_tight` and
+/// `dsu_tight2` are 4 bytes each with another function right after, `dsu_ping` is a lone
+/// `ret`. The two 64-byte aligned functions around them leave a gap of alignment padding
+/// within reach of a short jump. Calls go through function pointers too, which no call-site
+/// rewrite reaches: they take the entry jump.
+const PACKED_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+volatile int dsu_hits;
+__attribute__((noinline, noipa, aligned(64))) int dsu_first(int q) { return q - 1; }
+__attribute__((noinline, noipa)) int dsu_tight(int q) { return q * 100; }
+__attribute__((noinline, noipa)) int dsu_next(int q) { return q + 1; }
+__attribute__((noinline, noipa)) int dsu_tight2(int q) { return q * 2; }
+__attribute__((noinline, noipa)) void dsu_ping(void) { }
+__attribute__((noinline, noipa)) int dsu_next2(int q) { return q + 2; }
+__attribute__((noinline, noipa, aligned(64))) int dsu_last(int q) { return q - 2; }
+int (*volatile tight_ptr)(int) = dsu_tight;
+int (*volatile tight2_ptr)(int) = dsu_tight2;
+void (*volatile ping_ptr)(void) = dsu_ping;
+int main(void) {
+    if (dsu_first(1) + dsu_next(0) + dsu_next2(0) + dsu_last(2) != 3) return 1;
+    printf("ready %d\naddresses tight=%p next=%p tight2=%p ping=%p next2=%p\n", (int)getpid(),
+           (void *)dsu_tight, (void *)dsu_next, (void *)dsu_tight2, (void *)dsu_ping,
+           (void *)dsu_next2);
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        ping_ptr();
+        printf("price %d %d %d %d hits %d\n", dsu_tight(7), tight_ptr(7), dsu_tight2(7),
+               tight2_ptr(7), dsu_hits);
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+const PACKED_FLAGS: &[&str] = &["-falign-functions=1", "-fno-toplevel-reorder"];
+
+/// Both tiny functions, each longer than the original.
+const TWO_TIGHT: &str = "
+int dsu_tight(int q) { return q > 5 ? q * 90 + (q >> 1) : q * 100; }
+int dsu_tight2(int q) { return q > 5 ? q * 3 + 1 : q * 2; }
+";
+
+/// Longer than the 1-byte `ret` it replaces.
+const PING: &str = "
+extern volatile int dsu_hits;
+void dsu_ping(void) { dsu_hits++; }
+";
+
+#[test]
+fn functions_with_no_padding_after_them_jump_short_to_trampolines_in_nearby_padding() {
+    let dir = scratch("tiny-packed");
+    let program = cc_program(&dir, "packed", &[("packed.c", PACKED_C)], PACKED_FLAGS);
+    let patch = cc_object(&dir, "two", TWO_TIGHT, &[]);
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    let (tight, tight2) = (fx.address("tight"), fx.address("tight2"));
+    let sizes = (fx.code("tight").len(), fx.code("tight2").len());
+    assert!(
+        sizes.0 < 5 && sizes.1 < 5,
+        "the fixture's functions: {sizes:?}"
+    );
+    assert_eq!(
+        fx.address("next"),
+        tight + sizes.0,
+        "padding after dsu_tight"
+    );
+    assert_eq!(
+        fx.address("ping"),
+        tight2 + sizes.1,
+        "padding after dsu_tight2"
+    );
+    assert_eq!(fx.send("go"), "price 700 700 14 14 hits 0");
+    // The region from 128 bytes before the first to 135 after the second: every byte the short
+    // jumps and their trampolines can touch.
+    let region = tight - 128;
+    let before = fx.read_memory(region, tight2 - region + 136);
+
+    let out = dsu(&[
+        "inspect",
+        "--against",
+        program.to_str().unwrap(),
+        patch.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!report.contains("warning"), "{report}");
+
+    let pid = fx.pid.to_string();
+    let out = dsu(&["apply", "-p", &pid, patch.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fx.send("go"), "price 633 633 22 22 hits 0");
+    let after = fx.read_memory(region, before.len());
+    let mut trampolines = Vec::new();
+    for entry in [tight, tight2] {
+        let at = entry - region;
+        assert_eq!(
+            after[at],
+            0xeb,
+            "a short jump at {entry:#x}: {:02x?}",
+            &after[at..at + 2]
+        );
+        assert_eq!(
+            after[at + 2..at + 4],
+            before[at + 2..at + 4],
+            "only 2 bytes change"
+        );
+        let to = (entry + 2).wrapping_add_signed(after[at + 1] as i8 as isize);
+        let t = to - region;
+        assert_eq!(after[t], 0xe9, "a jmp rel32 at the trampoline {to:#x}");
+        for f in ["tight", "next", "tight2", "ping", "next2"] {
+            let (start, len) = (fx.address(f), fx.code(f).len());
+            assert!(
+                to + 5 <= start || to >= start + len,
+                "the trampoline at {to:#x} overwrote dsu_{f}"
+            );
+        }
+        trampolines.push(to);
+    }
+    assert!(
+        trampolines[0].abs_diff(trampolines[1]) >= 5,
+        "two trampolines in one place: {trampolines:x?}"
+    );
+    let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert!(changed <= 2 * 2 + 2 * 5, "{changed} bytes changed");
+
+    // The same fix again on top: new trampolines, clear of the first patch's.
+    let out = dsu(&["apply", "-p", &pid, patch.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fx.send("go"), "price 633 633 22 22 hits 0");
+    let again = fx.read_memory(region, before.len());
+    for (entry, first) in [tight, tight2].into_iter().zip(&trampolines) {
+        let at = entry - region;
+        let to = (entry + 2).wrapping_add_signed(again[at + 1] as i8 as isize);
+        assert!(
+            to.abs_diff(*first) >= 5,
+            "a trampoline over the first patch's"
+        );
+        assert_eq!(
+            again[*first - region],
+            0xe9,
+            "the first patch's trampoline stays"
+        );
+    }
+    let out = dsu(&["revert", "-p", &pid]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        fx.read_memory(region, before.len()),
+        after,
+        "back to the first patch"
+    );
+
+    let out = dsu(&["revert", "-p", &pid]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fx.send("go"), "price 700 700 14 14 hits 0");
+    assert_eq!(
+        fx.read_memory(region, before.len()),
+        before,
+        "the entries and the padding are back"
+    );
+    assert!(fx.alive(), "{}", fx.log());
+}
+
+#[test]
+fn a_one_byte_function_is_refused_with_what_to_do_by_inspect_and_apply_alike() {
+    let dir = scratch("tiny-ret");
+    let program = cc_program(&dir, "packed", &[("packed.c", PACKED_C)], PACKED_FLAGS);
+    let patch = cc_object(&dir, "ping", PING, &[]);
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    let ping = fx.code("ping");
+    assert_eq!(ping, [0xc3], "the fixture's dsu_ping is not a lone ret");
+    let hint = "patch the functions that call dsu_ping instead";
+
+    let out = dsu(&[
+        "inspect",
+        "--against",
+        program.to_str().unwrap(),
+        patch.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        report.contains("error: dsu_ping in")
+            && report.contains("too small for even a short jump")
+            && report.contains(hint),
+        "{report}"
+    );
+
+    let pid = fx.pid.to_string();
+    let out = dsu(&["apply", "-p", &pid, patch.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("too small for even a short jump") && stderr.contains(hint),
+        "{stderr}"
+    );
+    assert_eq!(fx.code("ping"), ping, "the process is unchanged");
+    assert_eq!(fx.send("go"), "price 700 700 14 14 hits 0");
+}

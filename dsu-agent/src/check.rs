@@ -41,6 +41,9 @@ pub struct Ranges {
     max_end: Vec<usize>,
     /// `[lowest start, highest end)`: most words a scan reads lie outside, rejected at once.
     span: (usize, usize),
+    /// Ranges where even a thread held at a breakpoint is active: a trampoline an update takes
+    /// away, where the thread would resume into padding.
+    held: Vec<(usize, usize, usize)>,
 }
 
 impl Ranges {
@@ -62,6 +65,24 @@ impl Ranges {
             self.max_end.push(m);
         }
         self.span = (self.items[0].0, m);
+    }
+
+    /// Adds `[start, end)` for `target` as a range where a thread held at a breakpoint site is
+    /// active too (see [`Ranges::find_held`]).
+    pub fn push_held_too(&mut self, start: usize, end: usize, target: usize) {
+        self.push(start, end, target);
+        if start < end {
+            self.held.push((start, end, target));
+        }
+    }
+
+    /// The target of a range where a thread held at breakpoint `site` is active: it was about
+    /// to execute bytes the update takes away.
+    pub fn find_held(&self, site: usize) -> Option<usize> {
+        self.held
+            .iter()
+            .find(|&&(s, e, _)| site >= s && site < e)
+            .map(|&(_, _, t)| t)
     }
 
     pub fn len(&self) -> usize {
@@ -409,8 +430,11 @@ impl Checker {
                     let depth = frame.depth;
                     (t, How::ReturnAddress { depth })
                 }),
-                // A thread held at a breakpoint has not executed the site it trapped at.
-                FrameKind::Signal if holds.is_hold(tid, frame.pc, frame.sp) => None,
+                // A thread held at a breakpoint has not executed the site it trapped at; unless
+                // the site goes away (a trampoline a revert removes).
+                FrameKind::Signal if holds.is_hold(tid, frame.pc, frame.sp) => ranges
+                    .find_held(pc.wrapping_sub(1))
+                    .map(|t| (t, How::Interrupted { depth: frame.depth })),
                 FrameKind::Signal => ranges.find(pc).map(|t| {
                     let depth = frame.depth;
                     (t, How::Interrupted { depth })
@@ -579,6 +603,24 @@ fn scan_declared(stack: DeclaredStack, buf: &mut [u8], ranges: &Ranges) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ranges_pushed_held_too_count_a_held_thread() {
+        let mut r = Ranges::new();
+        r.push(0x1000, 0x1010, 0);
+        r.push_held_too(0x2000, 0x2005, 1);
+        // Both count an interrupted pc or a return address.
+        assert_eq!(r.find(0x1000), Some(0));
+        assert_eq!(r.find(0x2004), Some(1));
+        // A thread held at a breakpoint site is active only in the second.
+        assert_eq!(r.find_held(0x1000), None);
+        assert_eq!(r.find_held(0x2000), Some(1));
+        assert_eq!(r.find_held(0x2004), Some(1));
+        assert_eq!(r.find_held(0x2005), None);
+        assert_eq!(r.find_held(0x1fff), None);
+        r.push_held_too(0x3000, 0x3000, 2);
+        assert_eq!(r.find_held(0x3000), None, "an empty range holds nothing");
+    }
 
     #[test]
     fn ranges_find_with_overlaps() {

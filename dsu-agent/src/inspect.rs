@@ -115,8 +115,7 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                     &sym.name,
                     t.address,
                     t.size,
-                    &read,
-                    &|bytes, _| bytes,
+                    &prepare::Reader::unpatched(&read),
                 );
                 if let Some(code) = code_of(module, t.address, t.size)
                     && let Err(e) = prepare::plan_redirect(
@@ -126,9 +125,16 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                         &code,
                         t.address,
                         &around,
+                        &[],
                     )
                 {
-                    warnings.push(e.to_string());
+                    // Longer than the old function, it cannot go in place either: apply
+                    // refuses it. Otherwise apply may still write it in place.
+                    if sym.size > t.size {
+                        out.errors.push(e.to_string());
+                    } else {
+                        warnings.push(e.to_string());
+                    }
                 }
                 out.replaces.push(Replacement {
                     name: sym.name.clone(),

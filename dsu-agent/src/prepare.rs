@@ -6,6 +6,11 @@
 //! no branch inside the function into the overwritten bytes 1..4: a thread taking such a branch
 //! after the update would execute half an instruction. The function is decoded to check.
 //!
+//! A shorter function takes the jump over the alignment padding after it when there is enough;
+//! otherwise, from 2 bytes up, a 2-byte `jmp rel8` to a trampoline: a `jmp rel32` to the new
+//! code written into free alignment padding between two other functions within 128 bytes
+//! (see [`Surroundings::gaps`]).
+//!
 //! Unsafe code is allowed here: this module reads the code of the functions being replaced; every
 //! block states its invariant.
 
@@ -20,9 +25,18 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum PrepareError {
     #[error(
-        "{name} in {module} is {size} bytes with {free} bytes of free padding after it: too small for an entry jump ({need} bytes). A replacement that fits in {size} bytes (and keeps its unwind rules) is written in place instead; a longer one cannot be switched to"
+        "{name} in {module} is {size} bytes: too small for even a short jump ({need} bytes). A replacement that fits in {size} bytes (and keeps its unwind rules) is written in place instead; for a longer one, patch the functions that call {name} instead"
     )]
     TooSmall {
+        name: String,
+        module: String,
+        size: u64,
+        need: u64,
+    },
+    #[error(
+        "{name} in {module} is {size} bytes with {free} bytes of free padding after it, too small for an entry jump ({need} bytes), and no free alignment padding within reach of a short jump (128 bytes) can hold a trampoline. A replacement that fits in {size} bytes (and keeps its unwind rules) is written in place instead; for a longer one, patch the functions that call {name} instead"
+    )]
+    NoTrampolineRoom {
         name: String,
         module: String,
         size: u64,
@@ -85,10 +99,35 @@ pub enum PrepareError {
 pub struct Redirect {
     /// Where the jump is written: the entry, or just after its `endbr64`.
     pub site: usize,
-    /// The jump.
+    /// The jump: a `jmp rel32` to the new code, or a `jmp rel8` to the trampoline.
+    pub bytes: Vec<u8>,
+    /// What the jump overwrites in the code given (the function's pristine bytes, and the
+    /// padding after them for a jump over it).
+    pub original: Vec<u8>,
+    /// The `jmp rel32` a short entry jump leads to.
+    pub trampoline: Option<Trampoline>,
+}
+
+/// A `jmp rel32` to a function's new code in free padding near its entry, reached by a short
+/// jump from the entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trampoline {
+    pub at: usize,
     pub bytes: [u8; JMP_REL32_LEN],
-    /// What the jump overwrites in the code given (the function's pristine bytes).
-    pub original: [u8; JMP_REL32_LEN],
+}
+
+/// Length of `jmp rel8`.
+pub const JMP_REL8_LEN: usize = 2;
+
+/// How far a `jmp rel8` reaches, from the end of the instruction.
+const REL8_REACH: std::ops::RangeInclusive<isize> = -128..=127;
+
+/// `jmp rel8` at `at` to `target`, when in reach.
+fn jmp_rel8(at: usize, target: usize) -> Option<[u8; JMP_REL8_LEN]> {
+    let d = (target as isize).wrapping_sub(at.wrapping_add(JMP_REL8_LEN) as isize);
+    REL8_REACH
+        .contains(&d)
+        .then(|| [0xeb, (d as i8).to_le_bytes()[0]])
 }
 
 /// What besides its own body can lead into a function's first bytes: the parts the compiler
@@ -104,23 +143,50 @@ pub struct Surroundings<'a> {
     /// `int3` encodings only, as they were before any patch; see [`free_padding`]): bytes no
     /// code runs, which an entry jump may cover when the function is shorter than the jump.
     pub padding: Vec<u8>,
+    /// For a function shorter than an entry jump: the gaps `[start, end)` near its entry, each
+    /// the whole space between the end of a sized symbol and the start of the next, made of
+    /// padding instructions only before any patch, and not written by any patch since. No code
+    /// runs there; a trampoline may go there.
+    pub gaps: Vec<(usize, usize)>,
+}
+
+/// How the bytes around a function are read.
+pub struct Reader<'a, 'b> {
+    /// Reads `len` bytes at an address now; `None` when they are not there to read.
+    pub read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
+    /// Gives back bytes read at an address as they were before any patch of this function (an
+    /// earlier entry jump of it may cover its padding).
+    pub before_own: &'b dyn Fn(Vec<u8>, usize) -> Vec<u8>,
+    /// Gives back bytes read at an address as they were before any patch at all.
+    pub before_any: &'b dyn Fn(Vec<u8>, usize) -> Vec<u8>,
+}
+
+impl<'a> Reader<'a, 'static> {
+    /// Bytes of a binary or of a process no patch has touched.
+    pub fn unpatched(read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>) -> Reader<'a, 'static> {
+        Reader {
+            read,
+            before_own: &|bytes, _| bytes,
+            before_any: &|bytes, _| bytes,
+        }
+    }
 }
 
 impl<'a> Surroundings<'a> {
     /// What surrounds function `name` (`size` bytes at `address`, in module `module` of
     /// `index`): its split-off parts and, for a function shorter than an entry jump, the free
-    /// padding after it up to the next symbol, all read through `read` (this process's memory
-    /// for an apply, the binary's sections for `inspect`). `unpatched` gives back bytes read at
-    /// an address as they were before any patch (an earlier entry jump may cover the padding).
+    /// padding after it up to the next symbol and the [gaps](Surroundings::gaps) near it, all
+    /// read through `mem` (this process's memory for an apply, the binary's sections for
+    /// `inspect`).
     pub fn gather(
         index: &SymbolIndex,
         module: usize,
         name: &str,
         address: usize,
         size: u64,
-        read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
-        unpatched: &dyn Fn(Vec<u8>, usize) -> Vec<u8>,
+        mem: &Reader<'a, '_>,
     ) -> Surroundings<'a> {
+        let read = mem.read;
         let parts = split_part_names(name)
             .flat_map(|part| {
                 index
@@ -134,6 +200,7 @@ impl<'a> Surroundings<'a> {
             })
             .collect();
         let mut padding = Vec::new();
+        let mut gaps = Vec::new();
         if (size as usize) < ENDBR64.len() + JMP_REL32_LEN {
             let end = address + size as usize;
             let limit = index
@@ -141,14 +208,16 @@ impl<'a> Surroundings<'a> {
                 .map_or(PADDING_LOOKED_AT, |next| next.saturating_sub(end))
                 .min(PADDING_LOOKED_AT);
             if let Some(now) = read(end, limit) {
-                let before = unpatched(now, end);
+                let before = (mem.before_own)(now, end);
                 padding = before[..free_padding(&before, end)].to_vec();
             }
+            gaps = free_gaps(index, module, address, mem);
         }
         Surroundings {
             parts,
             read,
             padding,
+            gaps,
         }
     }
 
@@ -158,8 +227,66 @@ impl<'a> Surroundings<'a> {
             parts: Vec::new(),
             read: &|_, _| None,
             padding: Vec::new(),
+            gaps: Vec::new(),
         }
     }
+}
+
+/// The gaps a trampoline for a short jump at or just after `entry` may go in (see
+/// [`Surroundings::gaps`]), split where a patch wrote into them.
+fn free_gaps(
+    index: &SymbolIndex,
+    module: usize,
+    entry: usize,
+    mem: &Reader<'_, '_>,
+) -> Vec<(usize, usize)> {
+    // A short jump at the entry or after its `endbr64` reaches 128 bytes back, 127 on.
+    let lo = entry.saturating_sub(128);
+    let hi = entry + ENDBR64.len() + JMP_REL8_LEN + 127 + JMP_REL32_LEN;
+    // Every symbol overlapping the window (a long function that starts before it included):
+    // the space between the end of one and the start of the next belongs to none. The space
+    // before the first is not a gap: what precedes it is unknown.
+    let symbols = index.extents_overlapping(module, lo.saturating_sub(64), hi + 64);
+    let mut bounds = Vec::new();
+    let mut covered: Option<(usize, bool)> = None; // the end so far, and whether it is a size's
+    for (start, size) in symbols {
+        if let Some((end, true)) = covered
+            && start > end
+        {
+            bounds.push((end, start));
+        }
+        let own = (start + size as usize, size > 0);
+        covered = Some(match covered {
+            Some(c) if c.0 > own.0 => c,
+            Some(c) if c.0 == own.0 => (c.0, c.1 && own.1),
+            _ => own,
+        });
+    }
+    let mut free = Vec::new();
+    for (start, end) in bounds {
+        if end - start < JMP_REL32_LEN || end <= lo || start >= hi {
+            continue;
+        }
+        let Some(now) = (mem.read)(start, end - start) else {
+            continue;
+        };
+        let before = (mem.before_any)(now.clone(), start);
+        // Alignment filler through and through, so no code runs there.
+        if free_padding(&before, start) != before.len() {
+            continue;
+        }
+        // Bytes a patch wrote (another function's trampoline) are not free.
+        let mut run = start;
+        for (i, (a, b)) in now.iter().zip(&before).enumerate() {
+            if a != b {
+                free.push((run, start + i));
+                run = start + i + 1;
+            }
+        }
+        free.push((run, end));
+    }
+    free.retain(|&(start, end)| end >= start + JMP_REL32_LEN);
+    free
 }
 
 /// The longest prefix of `after` (the bytes after a function, up to the next symbol) made of
@@ -199,7 +326,8 @@ pub fn split_part_names(name: &str) -> impl Iterator<Item = String> + '_ {
 const MAX_TABLE_ENTRIES: usize = 4096;
 
 /// Checks the function's code (`code` is its bytes, read from `address`) and what surrounds
-/// it, and builds its jump.
+/// it, and builds its jump. A trampoline goes in none of the `taken` spans (other edits of the
+/// same update).
 pub fn plan_redirect(
     name: &str,
     module: &str,
@@ -207,28 +335,48 @@ pub fn plan_redirect(
     code: &[u8],
     new_address: usize,
     around: &Surroundings<'_>,
+    taken: &[(usize, usize)],
 ) -> Result<Redirect, PrepareError> {
     let skip = if code.starts_with(&ENDBR64) {
         ENDBR64.len()
     } else {
         0
     };
+    let site = address + skip;
     let need = (skip + JMP_REL32_LEN) as u64;
     // A function shorter than the jump takes it over its alignment padding, which no code runs.
     let mut room = code.to_vec();
     if (code.len() as u64) < need {
         room.extend_from_slice(&around.padding);
     }
-    if (room.len() as u64) < need {
+    let out_of_reach = || PrepareError::OutOfReach {
+        name: name.into(),
+        site,
+        new: new_address,
+    };
+    let (bytes, trampoline) = if room.len() as u64 >= need {
+        let jump = x86::jmp_rel32(site, new_address).ok_or_else(out_of_reach)?;
+        (jump.to_vec(), None)
+    } else if code.len() >= skip + JMP_REL8_LEN {
+        let (at, jump) = trampoline_slot(site, &around.gaps, taken).ok_or_else(|| {
+            PrepareError::NoTrampolineRoom {
+                name: name.into(),
+                module: module.into(),
+                size: code.len() as u64,
+                free: around.padding.len() as u64,
+                need,
+            }
+        })?;
+        let bytes = x86::jmp_rel32(at, new_address).ok_or_else(out_of_reach)?;
+        (jump.to_vec(), Some(Trampoline { at, bytes }))
+    } else {
         return Err(PrepareError::TooSmall {
             name: name.into(),
             module: module.into(),
             size: code.len() as u64,
-            free: around.padding.len() as u64,
-            need,
+            need: (skip + JMP_REL8_LEN) as u64,
         });
-    }
-    let site = address + skip;
+    };
     let mut bodies = vec![(address, address + code.len())];
     bodies.extend(around.parts.iter().map(|(_, at, c)| (*at, at + c.len())));
     let whole = Region {
@@ -236,24 +384,40 @@ pub fn plan_redirect(
         module,
         bodies: &bodies,
         site,
+        jump_len: bytes.len(),
         read: around.read,
     };
     whole.check(None, address, code)?;
     for (part, at, part_code) in &around.parts {
         whole.check(Some(part), *at, part_code)?;
     }
-    let bytes = x86::jmp_rel32(site, new_address).ok_or_else(|| PrepareError::OutOfReach {
-        name: name.into(),
-        site,
-        new: new_address,
-    })?;
-    let mut original = [0; JMP_REL32_LEN];
-    original.copy_from_slice(&room[skip..skip + JMP_REL32_LEN]);
+    let original = room[skip..skip + bytes.len()].to_vec();
     Ok(Redirect {
         site,
         bytes,
         original,
+        trampoline,
     })
+}
+
+/// The first place in `gaps`, outside every `taken` span, that a short jump at `site` reaches
+/// and a `jmp rel32` fits in; with that short jump.
+fn trampoline_slot(
+    site: usize,
+    gaps: &[(usize, usize)],
+    taken: &[(usize, usize)],
+) -> Option<(usize, [u8; JMP_REL8_LEN])> {
+    gaps.iter()
+        .flat_map(|&(start, end)| {
+            (start..=end.saturating_sub(JMP_REL32_LEN))
+                .filter(move |_| end >= start + JMP_REL32_LEN)
+        })
+        .filter(|&at| {
+            !taken
+                .iter()
+                .any(|&(lo, hi)| at < hi && lo < at + JMP_REL32_LEN)
+        })
+        .find_map(|at| Some((at, jmp_rel8(site, at)?)))
 }
 
 /// A function being redirected: its bodies (its own and its split-off parts) and the site of
@@ -263,20 +427,22 @@ struct Region<'a> {
     module: &'a str,
     bodies: &'a [(usize, usize)],
     site: usize,
+    /// Length of the entry jump: 5, or 2 for a short jump to a trampoline.
+    jump_len: usize,
     read: &'a dyn Fn(usize, usize) -> Option<Vec<u8>>,
 }
 
 impl Region<'_> {
     fn lands_in_jump(&self, to: usize) -> bool {
-        to > self.site && to < self.site + JMP_REL32_LEN
+        to > self.site && to < self.site + self.jump_len
     }
 
     fn in_bodies(&self, to: usize) -> bool {
         self.bodies.iter().any(|&(lo, hi)| to >= lo && to < hi)
     }
 
-    /// Refuses a branch from `code` (the function, or its split-off `part`) into
-    /// `(site, site + 5)`, directly or through a jump table.
+    /// Refuses a branch from `code` (the function, or its split-off `part`) into the bytes
+    /// after the first that the entry jump overwrites, directly or through a jump table.
     fn check(&self, part: Option<&str>, address: usize, code: &[u8]) -> Result<(), PrepareError> {
         let hex = |b: &[u8]| {
             b.iter()
@@ -439,6 +605,18 @@ mod tests {
 
     const AT: usize = 0x40_0000;
 
+    /// [`plan_redirect`] with no other edit in the update.
+    fn plan(
+        name: &str,
+        module: &str,
+        address: usize,
+        code: &[u8],
+        new_address: usize,
+        around: &Surroundings<'_>,
+    ) -> Result<Redirect, PrepareError> {
+        plan_redirect(name, module, address, code, new_address, around, &[])
+    }
+
     fn map(start: usize, end: usize, read: bool) -> dsu_sys::maps::MapEntry {
         dsu_sys::maps::MapEntry {
             start,
@@ -469,7 +647,7 @@ mod tests {
     fn plain_function_gets_a_jump_at_its_entry() {
         // mov eax, 1; add eax, edi; ret
         let code = [0xb8, 1, 0, 0, 0, 0x01, 0xf8, 0xc3];
-        let r = plan_redirect("f", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap();
+        let r = plan("f", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap();
         assert_eq!(r.site, AT);
         assert_eq!(r.bytes, [0xe9, 0xfb, 0x0f, 0, 0]);
         assert_eq!(r.original, [0xb8, 1, 0, 0, 0]);
@@ -479,7 +657,7 @@ mod tests {
     fn endbr64_is_kept_and_the_jump_follows_it() {
         let mut code = ENDBR64.to_vec();
         code.extend([0xb8, 1, 0, 0, 0, 0xc3]);
-        let r = plan_redirect("f", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap();
+        let r = plan("f", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap();
         assert_eq!(r.site, AT + 4);
         assert_eq!(r.bytes[0], 0xe9);
         assert_eq!(
@@ -489,8 +667,8 @@ mod tests {
     }
 
     #[test]
-    fn too_small_functions_are_refused() {
-        let e = plan_redirect(
+    fn short_functions_without_room_for_a_trampoline_are_refused() {
+        let e = plan(
             "tiny",
             "m",
             AT,
@@ -501,7 +679,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(
             e,
-            PrepareError::TooSmall {
+            PrepareError::NoTrampolineRoom {
                 size: 3,
                 need: 5,
                 ..
@@ -509,10 +687,10 @@ mod tests {
         ));
         let mut code = ENDBR64.to_vec();
         code.extend([0x31, 0xc0, 0xc3]);
-        let e = plan_redirect("tiny", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
+        let e = plan("tiny", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         assert!(matches!(
             e,
-            PrepareError::TooSmall {
+            PrepareError::NoTrampolineRoom {
                 size: 7,
                 need: 9,
                 ..
@@ -521,10 +699,121 @@ mod tests {
     }
 
     #[test]
+    fn functions_shorter_than_a_short_jump_are_refused_whatever_the_room() {
+        let around = Surroundings {
+            gaps: vec![(AT + 16, AT + 32)],
+            ..Surroundings::none()
+        };
+        let e = plan("ret", "m", AT, &[0xc3], AT + 0x1000, &around).unwrap_err();
+        assert!(matches!(
+            e,
+            PrepareError::TooSmall {
+                size: 1,
+                need: 2,
+                ..
+            }
+        ));
+        let mut code = ENDBR64.to_vec();
+        code.push(0xc3);
+        let e = plan("ret", "m", AT, &code, AT + 0x1000, &around).unwrap_err();
+        assert!(matches!(
+            e,
+            PrepareError::TooSmall {
+                size: 5,
+                need: 6,
+                ..
+            }
+        ));
+        assert!(
+            e.to_string()
+                .contains("patch the functions that call ret instead"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_short_function_jumps_short_to_a_trampoline_in_a_gap() {
+        // imul eax, edi, 100; ret (4 bytes), no padding; a gap 0x40 bytes on.
+        let code = [0x6b, 0xc7, 0x64, 0xc3];
+        let around = Surroundings {
+            gaps: vec![(AT + 0x40, AT + 0x48)],
+            ..Surroundings::none()
+        };
+        let r = plan("price", "m", AT, &code, AT + 0x1000, &around).unwrap();
+        assert_eq!(r.site, AT);
+        assert_eq!(r.bytes, [0xeb, 0x3e]); // to AT + 2 + 0x3e
+        assert_eq!(r.original, [0x6b, 0xc7]);
+        let t = r.trampoline.unwrap();
+        assert_eq!(t.at, AT + 0x40);
+        assert_eq!(t.bytes, x86::jmp_rel32(AT + 0x40, AT + 0x1000).unwrap());
+        // Behind an `endbr64` the short jump follows it, and may go backwards.
+        let mut code = ENDBR64.to_vec();
+        code.extend([0x31, 0xc0, 0xc3]);
+        let around = Surroundings {
+            gaps: vec![(AT - 0x10, AT - 0x8)],
+            ..Surroundings::none()
+        };
+        let r = plan("zero", "m", AT, &code, AT + 0x1000, &around).unwrap();
+        assert_eq!(r.site, AT + 4);
+        assert_eq!(r.bytes, [0xeb, (-0x16i8) as u8]);
+        assert_eq!(r.trampoline.unwrap().at, AT - 0x10);
+    }
+
+    #[test]
+    fn a_trampoline_goes_in_reach_and_outside_other_edits() {
+        let code = [0x6b, 0xc7, 0x64, 0xc3];
+        // The first gap ends too soon for a jump after the taken span; the second starts out
+        // of reach (AT + 2 + 127 is the last byte a short jump reaches).
+        let around = Surroundings {
+            gaps: vec![(AT + 0x10, AT + 0x18), (AT + 0x7d, AT + 0x90)],
+            ..Surroundings::none()
+        };
+        let taken = [(AT + 0x12, AT + 0x14)];
+        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around, &taken).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x7d);
+        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around, &[]).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x10);
+        let far = Surroundings {
+            gaps: vec![(AT + 0x82, AT + 0x90), (AT - 0x90, AT - 0x7f)],
+            ..Surroundings::none()
+        };
+        let e = plan("price", "m", AT, &code, AT + 0x1000, &far).unwrap_err();
+        assert!(matches!(e, PrepareError::NoTrampolineRoom { .. }), "{e:?}");
+        // The edge of reach: -128 from the end of the short jump.
+        let edge = Surroundings {
+            gaps: vec![(AT - 0x90, AT + 2 - 128 + 5)],
+            ..Surroundings::none()
+        };
+        let r = plan("price", "m", AT, &code, AT + 0x1000, &edge).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 2 - 128);
+        assert_eq!(r.bytes, [0xeb, 0x80]);
+    }
+
+    #[test]
+    fn a_branch_into_the_second_byte_of_a_short_jump_is_refused() {
+        // A 2-byte jump covers only byte 1: a branch to 1 is refused, a branch to 2 is fine
+        // (a 5-byte jump would cover both). 0: nop; 1: jmp 1
+        let code = [0x90, 0xeb, 0xfe];
+        let around = Surroundings {
+            gaps: vec![(AT + 0x20, AT + 0x30)],
+            ..Surroundings::none()
+        };
+        let e = plan("f", "m", AT, &code, AT + 0x1000, &around).unwrap_err();
+        assert!(
+            matches!(e, PrepareError::BranchIntoEntry { to, .. } if to == AT + 1),
+            "{e:?}"
+        );
+        // 0: xor eax,eax; 2: jmp 2: the branch lands after the short jump.
+        let code = [0x31, 0xc0, 0xeb, 0xfe];
+        let r = plan("f", "m", AT, &code, AT + 0x1000, &around).unwrap();
+        assert_eq!(r.bytes.len(), JMP_REL8_LEN);
+    }
+
+    #[test]
     fn a_branch_into_the_overwritten_bytes_is_refused() {
         // 0: xor eax,eax (2) ; 2: inc eax (2) ; 4: cmp eax,5 (3) ; 7: jne 2 (2) ; 9: ret
         let code = [0x31, 0xc0, 0xff, 0xc0, 0x83, 0xf8, 0x05, 0x75, 0xf9, 0xc3];
-        let e = plan_redirect("loop", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
+        let e = plan("loop", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         match e {
             PrepareError::BranchIntoEntry {
                 from, to, bytes, ..
@@ -541,21 +830,20 @@ mod tests {
     fn a_branch_back_to_the_entry_itself_is_fine() {
         // 0: dec edi (2); 2: nop*3; 5: jnz 0 (2); 7: ret
         let code = [0xff, 0xcf, 0x90, 0x90, 0x90, 0x75, 0xf9, 0xc3];
-        assert!(plan_redirect("loop", "m", AT, &code, AT + 64, &Surroundings::none()).is_ok());
+        assert!(plan("loop", "m", AT, &code, AT + 64, &Surroundings::none()).is_ok());
     }
 
     #[test]
     fn undecodable_bytes_are_refused() {
         let code = [0xb8, 1, 0, 0, 0, 0x0f, 0xff];
-        let e = plan_redirect("f", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
+        let e = plan("f", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         assert!(matches!(e, PrepareError::Undecodable { at, .. } if at == AT + 5));
     }
 
     #[test]
     fn out_of_reach_new_code_is_refused() {
         let code = [0xb8, 1, 0, 0, 0, 0xc3];
-        let e =
-            plan_redirect("f", "m", AT, &code, AT + (1 << 33), &Surroundings::none()).unwrap_err();
+        let e = plan("f", "m", AT, &code, AT + (1 << 33), &Surroundings::none()).unwrap_err();
         assert!(matches!(e, PrepareError::OutOfReach { .. }));
     }
 
@@ -574,8 +862,9 @@ mod tests {
             parts: vec![("f.cold".into(), 0x1090, COLD_PART.to_vec())],
             read: &|_, _| None,
             padding: vec![],
+            gaps: vec![],
         };
-        let e = plan_redirect("f", "m", 0x1280, &COLD_MAIN, 0x9000, &around).unwrap_err();
+        let e = plan("f", "m", 0x1280, &COLD_MAIN, 0x9000, &around).unwrap_err();
         assert_eq!(
             e,
             PrepareError::PartBranchIntoEntry {
@@ -586,7 +875,7 @@ mod tests {
             }
         );
         // Without the part in view, the body alone is fine.
-        assert!(plan_redirect("f", "m", 0x1280, &COLD_MAIN, 0x9000, &Surroundings::none()).is_ok());
+        assert!(plan("f", "m", 0x1280, &COLD_MAIN, 0x9000, &Surroundings::none()).is_ok());
     }
 
     /// The fixture's `dsu_table_target` at 0x1290, with its table at 0x2004.
@@ -617,8 +906,9 @@ mod tests {
             parts: vec![],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        let e = plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
+        let e = plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
         assert_eq!(
             e,
             PrepareError::JumpTableIntoEntry {
@@ -640,16 +930,18 @@ mod tests {
             parts: vec![],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        assert!(plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
         // An entry to the entry itself (not inside the jump) is fine too.
         let read = read_from(0x2004, table(&[ret, 0x1290 - 0x2004, 0x7000]));
         let around = Surroundings {
             parts: vec![],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        assert!(plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
     }
 
     #[test]
@@ -665,8 +957,9 @@ mod tests {
             parts: vec![],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        let e = plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).unwrap_err();
+        let e = plan("f", "m", 0x401000, &code, 0x409000, &around).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -693,7 +986,7 @@ mod tests {
     fn a_function_exactly_as_long_as_the_jump_takes_it() {
         // xor rax, rax; nop; ret: 5 bytes.
         let code = [0x48, 0x31, 0xc0, 0x90, 0xc3];
-        assert!(plan_redirect("f", "m", AT, &code, AT + 64, &Surroundings::none()).is_ok());
+        assert!(plan("f", "m", AT, &code, AT + 64, &Surroundings::none()).is_ok());
     }
 
     #[test]
@@ -704,8 +997,9 @@ mod tests {
             parts: vec![],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        assert!(plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
         // The first entry leads to the end of the body (outside it): the table ends there,
         // and the word after it is not an entry.
         let read = read_from(0x2004, table(&[0x12ac - 0x2004, 0x1292 - 0x2004]));
@@ -713,8 +1007,9 @@ mod tests {
             parts: vec![],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        assert!(plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
     }
 
     #[test]
@@ -726,8 +1021,9 @@ mod tests {
             parts: vec![("f.cold".into(), 0x3000, vec![0xc3; 16])],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        let e = plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
+        let e = plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).unwrap_err();
         assert!(
             matches!(e, PrepareError::JumpTableIntoEntry { to: 0x1292, .. }),
             "{e:?}"
@@ -739,8 +1035,9 @@ mod tests {
             parts: vec![("f.cold".into(), 0x3000, vec![0xc3; 16])],
             read: &read,
             padding: vec![],
+            gaps: vec![],
         };
-        assert!(plan_redirect("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
+        assert!(plan("f", "m", 0x1290, &TABLE_MAIN, 0x9000, &around).is_ok());
     }
 
     /// Memory whose every word, read as a table's first entry (a 32-bit offset from where it is
@@ -761,35 +1058,37 @@ mod tests {
             parts: vec![],
             read: &into_the_jump_everywhere,
             padding: vec![],
+            gaps: vec![],
         };
-        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_err());
+        assert!(plan("f", "m", 0x401000, &code, 0x409000, &around).is_err());
         let around = Surroundings {
             parts: vec![],
             read: &into_the_jump_everywhere,
             padding: vec![],
+            gaps: vec![],
         };
         // mov rax, [rip + 0x0ff9] (data, not a table base); jmp rax; ret
         let code = [0x48, 0x8b, 0x05, 0xf9, 0x0f, 0x00, 0x00, 0xff, 0xe0, 0xc3];
-        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        assert!(plan("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
         // lea rax, [rbx + 8] (not rip-relative); jmp rax; ret
         let code = [0x48, 0x8d, 0x43, 0x08, 0xff, 0xe0, 0xc3];
-        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        assert!(plan("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
         // jmp [rax * 4 + 0x402000] (scale 4: not a table of addresses); ret
         let code = [0xff, 0x24, 0x85, 0x00, 0x20, 0x40, 0x00, 0xc3];
-        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        assert!(plan("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
         // jmp [rbx + rax * 8 + 0x402000] (a base register: not a fixed table); ret
         let code = [0xff, 0xa4, 0xc3, 0x00, 0x20, 0x40, 0x00, 0xc3];
-        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        assert!(plan("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
         // jmp [rip + 0x0ff9] (one pointer, no index); ret
         let code = [0xff, 0x25, 0xf9, 0x0f, 0x00, 0x00, 0xc3];
-        assert!(plan_redirect("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
+        assert!(plan("f", "m", 0x401000, &code, 0x409000, &around).is_ok());
     }
 
     #[test]
     fn a_truncated_last_instruction_is_named_by_its_bytes() {
         // ret; then the first byte of a two-byte instruction, cut off.
         let code = [0x90, 0x90, 0x90, 0x90, 0xc3, 0x0f];
-        let e = plan_redirect("f", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
+        let e = plan("f", "m", AT, &code, AT + 64, &Surroundings::none()).unwrap_err();
         assert_eq!(
             e,
             PrepareError::Undecodable {
@@ -834,18 +1133,21 @@ mod tests {
             parts: vec![],
             read: &|_, _| None,
             padding: after.to_vec(),
+            gaps: vec![],
         };
-        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around).unwrap();
+        let r = plan("price", "m", AT, &code, AT + 0x1000, &around).unwrap();
         assert_eq!(r.site, AT);
         assert_eq!(r.original, [0x6b, 0xc7, 0x64, 0xc3, 0x0f]);
-        // Without the padding: refused, saying what would fit.
-        let e =
-            plan_redirect("price", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap_err();
+        assert_eq!(r.trampoline, None);
+        // Without the padding or a gap: refused, saying what would fit and what to do.
+        let e = plan("price", "m", AT, &code, AT + 0x1000, &Surroundings::none()).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "price in m is 4 bytes with 0 bytes of free padding after it: too small for an \
-             entry jump (5 bytes). A replacement that fits in 4 bytes (and keeps its unwind \
-             rules) is written in place instead; a longer one cannot be switched to"
+            "price in m is 4 bytes with 0 bytes of free padding after it, too small for an \
+             entry jump (5 bytes), and no free alignment padding within reach of a short jump \
+             (128 bytes) can hold a trampoline. A replacement that fits in 4 bytes (and keeps \
+             its unwind rules) is written in place instead; for a longer one, patch the \
+             functions that call price instead"
         );
     }
 

@@ -302,6 +302,22 @@ impl SymbolIndex {
             .min()
     }
 
+    /// `(start, size)` of every symbol of `module` (any kind but thread-local) whose bytes
+    /// overlap `[lo, hi)` (a symbol without a size counts as one byte), sorted by start.
+    pub fn extents_overlapping(&self, module: usize, lo: usize, hi: usize) -> Vec<(usize, u64)> {
+        let mut out: Vec<(usize, u64)> = self
+            .by_name
+            .values()
+            .flatten()
+            .filter(|s| s.module == module && s.kind != SymbolKind::ThreadLocal)
+            .filter(|s| s.address < hi && s.address.saturating_add(s.size.max(1) as usize) > lo)
+            .map(|s| (s.address, s.size))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The index of the module named `name`.
     pub fn module_named(&self, name: &str) -> Option<usize> {
         self.modules.iter().position(|m| m.name == name)

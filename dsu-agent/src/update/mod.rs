@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dsu_sys::code::CodeWriter;
+use dsu_sys::x86::JMP_REL32_LEN;
 use sha2::{Digest, Sha256};
 
 pub use self::error::UpdateError;
@@ -368,6 +369,9 @@ impl Engine {
                 Strategy::Redirect => f.new_address + f.new_size as usize,
             };
             ranges.push(f.new_address, end, i);
+            if let Some(at) = f.trampoline {
+                ranges.push_held_too(at, at + JMP_REL32_LEN, i);
+            }
         }
         let mut names: Vec<String> = patch.functions.iter().map(|f| f.name.clone()).collect();
         // The rest of the patch's code too (its helpers): the image is unmapped afterwards.
@@ -428,6 +432,12 @@ impl Engine {
             for g in self.patches.iter().flat_map(|p| &p.functions) {
                 if g.old_address == f.old_address && g.new_address != g.old_address {
                     ranges.push(g.new_address, g.new_address + g.new_size as usize, i);
+                }
+                // An earlier version's trampoline still leads to that version.
+                if g.old_address == f.old_address
+                    && let Some(at) = g.trampoline
+                {
+                    ranges.push(at, at + JMP_REL32_LEN, i);
                 }
             }
         }

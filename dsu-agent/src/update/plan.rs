@@ -6,7 +6,7 @@
 
 #![allow(unsafe_code)]
 
-use dsu_sys::x86::ENDBR64;
+use dsu_sys::x86::{ENDBR64, JMP_REL32_LEN};
 
 use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
@@ -21,12 +21,24 @@ use crate::write::CodeEdit;
 /// The bytes of `[address, address + len)` before any patch in effect touched them: the
 /// current bytes with every applied edit undone, newest first.
 pub(super) fn pristine_code(current: &[u8], address: usize, applied: &[AppliedPatch]) -> Vec<u8> {
+    undo_edits(current, address, applied, |_| true)
+}
+
+/// The bytes of `[address, address + len)` with the edits undone that switched the functions
+/// `of` picks, newest first.
+fn undo_edits(
+    current: &[u8],
+    address: usize,
+    applied: &[AppliedPatch],
+    of: impl Fn(&AppliedFunction) -> bool,
+) -> Vec<u8> {
     let mut code = current.to_vec();
     let end = address + code.len();
     let edits = applied
         .iter()
         .rev()
         .flat_map(|p| p.functions.iter().rev())
+        .filter(|f| of(f))
         .flat_map(|f| f.edits.iter().rev());
     for e in edits {
         let (lo, hi) = (e.site.max(address), (e.site + e.len()).min(end));
@@ -84,8 +96,10 @@ pub(super) fn unwinds_in_place(
     frame_rules::in_place_keeps_unwinding(old.as_ref(), new, code.len() as u64)
 }
 
-/// What surrounds target `t` in this process ([`prepare::Surroundings::gather`]), with the
-/// padding after it as it was before any patch in `applied`.
+/// What surrounds target `t` in this process ([`prepare::Surroundings::gather`]): the padding
+/// after it as it was before any patch of it in `applied` (an earlier entry jump of its may
+/// cover it; another function's trampoline there makes it no padding), and the gaps near it
+/// that no patch wrote into.
 pub(super) fn surroundings<'a>(
     t: &Target,
     index: &SymbolIndex,
@@ -97,11 +111,19 @@ pub(super) fn surroundings<'a>(
             parts: Vec::new(),
             read,
             padding: Vec::new(),
+            gaps: Vec::new(),
         };
     };
-    let unpatched = |now: Vec<u8>, at: usize| pristine_code(&now, at, applied);
-    prepare::Surroundings::gather(index, module, &t.name, t.address, t.size, read, &unpatched)
+    let mem = prepare::Reader {
+        read,
+        before_own: &|now, at| undo_edits(&now, at, applied, |f| f.old_address == t.address),
+        before_any: &|now, at| pristine_code(&now, at, applied),
+    };
+    prepare::Surroundings::gather(index, module, &t.name, t.address, t.size, &mem)
 }
+
+/// How one function is switched: its strategy, its edits, and where its trampoline is.
+type Switch = (Strategy, Vec<CodeEdit>, Option<usize>);
 
 /// Plans the edits of every target of `linked`. `pristine[i]` and `current[i]` are target
 /// `i`'s old code before any patch and now.
@@ -111,10 +133,27 @@ pub(super) fn plan_functions(
     current: &[Vec<u8>],
     around: &[prepare::Surroundings<'_>],
 ) -> Result<Vec<AppliedFunction>, UpdateError> {
-    let mut out = Vec::with_capacity(linked.targets.len());
-    for (i, t) in linked.targets.iter().enumerate() {
+    let mut entries: Vec<Option<Switch>> = vec![None; linked.targets.len()];
+    // In-place writes and entry jumps first: the trampolines of short jumps (the functions
+    // shorter than a jump even over their padding) then go where no other edit does.
+    let short = |i: usize| {
+        let t = &linked.targets[i];
+        let need = JMP_REL32_LEN
+            + if pristine[i].starts_with(&ENDBR64) {
+                ENDBR64.len()
+            } else {
+                0
+            };
+        t.in_place.is_none() && pristine[i].len() + around[i].padding.len() < need
+    };
+    let order = (0..linked.targets.len())
+        .filter(|&i| !short(i))
+        .chain((0..linked.targets.len()).filter(|&i| short(i)));
+    let mut taken: Vec<(usize, usize)> = Vec::new();
+    for i in order {
+        let t = &linked.targets[i];
         let tg = &t.target;
-        let (strategy, edit) = match &t.in_place {
+        let planned = match &t.in_place {
             Some(code) => {
                 let mut bytes = code.clone();
                 bytes.resize(current[i].len(), 0xcc); // traps after the new code
@@ -123,7 +162,7 @@ pub(super) fn plan_functions(
                     bytes,
                     original: current[i].clone(),
                 };
-                (Strategy::InPlace, edit)
+                (Strategy::InPlace, vec![edit], None)
             }
             None => {
                 let r = prepare::plan_redirect(
@@ -133,30 +172,37 @@ pub(super) fn plan_functions(
                     &pristine[i],
                     t.new_address,
                     &around[i],
+                    &taken,
                 )?;
-                let at = r.site - tg.address;
-                let len = r.bytes.len();
-                // The current bytes under the jump: past the function's end (a jump over its
-                // padding) they are read from memory, as an earlier patch may have written them.
-                let original = match current[i].get(at..at + len) {
-                    Some(bytes) => bytes.to_vec(),
-                    None => (around[i].read)(r.site, len).ok_or_else(|| {
-                        prepare::PrepareError::NotMapped {
-                            name: tg.name.clone(),
-                            module: tg.module.clone(),
-                            address: r.site,
-                            size: len as u64,
-                        }
-                    })?,
-                };
-                let edit = CodeEdit {
+                let trampoline = r.trampoline.as_ref().map(|tr| tr.at);
+                let mut edits = vec![CodeEdit {
                     site: r.site,
-                    bytes: r.bytes.to_vec(),
-                    original,
-                };
-                (Strategy::Redirect, edit)
+                    original: current_bytes(tg, &current[i], &around[i], r.site, r.bytes.len())?,
+                    bytes: r.bytes,
+                }];
+                if let Some(tr) = r.trampoline {
+                    edits.push(CodeEdit {
+                        site: tr.at,
+                        original: current_bytes(
+                            tg,
+                            &current[i],
+                            &around[i],
+                            tr.at,
+                            tr.bytes.len(),
+                        )?,
+                        bytes: tr.bytes.to_vec(),
+                    });
+                }
+                (Strategy::Redirect, edits, trampoline)
             }
         };
+        taken.extend(planned.1.iter().map(|e| (e.site, e.site + e.len())));
+        entries[i] = Some(planned);
+    }
+    let mut out = Vec::with_capacity(linked.targets.len());
+    for (t, planned) in linked.targets.iter().zip(entries) {
+        let tg = &t.target;
+        let (strategy, edits, trampoline) = planned.expect("every target planned");
         out.push(AppliedFunction {
             name: tg.name.clone(),
             module: tg.module.clone(),
@@ -166,10 +212,38 @@ pub(super) fn plan_functions(
             new_size: t.new_size,
             strategy,
             call_sites: 0,
-            edits: vec![edit],
+            trampoline,
+            edits,
         });
     }
     Ok(out)
+}
+
+/// The bytes an edit of `len` bytes at `site` overwrites now: past the function's end (a jump
+/// over its padding, a trampoline) they are read from memory, as an earlier patch may have
+/// written them.
+fn current_bytes(
+    tg: &Target,
+    current: &[u8],
+    around: &prepare::Surroundings<'_>,
+    site: usize,
+    len: usize,
+) -> Result<Vec<u8>, UpdateError> {
+    let inside = site
+        .checked_sub(tg.address)
+        .and_then(|at| current.get(at..at + len));
+    match inside {
+        Some(bytes) => Ok(bytes.to_vec()),
+        None => (around.read)(site, len).ok_or_else(|| {
+            prepare::PrepareError::NotMapped {
+                name: tg.name.clone(),
+                module: tg.module.clone(),
+                address: site,
+                size: len as u64,
+            }
+            .into()
+        }),
+    }
 }
 
 /// Adds to `f` the edits that point direct call sites of its old function (or of an earlier

@@ -67,7 +67,11 @@ pub struct AppliedFunction {
     pub new_size: u64,
     pub strategy: Strategy,
     pub call_sites: u32,
-    /// The code edits that switched it: the entry edit first, then rewritten call sites. Each
+    /// Where the `jmp rel32` that its short entry jump leads to is (a function shorter than an
+    /// entry jump): the second of `edits`.
+    pub trampoline: Option<usize>,
+    /// The code edits that switched it: the entry edit first, its trampoline, then rewritten
+    /// call sites. Each
     /// `original` is what was there before this patch, which a revert writes back.
     pub edits: Vec<CodeEdit>,
 }
