@@ -64,10 +64,19 @@ fn against_a_binary_lists_replacements_additions_needs_and_warnings() {
     let (exe, patch) = build(&dir);
     let out = inspect(&[patch.to_str().unwrap(), "--against", exe.to_str().unwrap()]);
     let report = text(&out);
-    assert!(
-        out.status.success(),
+    // `nothing`, a lone `ret`, cannot take a longer version: apply would refuse the patch, so
+    // inspect fails it, with apply's message.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
         "{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("error: nothing in ")
+            && report.contains("too small for even a short jump")
+            && report.contains("patch the functions that call nothing instead"),
+        "{report}"
     );
     assert!(report.contains("replaces 2:"), "{report}");
     assert!(report.contains("  price at 0x"), "{report}");
@@ -93,14 +102,13 @@ fn against_a_binary_lists_replacements_additions_needs_and_warnings() {
             .any(|w| w.as_str().unwrap().contains("price_alias")),
         "{price}"
     );
-    // `nothing` is a lone `ret` with no padding after it: too small for an entry jump.
+    // `nothing` is a lone `ret`: too small for any jump, an error rather than a warning.
     assert_eq!(nothing["old_size"], 1, "{nothing}");
+    assert_eq!(nothing["warnings"], serde_json::json!([]), "{nothing}");
+    let errors = json["errors"].as_array().unwrap();
     assert!(
-        nothing["warnings"][0]
-            .as_str()
-            .unwrap()
-            .contains("too small"),
-        "{nothing}"
+        errors.len() == 1 && errors[0].as_str().unwrap().contains("too small"),
+        "{json}"
     );
     assert_eq!(json["adds"], serde_json::json!(["price_extra"]));
 }
