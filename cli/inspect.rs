@@ -19,7 +19,8 @@ pub struct InspectArgs {
     #[arg(value_name = "PATCH")]
     pub patch: PathBuf,
     /// Check the patch against a running process (a number is a pid; write `./123` for a
-    /// file named 123) or a binary on disk.
+    /// file named 123) or a binary on disk, with the libraries the loader would load for it
+    /// (its RPATH/RUNPATH, this command's LD_LIBRARY_PATH, /etc/ld.so.conf).
     #[arg(long, value_name = "PID|BINARY", value_parser = parse_against)]
     pub against: Option<Against>,
     /// Print the report as JSON.
