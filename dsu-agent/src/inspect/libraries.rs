@@ -17,7 +17,8 @@
 //!
 //! `$ORIGIN` (or `${ORIGIN}`) stands for the directory of the object whose path list it is in
 //! (the executable's real directory for `LD_LIBRARY_PATH`). A candidate that is not ELF64
-//! x86_64 is passed over, as the loader does. Each library gets its own base address, page
+//! x86_64 is passed over, as the loader does; one it would fail on (not ELF, damaged) is
+//! reported. Each library gets its own base address, page
 //! aligned, above every other module's end, so every address of a report names one module.
 
 use std::fs::File;
@@ -163,13 +164,38 @@ impl std::fmt::Display for Missing {
     }
 }
 
+/// A needed library found but not usable: the loader would fail on it (the program would not
+/// start), or it cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable {
+    pub name: String,
+    pub needed_by: PathBuf,
+    pub error: LibraryError,
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "library {} (needed by {}): {}",
+            self.name,
+            self.needed_by.display(),
+            self.error
+        )?;
+        if !matches!(self.error, LibraryError::TooLarge { .. }) {
+            write!(f, " (the loader would take this file and look no further)")?;
+        }
+        Ok(())
+    }
+}
+
 /// The binary's modules in load order, and what could not be loaded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOrder {
     pub modules: Vec<Module>,
     pub missing: Vec<Missing>,
-    /// Libraries found but unusable past the loader's checks (a damaged file).
-    pub unreadable: Vec<LibraryError>,
+    /// Libraries found but unusable (a damaged file).
+    pub unusable: Vec<Unusable>,
 }
 
 /// Finds the libraries `exe` loads, breadth-first as the loader does, and gives each a base.
@@ -198,13 +224,18 @@ pub fn load_order(exe: &Path, paths: &SearchPaths) -> Result<LoadOrder, LibraryE
         for name in out.modules[at].dynamic.needed.clone() {
             if out.modules.iter().any(|m| m.answers_to(&name))
                 || out.missing.iter().any(|m| m.name == name)
+                || out.unusable.iter().any(|m| m.name == name)
             {
                 continue;
             }
             let (path, dynamic) = match find(&name, at, &out.modules, paths) {
                 Ok(found) => found,
-                Err(missing) => {
+                Err(NotLoaded::Missing(missing)) => {
                     out.missing.push(missing);
+                    continue;
+                }
+                Err(NotLoaded::Unusable(unusable)) => {
+                    out.unusable.push(unusable);
                     continue;
                 }
             };
@@ -212,9 +243,13 @@ pub fn load_order(exe: &Path, paths: &SearchPaths) -> Result<LoadOrder, LibraryE
                 continue;
             }
             let Some((base, bias)) = place(&dynamic, next_base) else {
-                out.unreadable.push(LibraryError::TooLarge {
-                    path,
-                    base: next_base,
+                out.unusable.push(Unusable {
+                    name,
+                    needed_by: out.modules[at].path.clone(),
+                    error: LibraryError::TooLarge {
+                        path,
+                        base: next_base,
+                    },
                 });
                 continue;
             };
@@ -250,7 +285,7 @@ fn find(
     requester: usize,
     modules: &[Module],
     paths: &SearchPaths,
-) -> Result<(PathBuf, Dynamic), Missing> {
+) -> Result<(PathBuf, Dynamic), NotLoaded> {
     let req = &modules[requester];
     let mut missing = Missing {
         name: name.to_string(),
@@ -270,10 +305,27 @@ fn find(
         }
         match read_dynamic(&candidate) {
             Ok(dynamic) => return Ok((candidate, dynamic)),
-            Err(e) => missing.passed_over.push(e.to_string()),
+            // Another class or machine, or a file it may not open: the loader goes on.
+            Err(e @ (LibraryError::Foreign { .. } | LibraryError::Read { .. })) => {
+                missing.passed_over.push(e.to_string())
+            }
+            // Anything else it tries to load, and fails.
+            Err(error) => {
+                return Err(NotLoaded::Unusable(Unusable {
+                    name: name.to_string(),
+                    needed_by: req.path.clone(),
+                    error,
+                }));
+            }
         }
     }
-    Err(missing)
+    Err(NotLoaded::Missing(missing))
+}
+
+/// Why a needed library is not among the modules.
+enum NotLoaded {
+    Missing(Missing),
+    Unusable(Unusable),
 }
 
 /// The directories searched, in order, for a library (named without a `/`) that module
@@ -603,7 +655,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_not_x86_64_elf_is_passed_over_with_the_reason() {
+    fn a_file_that_is_not_x86_64_elf_is_refused_with_the_reason() {
         let dir = std::env::temp_dir().join(format!("dsu-ident-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cases: [(&str, Vec<u8>, &str); 4] = [
@@ -705,6 +757,48 @@ mod tests {
             search_dirs(2, &below, &paths),
             dirs(&["/exe-rpath", "/app/env", "/env", "/sys1", "/sys2"])
         );
+    }
+
+    #[test]
+    fn another_machine_is_passed_over_and_a_file_that_is_not_elf_stops_the_search() {
+        let dir = std::env::temp_dir().join(format!("dsu-find-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["arm", "text"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let arm64 = [&b"\x7fELF\x02\x01"[..], &[0; 12], &[183, 0]].concat();
+        std::fs::write(dir.join("arm/libx.so"), arm64).unwrap();
+        std::fs::write(dir.join("text/libx.so"), "INPUT(-lx)\n").unwrap();
+        let modules = [module("/app", None, "", "")];
+        let paths = |dirs: &[&str]| SearchPaths {
+            library_path: dirs
+                .iter()
+                .map(|d| dir.join(d).display().to_string())
+                .collect(),
+            system: vec![],
+        };
+        let outcome = find("libx.so", 0, &modules, &paths(&["arm", "text"]));
+        let only_arm = find("libx.so", 0, &modules, &paths(&["arm"]));
+        let _ = std::fs::remove_dir_all(&dir);
+        match outcome {
+            Err(NotLoaded::Unusable(u)) => {
+                let text = u.to_string();
+                assert!(text.contains("text/libx.so is not an ELF file"), "{text}");
+                assert!(
+                    text.starts_with("library libx.so (needed by /app/object)"),
+                    "{text}"
+                );
+            }
+            _ => panic!("a file that is not ELF is taken, and fails"),
+        }
+        match only_arm {
+            Err(NotLoaded::Missing(m)) => {
+                let text = m.to_string();
+                assert!(text.contains("passed over"), "{text}");
+                assert!(text.contains("arm/libx.so is for machine 183"), "{text}");
+            }
+            _ => panic!("another machine's library is passed over"),
+        }
     }
 
     #[test]

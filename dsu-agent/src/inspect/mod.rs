@@ -336,7 +336,7 @@ pub fn index_binary(
     out.warnings
         .extend(order.missing.iter().map(ToString::to_string));
     out.warnings
-        .extend(order.unreadable.iter().map(ToString::to_string));
+        .extend(order.unusable.iter().map(ToString::to_string));
     Ok(index)
 }
 
