@@ -19,7 +19,8 @@ pub struct InspectArgs {
     #[arg(value_name = "PATCH")]
     pub patch: PathBuf,
     /// Check the patch against a running process (a number is a pid; write `./123` for a
-    /// file named 123) or a binary on disk.
+    /// file named 123) or a binary on disk, with the libraries the loader would load for it
+    /// (its RPATH/RUNPATH, this command's LD_LIBRARY_PATH, /etc/ld.so.conf).
     #[arg(long, value_name = "PID|BINARY", value_parser = parse_against)]
     pub against: Option<Against>,
     /// Print the report as JSON.
@@ -78,6 +79,15 @@ fn human(report: &agent::Inspection) -> Vec<String> {
     if let Some(against) = &report.against {
         out.push(format!("against {against}"));
     }
+    if !report.libraries.is_empty() {
+        out.push(format!(
+            "libraries {} (at the bases this report uses):",
+            report.libraries.len()
+        ));
+        for l in &report.libraries {
+            out.push(format!("  {} -> {} at {}", l.name, l.path, l.base));
+        }
+    }
     out.push(format!("replaces {}:", report.replaces.len()));
     for r in &report.replaces {
         let at = match (&r.address, &r.module, r.old_size) {
@@ -96,13 +106,24 @@ fn human(report: &agent::Inspection) -> Vec<String> {
     out.extend(report.adds.iter().map(|a| format!("  {a}")));
     out.push(format!("needs {}:", report.needs.len()));
     for n in &report.needs {
-        match &n.resolves_to {
-            Some(to) => out.push(format!("  {} -> {to}", n.name)),
-            None => out.push(format!("  {}", n.name)),
+        match (&n.resolves_to, &n.indirect) {
+            (Some(to), Some(i)) => out.push(format!(
+                "  {} -> {to} (IFUNC, resolver at {}; resolved {})",
+                n.name, i.resolver, i.resolved
+            )),
+            (None, Some(i)) => out.push(format!(
+                "  {} -> IFUNC in {}, resolver at {}; resolved {}",
+                n.name, i.module, i.resolver, i.resolved
+            )),
+            (Some(to), None) => out.push(format!("  {} -> {to}", n.name)),
+            (None, None) => out.push(format!("  {}", n.name)),
         }
     }
     if !report.unresolved.is_empty() {
         out.push(format!("unresolved: {}", report.unresolved.join(", ")));
+    }
+    for w in &report.warnings {
+        out.push(format!("warning: {w}"));
     }
     for e in &report.errors {
         out.push(format!("error: {e}"));

@@ -145,10 +145,16 @@ impl SymbolIndex {
         };
         let file = File::open(&info.path).map_err(|e| err(e.to_string()))?;
         let cache = ReadCache::new(file);
+        // Collected first: a file that fails half-way adds nothing, so no symbol ever names a
+        // module the index does not hold.
+        let mut symbols = Vec::new();
         read_symbols(&cache, info.bias, |name, sym| {
-            self.insert(name, ProcessSymbol { module, ..sym })
+            symbols.push((name.to_vec(), ProcessSymbol { module, ..sym }));
         })
         .map_err(err)?;
+        for (name, symbol) in symbols {
+            self.insert(&name, symbol);
+        }
         self.modules.push(info);
         Ok(())
     }
@@ -210,10 +216,22 @@ impl SymbolIndex {
         }
     }
 
-    /// Binds an undefined patch symbol as the dynamic linker would: the first global
-    /// definition in load order (the executable first); failing that, the only `static`
-    /// definition of that name.
+    /// Binds an undefined patch symbol in *this* process, as the dynamic linker would (see
+    /// [`SymbolIndex::lookup`]), an indirect function (IFUNC) to the implementation the
+    /// loader picks for it here. Only for an index of the process that runs this code (the
+    /// agent); an index of another process or of files uses [`SymbolIndex::lookup`].
     pub fn resolve(&self, name: &str) -> Result<Option<ProcessSymbol>, ResolveError> {
+        match self.lookup(name)? {
+            Some(found) => self.materialise(name, &found).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The definition an undefined patch symbol binds to, as the dynamic linker would pick
+    /// it: the first global definition in load order (the executable first); failing that,
+    /// the only `static` definition of that name. An indirect function (IFUNC) stays one:
+    /// its address is its resolver's, and nothing runs to pick the implementation.
+    pub fn lookup(&self, name: &str) -> Result<Option<ProcessSymbol>, ResolveError> {
         let defs = self.definitions(name);
         let global = self
             .modules
@@ -221,17 +239,18 @@ impl SymbolIndex {
             .enumerate()
             .find_map(|(m, _)| defs.iter().find(|d| d.global && d.module == m));
         if let Some(found) = global {
-            return self.materialise(name, found).map(Some);
+            return Ok(Some(found.clone()));
         }
         let locals: Vec<&ProcessSymbol> = defs.iter().collect();
         match locals.as_slice() {
             [] => Ok(None),
-            [one] => self.materialise(name, one).map(Some),
+            [one] => Ok(Some((*one).clone())),
             many => Err(self.ambiguous(name, many)),
         }
     }
 
-    /// An IFUNC resolves to the implementation the dynamic linker picks for this CPU.
+    /// An IFUNC resolves to the implementation the dynamic linker picks for this CPU, asked
+    /// of the loader of this process.
     fn materialise(&self, name: &str, s: &ProcessSymbol) -> Result<ProcessSymbol, ResolveError> {
         if s.kind != SymbolKind::IndirectFunction {
             return Ok(s.clone());

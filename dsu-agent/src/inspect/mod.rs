@@ -1,7 +1,17 @@
 //! Inspect: what a patch replaces, adds and needs, checked against a binary or a running
 //! process without changing anything (the `dsu inspect` command).
+//!
+//! Against a binary, its libraries are found as the loader would find them ([`libraries`])
+//! and indexed at synthetic bases; against a process, its modules are read from its memory
+//! map at their load addresses. Nothing of dsu's own process stands in for the target: an
+//! indirect function (IFUNC) is reported as such, with the implementation the target picked
+//! when that can be read from it ([`ifunc`]).
+
+pub mod ifunc;
+pub mod libraries;
 
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use object::read::ReadCache;
@@ -13,14 +23,16 @@ use thiserror::Error;
 use crate::load::{self, Definition, LoadError, SymbolType};
 use crate::prepare;
 use crate::relocate::{self, Form};
-use crate::resolve::{ModuleInfo, ResolveError, SymbolIndex};
+use crate::resolve::{ModuleInfo, ProcessSymbol, ResolveError, SymbolIndex, SymbolKind};
+use libraries::{LibraryError, SearchPaths};
 
 /// What to check the patch against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Against {
     /// Only the patch itself.
     Nothing,
-    /// A binary on disk, as if loaded at its link-time addresses.
+    /// A binary on disk at its link-time addresses, with the libraries the loader would load
+    /// for it (found through [`SearchPaths::of_host`]), each at a synthetic base.
     Binary(PathBuf),
     /// A running process (its executable and libraries, at their load addresses).
     Process(u32),
@@ -32,6 +44,8 @@ pub enum InspectError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Binary(#[from] LibraryError),
     #[error("cannot read the modules of process {pid}: {source}")]
     Process { pid: u32, source: std::io::Error },
 }
@@ -56,15 +70,47 @@ pub struct Replacement {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Need {
     pub name: String,
-    /// `"0x... in MODULE"`, when checked against something and found.
+    /// `"0x... in MODULE"`, when checked against something and found: the address the patch
+    /// would use. For an indirect function, only when the target's own choice was read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolves_to: Option<String>,
+    /// Set when the name is an indirect function (IFUNC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub indirect: Option<Indirect>,
+}
+
+/// An indirect function (`STT_GNU_IFUNC`) a patch needs: its resolver picks the
+/// implementation in the target, never in dsu's process.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Indirect {
+    /// The module that defines it.
+    pub module: String,
+    /// The resolver's address (not the implementation's).
+    pub resolver: String,
+    /// How the implementation is known, or when it will be picked.
+    pub resolved: String,
+}
+
+/// A library of a binary, as the loader would load it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Library {
+    /// The `DT_NEEDED` name.
+    pub name: String,
+    /// The file found for it.
+    pub path: String,
+    /// The synthetic address its first page is placed at in this report.
+    pub base: String,
+    /// The module that needs it.
+    pub needed_by: String,
 }
 
 /// The report.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 pub struct Inspection {
     pub against: Option<String>,
+    /// The binary's libraries in load order (against a binary only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub libraries: Vec<Library>,
     pub replaces: Vec<Replacement>,
     /// Global functions that match nothing (or were not checked): new code.
     pub adds: Vec<String>,
@@ -72,17 +118,15 @@ pub struct Inspection {
     pub unresolved: Vec<String>,
     /// Problems that make the patch unusable as it is (unsupported relocations, ambiguity).
     pub errors: Vec<String>,
+    /// What the check could not see (a library not found or unreadable): names that would
+    /// resolve there are listed unresolved.
+    pub warnings: Vec<String>,
 }
 
 /// Inspects `bytes`. Bad input gives an error; problems found in a valid patch are listed in
 /// the report.
 pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectError> {
     let patch = load::parse(bytes)?;
-    let index = match against {
-        Against::Nothing => None,
-        Against::Binary(path) => Some(crate::resolve::index_file(path, 0)?),
-        Against::Process(pid) => Some(index_process(*pid)?),
-    };
     let mut out = Inspection {
         against: match against {
             Against::Nothing => None,
@@ -90,6 +134,16 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
             Against::Process(pid) => Some(format!("process {pid}")),
         },
         ..Inspection::default()
+    };
+    let mut ranges = Vec::new();
+    let index = match against {
+        Against::Nothing => None,
+        Against::Binary(path) => Some(index_binary(path, &SearchPaths::of_host(), &mut out)?),
+        Against::Process(pid) => {
+            let (index, mapped) = index_process_modules(*pid)?;
+            ranges = mapped;
+            Some(index)
+        }
     };
 
     for (_, sym) in patch.replacement_candidates() {
@@ -166,30 +220,33 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
         if i == 0 || sym.definition != Definition::Undefined {
             continue;
         }
-        let resolves_to = match &index {
-            None => None,
-            Some(index) => match index.resolve(&sym.name) {
-                Ok(Some(found)) => Some(format!(
+        let mut need = Need {
+            name: sym.name.clone(),
+            resolves_to: None,
+            indirect: None,
+        };
+        // `lookup`, not `resolve`: an IFUNC is resolved by the target, not by this process.
+        match index.as_ref().map(|index| (index, index.lookup(&sym.name))) {
+            None => {}
+            Some((index, Ok(Some(found)))) if found.kind == SymbolKind::IndirectFunction => {
+                let (resolves_to, indirect) =
+                    describe_indirect(index, &sym.name, &found, against, &ranges);
+                need.resolves_to = resolves_to;
+                need.indirect = Some(indirect);
+            }
+            Some((index, Ok(Some(found)))) => {
+                need.resolves_to = Some(format!(
                     "{:#x} in {}",
                     found.address,
                     index.module_name(found.module)
-                )),
-                Ok(None) => {
-                    if sym.binding != load::Binding::Weak {
-                        out.unresolved.push(sym.name.clone());
-                    }
-                    None
-                }
-                Err(e) => {
-                    out.errors.push(e.to_string());
-                    None
-                }
-            },
-        };
-        out.needs.push(Need {
-            name: sym.name.clone(),
-            resolves_to,
-        });
+                ));
+            }
+            // An unresolved weak reference is null, as with the static linker.
+            Some((_, Ok(None))) if sym.binding == load::Binding::Weak => {}
+            Some((_, Ok(None))) => out.unresolved.push(sym.name.clone()),
+            Some((_, Err(e))) => out.errors.push(e.to_string()),
+        }
+        out.needs.push(need);
     }
     for r in &patch.relocations {
         if Form::of(r.r_type).is_none() {
@@ -204,6 +261,89 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
         }
     }
     Ok(out)
+}
+
+/// What is known of an IFUNC the patch needs: against a process, the implementation it
+/// bound (read from its memory), when some module bound one; otherwise the resolver only.
+fn describe_indirect(
+    index: &SymbolIndex,
+    name: &str,
+    found: &ProcessSymbol,
+    against: &Against,
+    ranges: &[Range<usize>],
+) -> (Option<String>, Indirect) {
+    let module = index.module_name(found.module).to_string();
+    let resolver = format!("{:#x}", found.address);
+    let (resolves_to, resolved) = match against {
+        Against::Process(pid) => match ifunc::chosen_in_process(*pid, index, ranges, name, found) {
+            Ok(choice) => (
+                Some(format!("{:#x} in {module}", choice.address)),
+                format!(
+                    "by process {pid}: the implementation bound in {}",
+                    choice.slot_module
+                ),
+            ),
+            Err(why) => (
+                None,
+                format!("in the process when the patch is applied ({why})"),
+            ),
+        },
+        _ => (
+            None,
+            "in the target when the patch is applied (its CPU picks the implementation)".into(),
+        ),
+    };
+    (
+        resolves_to,
+        Indirect {
+            module,
+            resolver,
+            resolved,
+        },
+    )
+}
+
+/// Indexes the binary at `path` (at its link-time addresses) and the libraries the loader
+/// would load for it (at synthetic bases), listing them and what is missing in `out`.
+pub fn index_binary(
+    path: &Path,
+    paths: &SearchPaths,
+    out: &mut Inspection,
+) -> Result<SymbolIndex, InspectError> {
+    let order = libraries::load_order(path, paths)?;
+    let mut index = SymbolIndex::default();
+    for (i, m) in order.modules.iter().enumerate() {
+        let info = ModuleInfo {
+            name: m.path.display().to_string(),
+            path: m.path.clone(),
+            bias: m.bias as usize,
+            is_main: i == 0,
+            tls_modid: 0,
+        };
+        if i == 0 {
+            index.add_module(info)?;
+            continue;
+        }
+        // A library whose symbols cannot be read is a hole in the view, not a failure.
+        if let Err(e) = index.add_module(info) {
+            out.warnings.push(e.to_string());
+            continue;
+        }
+        out.libraries.push(Library {
+            name: m.needed.clone().unwrap_or_default(),
+            path: m.path.display().to_string(),
+            base: format!("{:#x}", m.bias.wrapping_add(m.dynamic.span.start)),
+            needed_by: m
+                .needed_by
+                .map(|b| order.modules[b].path.display().to_string())
+                .unwrap_or_default(),
+        });
+    }
+    out.warnings
+        .extend(order.missing.iter().map(ToString::to_string));
+    out.warnings
+        .extend(order.unusable.iter().map(ToString::to_string));
+    Ok(index)
 }
 
 /// Other function names at the same address: identical code folding or aliases, whose callers
@@ -249,14 +389,25 @@ fn code_of(module: &ModuleInfo, address: usize, size: u64) -> Option<Vec<u8>> {
 
 /// Indexes a running process's modules from its memory map.
 pub fn index_process(pid: u32) -> Result<SymbolIndex, InspectError> {
+    index_process_modules(pid).map(|(index, _)| index)
+}
+
+/// [`index_process`], with the addresses each module maps (by module index).
+fn index_process_modules(pid: u32) -> Result<(SymbolIndex, Vec<Range<usize>>), InspectError> {
     let err = |source| InspectError::Process { pid, source };
     let text = std::fs::read(format!("/proc/{pid}/maps")).map_err(err)?;
     let maps = dsu_sys::maps::parse_bytes(&text).map_err(err)?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(err)?;
     let mut index = SymbolIndex::default();
+    let mut ranges: Vec<Range<usize>> = Vec::new();
     let mut seen: Vec<String> = Vec::new();
     for m in &maps {
         let Some(path) = &m.path else { continue };
+        if let Some(at) = index.module_named(path) {
+            let r = &mut ranges[at];
+            *r = r.start.min(m.start)..r.end.max(m.end);
+            continue;
+        }
         if !path.starts_with('/') || seen.contains(path) {
             continue;
         }
@@ -279,8 +430,9 @@ pub fn index_process(pid: u32) -> Result<SymbolIndex, InspectError> {
             is_main,
             tls_modid: 0,
         })?;
+        ranges.push(m.start..m.end);
     }
-    Ok(index)
+    Ok((index, ranges))
 }
 
 fn first_load_vaddr(path: &Path) -> Option<usize> {
