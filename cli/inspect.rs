@@ -11,6 +11,7 @@ use clap::Args;
 use dsu_agent::inspect as agent;
 
 use crate::error::CliError;
+use crate::output;
 use crate::patch::read_patch;
 
 #[derive(Debug, Args)]
@@ -54,13 +55,10 @@ pub fn run(args: &InspectArgs) -> Result<(), CliError> {
     };
     let report = agent::inspect(&bytes, &against)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("the report serialises")
-        );
+        output::print_line(serde_json::to_string_pretty(&report).expect("the report serialises"));
     } else {
         for line in human(&report) {
-            println!("{line}");
+            output::print_line(line);
         }
     }
     let count = report.unresolved.len() + report.errors.len();

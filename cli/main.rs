@@ -169,10 +169,7 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&status).expect("a status report serialises")
-        );
+        output::print_line(serde_json::to_string(&status).expect("a status report serialises"));
         return Ok(());
     }
     let result_path = target.dir.join(RESULT_FILE);
@@ -185,13 +182,13 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
             reason: e.to_string(),
         })?;
     if busy {
-        println!(
+        output::print_line(format_args!(
             "the agent is busy with an update; as of its last change ({}):",
             target.dir.join(STATUS_FILE).display()
-        );
+        ));
     }
     for line in output::status_lines(target.pid, &target.agent, &status, last.as_ref()) {
-        println!("{line}");
+        output::print_line(line);
     }
     Ok(())
 }
@@ -265,9 +262,9 @@ fn report(pid: u32, outcome: Outcome) -> Result<(), CliError> {
         });
     }
     for function in &outcome.functions {
-        println!("{}", output::function_line(function));
+        output::print_line(output::function_line(function));
     }
-    println!("{}", output::summary_line(pid, &outcome));
+    output::print_line(output::summary_line(pid, &outcome));
     Ok(())
 }
 

@@ -2,6 +2,17 @@
 
 use dsu_agent::report::{AgentInfo, AgentState, FunctionReport, Outcome, Status, StatusReport};
 
+/// Writes `line` and a newline to stdout. A reader that went away (`dsu inspect | head`) is
+/// not an error, as with other command-line tools: the rest of the output is dropped quietly.
+pub fn print_line(line: impl std::fmt::Display) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}")
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("dsu: cannot write to standard output: {e}");
+    }
+}
+
 /// How the agent is reached: its socket and its trigger signal.
 fn agent_lines(state: &AgentState) -> Vec<String> {
     let mut lines = Vec::new();

@@ -526,3 +526,21 @@ int main(void) {
         "{strcasecmp}"
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_report_quietly() {
+    // `dsu inspect PATCH | head -1`: the reader closes the pipe before the report is written.
+    let dir = support::scratch("inspect-pipe");
+    let (_, patch) = build(&dir);
+    let mut child = Command::new(support::cargo_bin("dsu"))
+        .args(["inspect", patch.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
