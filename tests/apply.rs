@@ -92,18 +92,6 @@ unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
 unsigned long dsu_fixture_block(int fd) { return dsu_missing_helper_for_tests(fd) + 1; }
 ";
 
-/// What `rustc` reports as the static library's native dependencies
-/// (`cargo rustc -p dsu-agent --lib --crate-type staticlib -- --print native-static-libs`).
-const NATIVE_LIBS: [&str; 7] = [
-    "-lgcc_s",
-    "-lutil",
-    "-lrt",
-    "-lpthread",
-    "-lm",
-    "-ldl",
-    "-lc",
-];
-
 const BUSY_C: &str = include_str!("fixtures/busy.c");
 
 // ---- starting programs ----
@@ -123,7 +111,7 @@ fn busy_c_linked(dir: &Path, workers: u32) -> Fixture {
         format!("-I{}", include.display()),
         archive.display().to_string(),
     ];
-    flags.extend(NATIVE_LIBS.iter().map(|l| l.to_string()));
+    flags.extend(support::NATIVE_LIBS.iter().map(|l| l.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let program = cc_program(dir, "busy_linked", &[("busy.c", BUSY_C)], &flags);
     Fixture::start(dir, &program, &[&workers.to_string()], &[])

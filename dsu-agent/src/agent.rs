@@ -526,17 +526,22 @@ fn log_applied(shared: &Shared, file: &str, result: &Result<Applied, UpdateError
         return;
     }
     match result {
-        Ok(a) => eprintln!(
-            "dsu: applied patch {} ({file}): {} in {} us",
-            a.patch.id,
-            a.patch
-                .functions
-                .iter()
-                .map(|f| f.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            a.elapsed.as_micros()
-        ),
+        Ok(a) => {
+            eprintln!(
+                "dsu: applied patch {} ({file}): {} in {} us",
+                a.patch.id,
+                a.patch
+                    .functions
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.elapsed.as_micros()
+            );
+            for warning in &a.warnings {
+                eprintln!("dsu: patch {}: {warning}", a.patch.id);
+            }
+        }
         Err(e) => eprintln!("dsu: patch {file} not applied: {e}"),
     }
 }

@@ -7,7 +7,8 @@
 //! trigger -> load -> resolve -> relocate -> place (together: [`link`]) -> [`prepare`] ->
 //! [`hold`] (breakpoints on the edits) -> [`survey`] (which threads run, which wait) ->
 //! [`stop`] (the running ones) -> [`check`] -> [`mod@write`] -> [`report`], driven by
-//! [`update`].
+//! [`update`]. Once an update is done, [`names`] and [`debugger`] tell profilers and
+//! debuggers about the new code.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 // Unsafe code only in the modules that say why they need it (`#![allow(unsafe_code)]`).
@@ -19,6 +20,7 @@ mod capi;
 pub mod check;
 pub mod config;
 pub mod control;
+pub mod debugger;
 pub mod error;
 pub mod frame_rules;
 pub mod gate;

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod dl;
 pub mod frames;
 pub mod futex;
+pub mod gdb_jit;
 pub mod ids;
 pub mod maps;
 pub mod mem;

@@ -53,6 +53,18 @@ pub fn cc_object(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBu
     obj
 }
 
+/// What `rustc` reports as the static library's native dependencies
+/// (`cargo rustc -p dsu-agent --lib --crate-type staticlib -- --print native-static-libs`).
+pub const NATIVE_LIBS: [&str; 7] = [
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
+
 /// Compiles and links C source into an executable.
 pub fn cc_program(dir: &Path, name: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
     let exe = dir.join(name);

@@ -13,8 +13,9 @@
 //!
 //! A revert is the same sequence with the inverse edits, checked against the code it removes.
 //!
-//! Unsafe code is allowed here: this module registers unwind tables with the C runtime and releases
-//! reverted code; every block states its invariant.
+//! Unsafe code is allowed here: this module registers unwind tables with the C runtime, reads
+//! them back to announce the new code to debuggers, and releases reverted code; every block
+//! states its invariant.
 
 #![allow(unsafe_code)]
 
@@ -35,6 +36,7 @@ pub use self::error::UpdateError;
 pub use self::record::{AppliedFunction, AppliedPatch, Policy, Stages, Strategy};
 use crate::callsites::CallIndex;
 use crate::check::{Checker, Ranges};
+use crate::debugger::{self, AnnounceError, Announcement};
 use crate::link::{self, LinkError, LinkedPatch};
 use crate::names::{self, CodeName};
 use crate::prepare;
@@ -51,6 +53,9 @@ pub struct Switched {
     pub attempts: u32,
     pub elapsed: Duration,
     pub stages: Stages,
+    /// What went wrong besides the update, which took effect regardless (the new code could
+    /// not be announced to debuggers, say): one line each, for the log.
+    pub warnings: Vec<String>,
 }
 
 /// What a successful apply reports.
@@ -71,6 +76,8 @@ pub struct Engine {
     /// Direct call sites per module (by name, with its load bias), decoded once.
     calls: HashMap<String, (usize, Arc<CallIndex>)>,
     patches: Vec<AppliedPatch>,
+    /// The applied patches' code as announced to debuggers, by patch id.
+    announced: Vec<Announcement>,
     live: attempt::LiveBuffers,
 }
 
@@ -92,6 +99,7 @@ impl Engine {
             index: None,
             calls: HashMap::new(),
             patches: Vec::new(),
+            announced: Vec::new(),
             live: attempt::LiveBuffers::new(),
         }
     }
@@ -239,11 +247,20 @@ impl Engine {
         stages.prepare -= stages.link.min(stages.prepare);
         let patch = self.record(linked, functions, id, file, bytes);
         let _ = names::publish(&code_names(&patch));
+        // After the commit, threads running: announcing allocates.
+        let warnings = match announce(&patch) {
+            Ok(announced) => {
+                self.announced.extend(announced);
+                Vec::new()
+            }
+            Err(e) => vec![e.to_string()],
+        };
         Ok(Applied {
             patch,
             attempts,
             elapsed: started.elapsed(),
             stages,
+            warnings,
         })
     }
 
@@ -401,6 +418,8 @@ impl Engine {
 
         let patch = self.patches.remove(at);
         deregister_frames(&patch.eh_frames.iter().map(|f| f.0).collect::<Vec<_>>());
+        // Debuggers forget the code (and stop reading its `.eh_frame`) before it goes.
+        self.announced.retain(|a| a.id != patch.id);
         // The code is released. Data the program may keep pointers to (a string literal or a
         // static the patch returned) stays mapped; an image holding only unwind tables, GOT
         // and stubs goes whole.
@@ -421,6 +440,7 @@ impl Engine {
             attempts,
             elapsed: started.elapsed(),
             stages,
+            warnings: Vec::new(),
         })
     }
 
@@ -802,6 +822,46 @@ fn code_names(patch: &AppliedPatch) -> Vec<CodeName> {
         .collect();
     out.extend(patch.helpers.iter().cloned());
     out
+}
+
+/// Announces `patch`'s new code to debuggers: the functions whose new code is in its image,
+/// under their own names, its helpers, and its first `.eh_frame` (a patch object has one).
+fn announce(patch: &AppliedPatch) -> Result<Option<Announcement>, AnnounceError> {
+    let (start, end) = patch.code;
+    let functions: Vec<debugger::Function<'_>> = patch
+        .functions
+        .iter()
+        .filter(|f| f.strategy == Strategy::Redirect)
+        .map(|f| (f.name.as_str(), f.new_address, f.new_size))
+        .chain(
+            patch
+                .helpers
+                .iter()
+                .map(|h| (h.name.as_str(), h.address, h.size)),
+        )
+        .filter(|&(_, address, size)| size > 0 && address >= start && address < end)
+        .map(|(name, address, size)| debugger::Function {
+            name,
+            address,
+            size,
+        })
+        .collect();
+    let eh_frame = patch.eh_frames.first().map(|&(at, len)| {
+        // SAFETY: the relocated `.eh_frame` in the read-only part of the patch's image, which
+        // stays mapped while the patch is applied, and is never written after linking; the
+        // announcement copies it before this returns.
+        (at, unsafe {
+            std::slice::from_raw_parts(at as *const u8, len)
+        })
+    });
+    debugger::announce(
+        patch.id,
+        &debugger::Contents {
+            text: (start, end),
+            functions: &functions,
+            eh_frame,
+        },
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {
