@@ -196,9 +196,26 @@ pub struct PatchObject {
     pub sections: Vec<Section>,
     pub symbols: Vec<Symbol>,
     pub relocations: Vec<Relocation>,
+    /// Names the patch scopes to a `static` of one source file of the program, with that
+    /// file's name (its [`SCOPE_SECTION`]), sorted by name.
+    pub scopes: Vec<(String, String)>,
 }
 
+/// The section in which a patch names the `static` symbols of the program it means, each with
+/// its source file: records `NAME\0FILE\0`, FILE as the compiler wrote it in the `STT_FILE`
+/// symbol (the source file's base name). `dsu build` writes it, for a patch that refers to or
+/// replaces a `static` function or variable whose name other files of the program use too.
+pub const SCOPE_SECTION: &str = ".dsu.scope";
+
 impl PatchObject {
+    /// The source file whose `static` the patch means by `name`, if it scoped it.
+    pub fn scope_of(&self, name: &str) -> Option<&str> {
+        self.scopes
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|i| self.scopes[i].1.as_str())
+    }
+
     pub fn section(&self, index: usize) -> Option<&Section> {
         // Sections are kept in ELF index order: a binary search, not a scan per relocation.
         self.sections
@@ -371,11 +388,61 @@ pub fn parse(data: &[u8]) -> Result<PatchObject, LoadError> {
         }
     }
 
+    let scopes = match table
+        .iter()
+        .find(|shdr| section_name(&table, endian, shdr) == SCOPE_SECTION)
+    {
+        Some(shdr) if shdr.sh_type(endian) != elf::SHT_NOBITS => {
+            parse_scopes(shdr.data(endian, data).map_err(malformed)?)?
+        }
+        _ => Vec::new(),
+    };
+
     Ok(PatchObject {
         sections,
         symbols,
         relocations,
+        scopes,
     })
+}
+
+/// The records of a [`SCOPE_SECTION`], sorted by name; a name given two files is refused.
+pub fn parse_scopes(bytes: &[u8]) -> Result<Vec<(String, String)>, LoadError> {
+    let bad = |why: String| LoadError::Malformed(format!("section {SCOPE_SECTION}: {why}"));
+    let Some(body) = bytes.strip_suffix(&[0]) else {
+        return Err(bad("does not end with a NUL byte".into()));
+    };
+    let fields: Vec<&[u8]> = body.split(|&b| b == 0).collect();
+    if !fields.len().is_multiple_of(2) {
+        return Err(bad(
+            "holds a name without a file (records are NAME\\0FILE\\0)".into(),
+        ));
+    }
+    let mut scopes = Vec::with_capacity(fields.len() / 2);
+    for pair in fields.chunks(2) {
+        let text = |b: &[u8]| {
+            std::str::from_utf8(b)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+        };
+        let (Some(name), Some(file)) = (text(pair[0]), text(pair[1])) else {
+            return Err(bad(format!(
+                "record {} has an empty or non-UTF-8 name or file",
+                scopes.len() + 1
+            )));
+        };
+        scopes.push((name, file));
+    }
+    scopes.sort();
+    scopes.dedup();
+    if let Some(w) = scopes.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(bad(format!(
+            "{} is scoped to two files, {} and {}",
+            w[0].0, w[0].1, w[1].1
+        )));
+    }
+    Ok(scopes)
 }
 
 fn malformed(e: object::read::Error) -> LoadError {
@@ -609,5 +676,32 @@ fn convert_symbol(
         binding,
         exported: visibility == elf::STV_DEFAULT || visibility == elf::STV_PROTECTED,
         size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_records_are_read_sorted_and_checked() {
+        let scopes = parse_scopes(b"helper\0b.c\0count.0\0a.c\0helper\0b.c\0").unwrap();
+        assert_eq!(
+            scopes,
+            [
+                ("count.0".to_string(), "a.c".to_string()),
+                ("helper".to_string(), "b.c".to_string())
+            ]
+        );
+        let message = |bytes: &[u8]| parse_scopes(bytes).unwrap_err().to_string();
+        assert_eq!(
+            message(b"helper\0a.c\0helper\0b.c\0"),
+            "malformed ELF object: section .dsu.scope: helper is scoped to two files, a.c and b.c"
+        );
+        assert!(message(b"helper\0a.c").contains("does not end with a NUL byte"));
+        assert!(message(b"helper\0").contains("a name without a file"));
+        assert!(message(b"helper\0\0").contains("record 1 has an empty"));
+        assert!(message(b"a\0b\0\xff\0c\0").contains("record 2 has an empty or non-UTF-8"));
+        assert!(message(b"").contains("does not end with a NUL byte"));
     }
 }

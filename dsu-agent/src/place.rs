@@ -261,6 +261,7 @@ mod tests {
             sections,
             symbols,
             relocations: vec![],
+            scopes: vec![],
         }
     }
 

@@ -43,6 +43,14 @@ pub enum ResolveError {
         second: String,
         address: usize,
     },
+    #[error(
+        "the patch names the static {kind} {name} of source file {file}, which the process does not have (its symbol tables list no {name} after an STT_FILE entry {file}: was the program stripped, or built from other sources?)"
+    )]
+    NoStatic {
+        name: String,
+        file: String,
+        kind: &'static str,
+    },
     #[error("cannot resolve indirect function {name} in {module}")]
     IndirectUnresolved { name: String, module: String },
     #[error(
@@ -90,6 +98,9 @@ pub struct ProcessSymbol {
     pub kind: SymbolKind,
     /// Global or weak binding (not `static`).
     pub global: bool,
+    /// For a `static` symbol of `.symtab`: the source file it belongs to (the `STT_FILE` entry
+    /// before it), an id of [`SymbolIndex::file_name`]; 0 when unknown.
+    pub file: u32,
 }
 
 /// A module as the index knows it.
@@ -108,6 +119,9 @@ pub struct ModuleInfo {
 pub struct SymbolIndex {
     modules: Vec<ModuleInfo>,
     by_name: HashMap<Box<str>, Vec<ProcessSymbol>>,
+    /// Source file names of `static` symbols; id `n` is `files[n - 1]`.
+    files: Vec<Box<str>>,
+    file_ids: HashMap<Box<str>, u32>,
 }
 
 impl SymbolIndex {
@@ -148,12 +162,17 @@ impl SymbolIndex {
         // Collected first: a file that fails half-way adds nothing, so no symbol ever names a
         // module the index does not hold.
         let mut symbols = Vec::new();
-        read_symbols(&cache, info.bias, |name, sym| {
-            symbols.push((name.to_vec(), ProcessSymbol { module, ..sym }));
+        read_symbols(&cache, info.bias, |name, file, sym| {
+            symbols.push((
+                name.to_vec(),
+                file.map(<[u8]>::to_vec),
+                ProcessSymbol { module, ..sym },
+            ));
         })
         .map_err(err)?;
-        for (name, symbol) in symbols {
-            self.insert(&name, symbol);
+        for (name, file, symbol) in symbols {
+            let file = file.map_or(0, |f| self.file_id(&f));
+            self.insert(&name, ProcessSymbol { file, ..symbol });
         }
         self.modules.push(info);
         Ok(())
@@ -174,6 +193,77 @@ impl SymbolIndex {
         }
         self.modules.push(info);
         module
+    }
+
+    /// The id of source file name `file` (see [`ProcessSymbol::file`]).
+    fn file_id(&mut self, file: &[u8]) -> u32 {
+        let file: Box<str> = String::from_utf8_lossy(file).into();
+        if let Some(&id) = self.file_ids.get(&file) {
+            return id;
+        }
+        self.files.push(file.clone());
+        let id = self.files.len() as u32;
+        self.file_ids.insert(file, id);
+        id
+    }
+
+    /// The source file name of id `file`, if any.
+    pub fn file_name(&self, file: u32) -> Option<&str> {
+        (file as usize)
+            .checked_sub(1)
+            .and_then(|i| self.files.get(i))
+            .map(|f| &**f)
+    }
+
+    /// The `static` definitions of `name` that source file `file` made.
+    fn statics_of<'a>(&'a self, name: &str, file: &str) -> impl Iterator<Item = &'a ProcessSymbol> {
+        let id = self.file_ids.get(file).copied();
+        self.definitions(name)
+            .iter()
+            .filter(move |s| !s.global && id.is_some_and(|id| s.file == id))
+    }
+
+    /// [`SymbolIndex::replacement_target`] for a name the patch scopes to the `static`
+    /// function of source file `file` (its `.dsu.scope` section), when `file` is given.
+    pub fn replacement_target_in(
+        &self,
+        name: &str,
+        file: Option<&str>,
+    ) -> Result<Option<ProcessSymbol>, ResolveError> {
+        let Some(file) = file else {
+            return self.replacement_target(name);
+        };
+        let found: Vec<&ProcessSymbol> = self
+            .statics_of(name, file)
+            .filter(|s| s.kind == SymbolKind::Function)
+            .collect();
+        match found.as_slice() {
+            [] => Err(ResolveError::NoStatic {
+                name: name.to_string(),
+                file: file.to_string(),
+                kind: "function",
+            }),
+            [one] => Ok(Some((*one).clone())),
+            many => Err(self.ambiguous(name, many)),
+        }
+    }
+
+    /// [`SymbolIndex::lookup`] for a name the patch scopes to a `static` of source file
+    /// `file`, when `file` is given: only that file's definition binds.
+    pub fn lookup_in(
+        &self,
+        name: &str,
+        file: Option<&str>,
+    ) -> Result<Option<ProcessSymbol>, ResolveError> {
+        let Some(file) = file else {
+            return self.lookup(name);
+        };
+        let found: Vec<&ProcessSymbol> = self.statics_of(name, file).collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some((*one).clone())),
+            many => Err(self.ambiguous(name, many)),
+        }
     }
 
     fn insert(&mut self, name: &[u8], symbol: ProcessSymbol) {
@@ -351,7 +441,7 @@ impl SymbolIndex {
 fn read_symbols<'a, R: ReadRef<'a>>(
     data: R,
     bias: usize,
-    mut add: impl FnMut(&[u8], ProcessSymbol),
+    mut add: impl FnMut(&[u8], Option<&[u8]>, ProcessSymbol),
 ) -> Result<(), String> {
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
     let endian = header.endian().map_err(|e| e.to_string())?;
@@ -371,7 +461,17 @@ fn read_symbols<'a, R: ReadRef<'a>>(
         } else {
             None
         };
+        // The `STT_FILE` entry in force: the linker lists each input file's `static` symbols
+        // after one naming its source file.
+        let mut file: Option<&[u8]> = None;
         for (i, sym) in table.enumerate() {
+            if sym.st_type() == elf::STT_FILE {
+                file = table
+                    .symbol_name(endian, sym)
+                    .ok()
+                    .filter(|f| !f.is_empty());
+                continue;
+            }
             if sym.is_undefined(endian) || sym.st_shndx(endian) == elf::SHN_ABS {
                 continue;
             }
@@ -407,12 +507,14 @@ fn read_symbols<'a, R: ReadRef<'a>>(
             );
             add(
                 name,
+                if global { None } else { file },
                 ProcessSymbol {
                     module: 0,
                     address,
                     size: sym.st_size(endian),
                     kind,
                     global,
+                    file: 0,
                 },
             );
         }
@@ -452,7 +554,7 @@ pub const GOT_SYMBOL: &str = "_GLOBAL_OFFSET_TABLE_";
 pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, ResolveError> {
     let mut out = Resolution::default();
     for (i, sym) in patch.replacement_candidates() {
-        match index.replacement_target(&sym.name)? {
+        match index.replacement_target_in(&sym.name, patch.scope_of(&sym.name))? {
             Some(t) => out.targets.push(Target {
                 patch_symbol: i,
                 name: sym.name.clone(),
@@ -493,7 +595,12 @@ pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, R
         if i == 0 || sym.definition != Definition::Undefined || sym.name == GOT_SYMBOL {
             continue;
         }
-        match index.resolve(&sym.name)? {
+        let scope = patch.scope_of(&sym.name);
+        let found = match index.lookup_in(&sym.name, scope)? {
+            Some(found) => Some(index.materialise(&sym.name, &found)?),
+            None => None,
+        };
+        match found {
             Some(found) => {
                 if found.kind == SymbolKind::ThreadLocal {
                     let modid = index.modules()[found.module].tls_modid;
@@ -507,7 +614,10 @@ pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, R
                 out.imports.insert(i, 0);
                 out.import_names.insert(i, sym.name.clone());
             }
-            None => missing.push(sym.name.clone()),
+            None => missing.push(match scope {
+                Some(file) => format!("{} (static in {file})", sym.name),
+                None => sym.name.clone(),
+            }),
         }
     }
     if !missing.is_empty() {

@@ -29,6 +29,7 @@ fn sym(address: usize, size: u64, kind: SymbolKind, global: bool) -> ProcessSymb
         size,
         kind,
         global,
+        file: 0,
     }
 }
 

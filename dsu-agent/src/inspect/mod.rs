@@ -158,7 +158,7 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
             });
             continue;
         };
-        match index.replacement_target(&sym.name) {
+        match index.replacement_target_in(&sym.name, patch.scope_of(&sym.name)) {
             Ok(Some(t)) => {
                 let module = &index.modules()[t.module];
                 let mut warnings = aliases(index, &sym.name, t.address);
@@ -226,7 +226,10 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
             indirect: None,
         };
         // `lookup`, not `resolve`: an IFUNC is resolved by the target, not by this process.
-        match index.as_ref().map(|index| (index, index.lookup(&sym.name))) {
+        match index
+            .as_ref()
+            .map(|index| (index, index.lookup_in(&sym.name, patch.scope_of(&sym.name))))
+        {
             None => {}
             Some((index, Ok(Some(found)))) if found.kind == SymbolKind::IndirectFunction => {
                 let (resolves_to, indirect) =
