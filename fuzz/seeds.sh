@@ -18,6 +18,7 @@ cc "${flags[@]}" seeds/tls_defined.c -o "$out/c-tls-defined.o"
 cc "${flags[@]}" seeds/ambiguous.c -o "$out/c-ambiguous.o"
 cc "${flags[@]}" seeds/ifunc.c -o "$out/c-ifunc.o"
 cc "${flags[@]}" seeds/aliases.c -o "$out/c-aliases.o"
+cc "${flags[@]}" seeds/scoped.c -o "$out/c-scoped.o"
 rustc --emit=obj --crate-type=lib --edition=2024 -C opt-level=2 -C panic=abort \
     seeds/patch.rs -o "$out/rust-patch.o"
 
