@@ -76,6 +76,11 @@ struct ApplyArgs {
     /// Seconds the agent may keep retrying while a function to replace is active.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
     timeout: Duration,
+    /// Apply even though the program has compiler clones of a replaced function
+    /// (`NAME.constprop.N`, `.isra.N`, `.part.N`) that the patch leaves alone: their callers
+    /// keep the old code.
+    #[arg(long)]
+    allow_stale_clones: bool,
 }
 
 #[derive(Debug, Args)]
@@ -135,14 +140,20 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
         // Over the socket only a label: the agent keeps the bytes as consumed/<seq>.patch.
         file: args.patch.display().to_string(),
     };
-    let outcome = request::exchange(&target, op, Some(&bytes), args.timeout)?;
+    let outcome = request::exchange(
+        &target,
+        op,
+        Some(&bytes),
+        args.timeout,
+        args.allow_stale_clones,
+    )?;
     report(target.pid, outcome)
 }
 
 fn revert(args: &RevertArgs) -> Result<(), CliError> {
     let target = locate(&args.target)?;
     let op = RequestOp::Revert { patch_id: args.id };
-    let outcome = request::exchange(&target, op, None, args.timeout)?;
+    let outcome = request::exchange(&target, op, None, args.timeout, false)?;
     report(target.pid, outcome)
 }
 
@@ -154,20 +165,21 @@ fn status(args: &StatusArgs) -> Result<(), CliError> {
     let target = locate(&args.target)?;
     // Asked over the socket: the agent reports its state as it is now (a taken-over trigger
     // signal, say), and an agent that is not running is noticed at once.
-    let (status, busy) = match request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT) {
-        Ok(mut answer) => match answer.status.take() {
-            Some(status) => (status, false),
-            None if answer.outcome != Status::Applied => {
-                return Err(CliError::Agent {
-                    outcome: Box::new(answer),
-                });
-            }
-            None => (empty_status(target.pid), false),
-        },
-        // Busy with an update that is still retrying: what it wrote after the last change.
-        Err(CliError::TimedOut { .. }) => (read_status_file(&target)?, true),
-        Err(e) => return Err(e),
-    };
+    let (status, busy) =
+        match request::exchange(&target, RequestOp::Status, None, STATUS_TIMEOUT, false) {
+            Ok(mut answer) => match answer.status.take() {
+                Some(status) => (status, false),
+                None if answer.outcome != Status::Applied => {
+                    return Err(CliError::Agent {
+                        outcome: Box::new(answer),
+                    });
+                }
+                None => (empty_status(target.pid), false),
+            },
+            // Busy with an update that is still retrying: what it wrote after the last change.
+            Err(CliError::TimedOut { .. }) => (read_status_file(&target)?, true),
+            Err(e) => return Err(e),
+        };
     if args.json {
         output::print_line(serde_json::to_string(&status).expect("a status report serialises"));
         return Ok(());
@@ -265,6 +277,9 @@ fn report(pid: u32, outcome: Outcome) -> Result<(), CliError> {
         output::print_line(output::function_line(function));
     }
     output::print_line(output::summary_line(pid, &outcome));
+    for warning in &outcome.warnings {
+        eprintln!("dsu: warning: {warning}");
+    }
     Ok(())
 }
 

@@ -26,6 +26,7 @@ pub fn exchange(
     op: RequestOp,
     patch: Option<&[u8]>,
     timeout: Duration,
+    allow_stale_clones: bool,
 ) -> Result<Outcome, CliError> {
     let started = Instant::now();
     let deadline = started + timeout + GRACE;
@@ -40,6 +41,7 @@ pub fn exchange(
         op,
         timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
         patch_len: patch.map(|p| p.len() as u64),
+        allow_stale_clones,
     };
     // Never blocked beyond the deadline by an agent busy with another request.
     let _ = stream.set_write_timeout(Some(timeout + GRACE));

@@ -179,6 +179,7 @@ fn outcome(request: &dsu_agent::control::Request, status: Status) -> Outcome {
         patch_id: None,
         stages_us: None,
         status: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -526,6 +527,7 @@ fn status_shows_the_agent_the_patches_and_the_last_answer() {
         patch_id: None,
         stages_us: None,
         status: None,
+        warnings: Vec::new(),
     };
     fs::write(dir.join(RESULT_FILE), serde_json::to_vec(&last).unwrap()).unwrap();
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));

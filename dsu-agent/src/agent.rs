@@ -555,8 +555,10 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
             bytes,
             file,
             timeout,
+            allow_stale_clones,
         } => {
-            let policy = policy_with(shared, timeout);
+            let mut policy = policy_with(shared, timeout);
+            policy.allow_stale_clones |= allow_stale_clones;
             let label = file.display().to_string();
             let result = guarded(|| engine.apply(&bytes, seq, &label, &policy));
             log_applied(shared, &label, &result);
@@ -606,6 +608,7 @@ fn report_switch(outcome: &mut Outcome, result: &Result<Switched, UpdateError>) 
             outcome.functions = function_reports(&done.patch);
             outcome.patch_id = Some(done.patch.id);
             outcome.stages_us = Some(stages_report(&done.stages));
+            outcome.warnings = done.warnings.clone();
         }
         Err(e) => refuse(outcome, e),
     }

@@ -36,6 +36,9 @@ impl CallSite {
 #[derive(Debug, Default)]
 pub struct CallIndex {
     by_target: HashMap<usize, Vec<CallSite>>,
+    /// Short (`rel8`) branches that leave their function, by target: they cannot be
+    /// retargeted, but they name callers (a tail call to a nearby clone, say).
+    short: HashMap<usize, Vec<usize>>,
 }
 
 impl CallIndex {
@@ -68,6 +71,11 @@ impl CallIndex {
                     .entry(instr.near_branch_target() as usize)
                     .or_default()
                     .push(site);
+            } else if instr.is_jmp_short_or_near() || instr.is_jcc_short_or_near() {
+                let to = instr.near_branch_target() as usize;
+                if to < address || to >= address + code.len() {
+                    self.short.entry(to).or_default().push(instr.ip() as usize);
+                }
             }
         }
     }
@@ -75,6 +83,11 @@ impl CallIndex {
     /// Sites branching to `target`.
     pub fn sites(&self, target: usize) -> &[CallSite] {
         self.by_target.get(&target).map_or(&[], Vec::as_slice)
+    }
+
+    /// Where the short branches to `target` from other functions are.
+    pub fn short_sites(&self, target: usize) -> &[usize] {
+        self.short.get(&target).map_or(&[], Vec::as_slice)
     }
 
     pub fn len(&self) -> usize {
@@ -120,6 +133,8 @@ mod tests {
         code.extend(rel(base + 17));
         code.extend([0xeb, 0x00]); // jmp short: cannot be retargeted
         code.push(0xc3);
+        code.extend([0xeb, 0x10]); // jmp short out of the function
+        code.extend([0x74, 0xfe]); // je short to itself
         let mut index = CallIndex::default();
         index.add_function(base, &code);
         let sites = index.sites(target);
@@ -139,6 +154,16 @@ mod tests {
             Some(((0x3000 - (base + 6)) as i32).to_le_bytes())
         );
         assert!(index.sites(0x9999).is_empty());
+        let out = base + code.len() - 4 + 2 + 0x10;
+        assert_eq!(index.short_sites(out), [base + code.len() - 4]);
+        assert!(
+            index.short_sites(base + code.len() - 2).is_empty(),
+            "inside the function"
+        );
+        assert!(
+            index.short_sites(base + 19).is_empty(),
+            "inside the function"
+        );
     }
 
     #[test]

@@ -98,6 +98,10 @@ pub struct Outcome {
     /// state, as `status.json` would hold them now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusReport>,
+    /// What an update that happened did not do or could not announce (compiler clones it
+    /// left to the old code, a debugger registration that failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Outcome {
@@ -121,6 +125,7 @@ impl Outcome {
             patch_id: None,
             stages_us: None,
             status: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -247,6 +252,7 @@ mod tests {
             patch_id: None,
             stages_us: None,
             status: None,
+            warnings: vec!["a warning".into()],
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["outcome"], "refused");

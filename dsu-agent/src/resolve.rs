@@ -427,6 +427,32 @@ impl SymbolIndex {
         out
     }
 
+    /// The compiler clones of function `name` in `module` (`NAME.constprop.N`, `NAME.isra.N`,
+    /// `NAME.part.N`, and combinations): specialised copies the compiler made, which some callers
+    /// call instead of `name`. Sorted by name.
+    pub fn clones_of(&self, module: usize, name: &str) -> Vec<(&str, &ProcessSymbol)> {
+        let mut out: Vec<(&str, &ProcessSymbol)> = self
+            .by_name
+            .iter()
+            .filter(|(n, _)| is_clone_of(n, name))
+            .flat_map(|(n, defs)| defs.iter().map(move |d| (&**n, d)))
+            .filter(|(_, d)| d.module == module && d.kind == SymbolKind::Function)
+            .collect();
+        out.sort_unstable_by_key(|(n, d)| (*n, d.address));
+        out
+    }
+
+    /// The function of `module` whose bytes hold `address`, by name.
+    pub fn function_holding(&self, module: usize, address: usize) -> Option<&str> {
+        self.by_name
+            .iter()
+            .flat_map(|(n, defs)| defs.iter().map(move |d| (&**n, d)))
+            .filter(|(_, d)| d.module == module && d.kind == SymbolKind::Function)
+            .filter(|(_, d)| address >= d.address && address < d.address + d.size as usize)
+            .map(|(n, _)| n)
+            .min()
+    }
+
     /// The index of the module named `name`.
     pub fn module_named(&self, name: &str) -> Option<usize> {
         self.modules.iter().position(|m| m.name == name)
@@ -435,6 +461,25 @@ impl SymbolIndex {
     pub fn module_name(&self, module: usize) -> &str {
         self.modules.get(module).map_or("?", |m| m.name.as_str())
     }
+}
+
+/// Whether `candidate` names a compiler clone of function `name`: `name.` then `constprop`,
+/// `isra` or `part` and a number (GCC's suffixes, which combine: `f.isra.0.constprop.0`).
+pub fn is_clone_of(candidate: &str, name: &str) -> bool {
+    let Some(rest) = candidate
+        .strip_prefix(name)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('.').collect();
+    parts.len() >= 2
+        && parts.len().is_multiple_of(2)
+        && parts.chunks(2).all(|p| {
+            matches!(p[0], "constprop" | "isra" | "part")
+                && !p[1].is_empty()
+                && p[1].bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 /// Calls `add` for every defined, named symbol of the ELF file, address biased.
@@ -644,6 +689,24 @@ pub fn index_file(path: &Path, bias: usize) -> Result<SymbolIndex, ResolveError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clone_names_are_gcc_suffixes_with_numbers() {
+        assert!(is_clone_of("price.constprop.0", "price"));
+        assert!(is_clone_of("price.isra.12", "price"));
+        assert!(is_clone_of("price.part.0", "price"));
+        assert!(is_clone_of("price.isra.0.constprop.1", "price"));
+        assert!(
+            !is_clone_of("price.cold", "price"),
+            "a split-off part, not a clone"
+        );
+        assert!(!is_clone_of("price.constprop", "price"));
+        assert!(!is_clone_of("price.constprop.x", "price"));
+        assert!(!is_clone_of("price.lto_priv.0", "price"));
+        assert!(!is_clone_of("prices.constprop.0", "price"));
+        assert!(!is_clone_of("price", "price"));
+        assert!(!is_clone_of("price.isra.0.", "price"));
+    }
 
     #[test]
     fn an_overflow_check_the_program_lacks_says_the_patch_was_built_unoptimised() {

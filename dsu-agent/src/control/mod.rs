@@ -243,6 +243,10 @@ pub struct RequestFile {
     /// of an `apply` (whose `file` is then only a label).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_len: Option<u64>,
+    /// An apply may leave compiler clones of a replaced function unreplaced
+    /// (`Policy::allow_stale_clones`; `dsu apply --allow-stale-clones`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_stale_clones: bool,
 }
 
 /// The operation part of a [`RequestFile`], tagged by `"op"`. New operations are new variants.
@@ -278,6 +282,8 @@ pub enum Op {
         file: PathBuf,
         /// From `timeout_ms`; `None` means the default policy (always so for a raw trigger).
         timeout: Option<Duration>,
+        /// From `allow_stale_clones` (false for a raw trigger).
+        allow_stale_clones: bool,
     },
     Revert {
         patch_id: Option<u64>,
@@ -431,7 +437,7 @@ impl ControlDir {
             Ok(()) => self.read_request(&claimed, seq).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // A raw trigger: no id, and the engine's default policy.
-                match self.claim_patch(PATCH_FILE, seq, None, None) {
+                match self.claim_patch(PATCH_FILE, seq, None, None, false) {
                     Err(ControlError::MissingPatch { .. }) => Ok(None),
                     other => other.map(Some),
                 }
@@ -520,7 +526,13 @@ impl ControlDir {
         let timeout = request.timeout_ms.map(Duration::from_millis);
         let op = match request.op {
             RequestOp::Apply { file } if is_plain_name(&file) => {
-                return self.claim_patch(&file, seq, Some(request.id), timeout);
+                return self.claim_patch(
+                    &file,
+                    seq,
+                    Some(request.id),
+                    timeout,
+                    request.allow_stale_clones,
+                );
             }
             RequestOp::Apply { file } => {
                 return Err(ControlError::MalformedRequest {
@@ -549,6 +561,7 @@ impl ControlDir {
         seq: u64,
         id: Option<String>,
         timeout: Option<Duration>,
+        allow_stale_clones: bool,
     ) -> Result<Request, ControlError> {
         let source = self.path.join(file);
         let claimed = self.consumed(seq, "patch");
@@ -590,6 +603,7 @@ impl ControlDir {
                 bytes,
                 file: claimed,
                 timeout,
+                allow_stale_clones,
             },
         })
     }

@@ -207,6 +207,7 @@ impl SocketRequest {
                 bytes: self.patch.unwrap_or_default(),
                 file: patch_file,
                 timeout,
+                allow_stale_clones: self.header.allow_stale_clones,
             },
             RequestOp::Revert { patch_id } => Op::Revert { patch_id, timeout },
             RequestOp::Status => Op::Status,
@@ -415,6 +416,7 @@ mod tests {
             op,
             timeout_ms: Some(250),
             patch_len,
+            allow_stale_clones: false,
         }
     }
 
@@ -454,6 +456,7 @@ mod tests {
                 bytes: b"\x7fELF!".to_vec(),
                 file: PathBuf::from("consumed/4.patch"),
                 timeout: Some(Duration::from_millis(250)),
+                allow_stale_clones: false,
             }
         );
         agent.take(4).unwrap();

@@ -196,6 +196,7 @@ fn a_raw_patch_is_consumed_once() {
                 bytes: b"\x7fELF raw".to_vec(),
                 file: consumed.clone(),
                 timeout: None,
+                allow_stale_clones: false,
             },
         }
     );
@@ -221,6 +222,7 @@ fn an_apply_request_returns_its_id_bytes_and_timeout() {
         },
         timeout_ms: Some(1500),
         patch_len: None,
+        allow_stale_clones: true,
     };
     write_request(&dir, &file);
     let json = fs::read_to_string(dir.path().join(REQUEST_FILE)).unwrap();
@@ -232,6 +234,7 @@ fn an_apply_request_returns_its_id_bytes_and_timeout() {
         bytes,
         file,
         timeout,
+        allow_stale_clones,
     } = request.op
     else {
         unreachable!()
@@ -239,6 +242,7 @@ fn an_apply_request_returns_its_id_bytes_and_timeout() {
     assert_eq!(bytes, b"\x7fELF req");
     assert_eq!(file, dir.path().join("consumed/5.patch"));
     assert_eq!(timeout, Some(Duration::from_millis(1500)));
+    assert!(allow_stale_clones, "the option reaches the engine");
     assert!(dir.path().join("consumed/5.request.json").exists());
     assert_eq!(dir.take_request(6).unwrap(), None);
 }
@@ -363,6 +367,7 @@ fn results_are_written_atomically_with_mode_0600() {
         patch_id: Some(1),
         stages_us: None,
         status: None,
+        warnings: Vec::new(),
     };
     dir.write_result(&outcome).unwrap();
     let path = dir.path().join(RESULT_FILE);

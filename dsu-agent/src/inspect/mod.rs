@@ -190,6 +190,25 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                         warnings.push(e.to_string());
                     }
                 }
+                // Clones the patch leaves alone keep their callers on the old code: apply
+                // refuses unless told to accept it.
+                let stale: Vec<&str> = index
+                    .clones_of(t.module, &sym.name)
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .filter(|&clone| !patch.replacement_candidates().any(|(_, p)| p.name == clone))
+                    .collect();
+                if !stale.is_empty() {
+                    out.errors.push(
+                        crate::update::StaleClones {
+                            function: sym.name.clone(),
+                            module: module.name.clone(),
+                            clones: stale.iter().map(|c| c.to_string()).collect(),
+                            callers: Vec::new(),
+                        }
+                        .to_string(),
+                    );
+                }
                 out.replaces.push(Replacement {
                     name: sym.name.clone(),
                     new_size: sym.size,

@@ -7,6 +7,23 @@ use crate::link::LinkError;
 use crate::prepare::PrepareError;
 use crate::stop::StopError;
 
+/// A replaced function's compiler clones that a patch leaves alone.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error(
+    "{function} has compiler clones in {module} that the patch does not replace ({}){}: the \
+     code that calls them would keep running the old version; nothing was changed. Build the \
+     patch with `dsu build` from the original and fixed objects (it carries the changed \
+     clones), or accept that with `dsu apply --allow-stale-clones` (Policy::allow_stale_clones)",
+    .clones.join(", "),
+    if .callers.is_empty() { String::new() } else { format!(", called from {}", .callers.join(", ")) }
+)]
+pub struct StaleClones {
+    pub function: String,
+    pub module: String,
+    pub clones: Vec<String>,
+    pub callers: Vec<String>,
+}
+
 /// Why an update did not happen. The process's code is as it was in every case but one: a
 /// failed code write whose rollback failed too (`Write` with `rolled_back: false`), which says
 /// so.
@@ -16,6 +33,8 @@ pub enum UpdateError {
     Link(#[from] LinkError),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    StaleClones(Box<StaleClones>),
     #[error("cannot stop the process's threads: {0}")]
     Stop(#[from] StopError),
     #[error(

@@ -32,7 +32,7 @@ use dsu_sys::code::CodeWriter;
 use dsu_sys::x86::JMP_REL32_LEN;
 use sha2::{Digest, Sha256};
 
-pub use self::error::UpdateError;
+pub use self::error::{StaleClones, UpdateError};
 pub use self::record::{AppliedFunction, AppliedPatch, Policy, Stages, Strategy};
 use crate::callsites::CallIndex;
 use crate::check::{Checker, Ranges};
@@ -173,6 +173,14 @@ impl Engine {
                 module: t.module.clone(),
             });
         }
+        let stale = self.stale_clones(&resolved, &index, &maps);
+        let mut clone_warnings = Vec::new();
+        for e in stale {
+            if !policy.allow_stale_clones {
+                return Err(e);
+            }
+            clone_warnings.push(e.to_string());
+        }
 
         let mut current = Vec::new();
         let mut pristine = Vec::new();
@@ -248,13 +256,11 @@ impl Engine {
         let patch = self.record(linked, functions, id, file, bytes);
         let _ = names::publish(&code_names(&patch));
         // After the commit, threads running: announcing allocates.
-        let warnings = match announce(&patch) {
-            Ok(announced) => {
-                self.announced.extend(announced);
-                Vec::new()
-            }
-            Err(e) => vec![e.to_string()],
-        };
+        let mut warnings = clone_warnings;
+        match announce(&patch) {
+            Ok(announced) => self.announced.extend(announced),
+            Err(e) => warnings.push(e.to_string()),
+        }
         Ok(Applied {
             patch,
             attempts,
@@ -262,6 +268,59 @@ impl Engine {
             stages,
             warnings,
         })
+    }
+
+    /// For each function the patch replaces, its compiler clones that the patch does not
+    /// replace too ([`SymbolIndex::clones_of`]), with the functions that call them directly:
+    /// code that would keep running the old version.
+    fn stale_clones(
+        &mut self,
+        resolved: &link::Resolved,
+        index: &SymbolIndex,
+        maps: &[dsu_sys::maps::MapEntry],
+    ) -> Vec<UpdateError> {
+        let replaced: Vec<(&str, usize)> = resolved
+            .targets()
+            .iter()
+            .map(|t| (t.name.as_str(), t.address))
+            .collect();
+        let mut out = Vec::new();
+        for t in resolved.targets() {
+            let Some(module) = index.module_named(&t.module) else {
+                continue;
+            };
+            let clones: Vec<(&str, usize)> = index
+                .clones_of(module, &t.name)
+                .into_iter()
+                .map(|(name, d)| (name, d.address))
+                .filter(|c| !replaced.iter().any(|r| r.1 == c.1))
+                .collect();
+            if clones.is_empty() {
+                continue;
+            }
+            let calls = self.call_index(&t.module, index, maps);
+            let mut callers: Vec<String> = clones
+                .iter()
+                .flat_map(|&(_, at)| {
+                    calls.iter().flat_map(move |c| {
+                        let near = c.sites(at).iter().map(|s| s.at);
+                        near.chain(c.short_sites(at).iter().copied())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .filter_map(|site| index.function_holding(module, site))
+                .map(str::to_owned)
+                .collect();
+            callers.sort();
+            callers.dedup();
+            out.push(UpdateError::StaleClones(Box::new(error::StaleClones {
+                function: t.name.clone(),
+                module: t.module.clone(),
+                clones: clones.iter().map(|c| c.0.to_owned()).collect(),
+                callers,
+            })));
+        }
+        out
     }
 
     /// Adds call-site edits to each planned function: direct calls to its old entry (or to an

@@ -23,6 +23,10 @@ pub struct Policy {
     /// coroutine suspended in a replaced function would crash when it resumes. Turn it on only
     /// when no coroutine runs the functions patched.
     pub allow_undeclared_stacks: bool,
+    /// Apply a patch that replaces a function whose compiler clones (`NAME.constprop.N`, ...)
+    /// it leaves alone, so their callers keep the old code. Off by default: the update would
+    /// be partial without saying so.
+    pub allow_stale_clones: bool,
 }
 
 impl Default for Policy {
@@ -34,6 +38,7 @@ impl Default for Policy {
             park_timeout: Duration::from_secs(1),
             hold_bound: Duration::from_secs(3),
             allow_undeclared_stacks: false,
+            allow_stale_clones: false,
         }
     }
 }
