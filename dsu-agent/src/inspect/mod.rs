@@ -146,6 +146,7 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
         }
     };
 
+    let mut trampolines: Vec<(usize, usize)> = Vec::new();
     for (_, sym) in patch.replacement_candidates() {
         let Some(index) = &index else {
             out.replaces.push(Replacement {
@@ -171,17 +172,26 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                     t.size,
                     &prepare::Reader::unpatched(&read),
                 );
-                if let Some(code) = code_of(module, t.address, t.size)
-                    && let Err(e) = prepare::plan_redirect(
+                let planned = code_of(module, t.address, t.size).map(|code| {
+                    prepare::plan_redirect(
                         &sym.name,
                         &module.name,
                         t.address,
                         &code,
                         t.address,
                         &around,
-                        &[],
+                        &trampolines,
                     )
+                });
+                if let Some(Ok(prepare::Redirect {
+                    trampoline: Some(tr),
+                    ..
+                })) = &planned
                 {
+                    // As apply does: each trampoline of the patch in a place of its own.
+                    trampolines.push((tr.at, tr.at + tr.bytes.len()));
+                }
+                if let Some(Err(e)) = planned {
                     // Longer than the old function, it cannot go in place either: apply
                     // refuses it. Otherwise apply may still write it in place.
                     if sym.size > t.size {
