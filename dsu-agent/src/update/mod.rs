@@ -105,6 +105,9 @@ impl Engine {
     /// (decoding a large executable takes 10-20 ms). Costs the call-site index's memory from
     /// the start (see `docs/benchmarks.md`, memory). Errors are left for the update to report.
     pub fn warm_up(&mut self) {
+        // The survey's buffers and the stack-copy buffer (an update sizes them again for the
+        // threads there are then).
+        let _ = self.live.prepare();
         let Ok(index) = self.index() else { return };
         let Some(main) = index.modules().iter().find(|m| m.is_main) else {
             return;
