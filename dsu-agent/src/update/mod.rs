@@ -71,6 +71,8 @@ pub struct Engine {
     calls: HashMap<String, (usize, Arc<CallIndex>)>,
     patches: Vec<AppliedPatch>,
     live: attempt::LiveBuffers,
+    /// Names of code applied but not yet in the perf map (see [`Engine::publish_names`]).
+    unpublished: Vec<CodeName>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -92,6 +94,7 @@ impl Engine {
             calls: HashMap::new(),
             patches: Vec::new(),
             live: attempt::LiveBuffers::new(),
+            unpublished: Vec::new(),
         }
     }
 
@@ -120,6 +123,18 @@ impl Engine {
         // Reads every module's dynamic symbols once (cached): the first update need not.
         let _ = crate::stacks::undeclared_switching();
         let _ = main_stack_end();
+    }
+
+    /// Appends the names of the code applied since the last call to the perf map, for
+    /// profilers. The agent calls it once it has answered the request: the first call creates
+    /// the file, which takes 0.1-0.3 ms, more than a tenth of an update, and a profiler reads
+    /// the map only when it reports. Best effort: an update never fails for it.
+    pub fn publish_names(&mut self) -> std::io::Result<()> {
+        if self.unpublished.is_empty() {
+            return Ok(());
+        }
+        let names = std::mem::take(&mut self.unpublished);
+        names::publish(&names)
     }
 
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
@@ -240,7 +255,7 @@ impl Engine {
         stages.link = linked_at - started;
         stages.prepare -= stages.link.min(stages.prepare);
         let patch = self.record(linked, functions, id, file, bytes);
-        let _ = names::publish(&code_names(&patch));
+        self.unpublished.extend(code_names(&patch));
         Ok(Applied {
             patch,
             attempts,
