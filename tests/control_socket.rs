@@ -144,8 +144,13 @@ fn a_process_started_with_another_xdg_runtime_dir_is_found_and_leaves_nothing_at
     let out = apply(fx.pid, &patch);
     assert!(out.contains("applied patch"), "{out}");
     assert_eq!(fx.compute(), X10);
+    // The agent appends to the perf map once it has answered.
     let perf_map = PathBuf::from(format!("/tmp/perf-{}.map", fx.pid));
-    assert!(perf_map.exists(), "the agent published no perf map");
+    let deadline = Instant::now() + WAIT;
+    while !perf_map.exists() {
+        assert!(Instant::now() < deadline, "the agent published no perf map");
+        thread::sleep(Duration::from_millis(5));
+    }
 
     // A normal exit removes the control directory and the perf map.
     assert_eq!(fx.send("exit"), "bye");

@@ -231,17 +231,32 @@ pub extern "C" fn dsu_place_traced(out: &mut [usize; 32]) -> usize {
         next > caller && next <= caller_end,
         "frame after the new code is not dsu_place_trace_caller: {reply}"
     );
-    // And the perf map names the new code.
-    let map = std::fs::read_to_string(format!("/tmp/perf-{}.map", fx.pid)).unwrap();
+    // And the perf map names the new code: the agent appends to it once it has answered.
     let ip = ips[in_new];
-    let named = map.lines().any(|line| {
-        let mut w = line.splitn(3, ' ');
-        let start = usize::from_str_radix(w.next().unwrap(), 16).unwrap();
-        let len = usize::from_str_radix(w.next().unwrap(), 16).unwrap();
-        let name = w.next().unwrap_or("");
-        ip > start && ip <= start + len && name.starts_with("dsu_place_traced [dsu patch")
-    });
-    assert!(named, "perf map does not name {ip:#x}:\n{map}");
+    let names_ip = |map: &str| {
+        // Whole lines only: the file may be read while a line is being appended.
+        map.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .any(|line| {
+                let mut w = line.trim_end().splitn(3, ' ');
+                let start = usize::from_str_radix(w.next().unwrap(), 16).unwrap();
+                let len = usize::from_str_radix(w.next().unwrap(), 16).unwrap();
+                let name = w.next().unwrap_or("");
+                ip > start && ip <= start + len && name.starts_with("dsu_place_traced [dsu patch")
+            })
+    };
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let map = std::fs::read_to_string(format!("/tmp/perf-{}.map", fx.pid)).unwrap_or_default();
+        if names_ip(&map) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "perf map does not name {ip:#x}:\n{map}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", fx.pid));
 }
 

@@ -311,6 +311,8 @@ fn run_jobs(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
                 log_applied(shared, &file, &result);
                 remember_patches(shared, engine);
                 let _ = reply.send(result);
+                // Names for profilers once the caller has its answer (best effort).
+                let _ = engine.publish_names();
                 write_status(shared, engine);
             }
             Job::Revert { id, policy, reply } => {
@@ -337,6 +339,7 @@ fn serve_directory(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
                 // status.json up to date.
                 publish_status(shared, engine);
                 let _ = shared.control.write_result(&outcome);
+                let _ = engine.publish_names();
             }
             Err(e) => {
                 *seq = next;
@@ -431,6 +434,7 @@ fn serve_client(shared: &Shared, engine: &mut Engine, mut client: Client, seq: &
         let _ = shared.control.write_result(&outcome);
     }
     let _ = client.answer(&outcome);
+    let _ = engine.publish_names();
 }
 
 /// Mirrors the patches in effect into memory (for `Agent::patches`) and `status.json`.

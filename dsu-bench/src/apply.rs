@@ -282,6 +282,7 @@ pub fn run(ctx: &Ctx) -> Result<Value, String> {
         rows.push(v);
     }
     table.print();
+    let first = first_applies(ctx, &one)?;
 
     let cli_reps = ctx.reps(100, 10);
     let mut cli_table = Table::new(
@@ -317,5 +318,47 @@ pub fn run(ctx: &Ctx) -> Result<Value, String> {
         ]);
     }
     cli_table.print();
-    Ok(json!({ "in_process": rows, "cli": c }))
+    Ok(json!({ "in_process": rows, "first": first, "cli": c }))
+}
+
+/// The first apply of a process, one function, 8 idle threads, in many processes: one sample
+/// per process, so the table above gives one figure per row, which the noise of a shared
+/// machine can double. Beside it, the p50 of the later applies of the same processes.
+fn first_applies(ctx: &Ctx, patch: &Path) -> Result<Value, String> {
+    let processes = ctx.reps(30, 5);
+    let (mut first, mut later) = (Vec::new(), Vec::new());
+    for _ in 0..processes {
+        let v = ctx.child(
+            "apply",
+            &[
+                ("threads", "8".to_string()),
+                ("reps", ctx.reps(30, 5).to_string()),
+                ("patch", patch.display().to_string()),
+            ],
+        )?;
+        first.push(v["first_apply_wall_us"].as_f64().unwrap_or(f64::NAN));
+        later.push(v["us"]["wall"]["p50"].as_f64().unwrap_or(f64::NAN));
+    }
+    let (first, later) = (Summary::of(&first), Summary::of(&later));
+    let mut table = Table::new(
+        &format!("First apply of a process, one function, 8 threads, {processes} processes, us"),
+        &["figure", "p50", "min", "max"],
+    );
+    for (label, s) in [
+        ("first apply (one per process)", &first),
+        ("later applies (p50 of each process)", &later),
+    ] {
+        table.row(vec![
+            label.to_string(),
+            num(s.p50, 0),
+            num(s.min, 0),
+            num(s.max, 0),
+        ]);
+    }
+    table.print();
+    Ok(json!({
+        "processes": processes,
+        "first_apply_wall_us": first.json(),
+        "later_wall_p50_us": later.json(),
+    }))
 }

@@ -186,6 +186,14 @@ fn goals(r: &serde_json::Map<String, Value>) -> Value {
                 Some(p50 < 1000.0),
             );
         }
+        let first = f(&a["first"]["first_apply_wall_us"]["p50"]);
+        if !first.is_nan() {
+            add(
+                "... the first apply of a process: p50 < 1 ms".into(),
+                format!("{first:.0} us"),
+                Some(first < 1000.0),
+            );
+        }
         let cli = f(&a["cli"]["apply_wall_us"]["p50"]) / 1000.0;
         add(
             format!(

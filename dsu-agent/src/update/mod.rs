@@ -79,6 +79,8 @@ pub struct Engine {
     /// The applied patches' code as announced to debuggers, by patch id.
     announced: Vec<Announcement>,
     live: attempt::LiveBuffers,
+    /// Names of code applied but not yet in the perf map (see [`Engine::publish_names`]).
+    unpublished: Vec<CodeName>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -101,6 +103,7 @@ impl Engine {
             patches: Vec::new(),
             announced: Vec::new(),
             live: attempt::LiveBuffers::new(),
+            unpublished: Vec::new(),
         }
     }
 
@@ -114,6 +117,9 @@ impl Engine {
     /// (decoding a large executable takes 10-20 ms). Costs the call-site index's memory from
     /// the start (see `docs/benchmarks.md`, memory). Errors are left for the update to report.
     pub fn warm_up(&mut self) {
+        // The survey's buffers and the stack-copy buffer (an update sizes them again for the
+        // threads there are then).
+        let _ = self.live.prepare();
         let Ok(index) = self.index() else { return };
         let Some(main) = index.modules().iter().find(|m| m.is_main) else {
             return;
@@ -126,6 +132,18 @@ impl Engine {
         // Reads every module's dynamic symbols once (cached): the first update need not.
         let _ = crate::stacks::undeclared_switching();
         let _ = main_stack_end();
+    }
+
+    /// Appends the names of the code applied since the last call to the perf map, for
+    /// profilers. The agent calls it once it has answered the request: the first call creates
+    /// the file, which takes 0.1-0.3 ms, more than a tenth of an update, and a profiler reads
+    /// the map only when it reports. Best effort: an update never fails for it.
+    pub fn publish_names(&mut self) -> std::io::Result<()> {
+        if self.unpublished.is_empty() {
+            return Ok(());
+        }
+        let names = std::mem::take(&mut self.unpublished);
+        names::publish(&names)
     }
 
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
@@ -254,7 +272,7 @@ impl Engine {
         stages.link = linked_at - started;
         stages.prepare -= stages.link.min(stages.prepare);
         let patch = self.record(linked, functions, id, file, bytes);
-        let _ = names::publish(&code_names(&patch));
+        self.unpublished.extend(code_names(&patch));
         // After the commit, threads running: announcing allocates.
         let mut warnings = clone_warnings;
         match announce(&patch) {
