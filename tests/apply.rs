@@ -278,13 +278,12 @@ fn wait_claimed(fx: &Fixture, seq: u64) {
     }
 }
 
-/// Checks a few times over `span` that `compute` still gives `value`.
-fn keeps_computing(fx: &mut Fixture, value: u64, span: Duration) {
-    let end = Instant::now() + span;
-    while Instant::now() < end {
-        assert_eq!(fx.compute(), value, "changed while a target was active");
-        thread::sleep(Duration::from_millis(50));
-    }
+/// Waits until the agent has tried the update under way at least once and backed off because
+/// a target is active, then checks that `compute` still gives `value`: nothing changed on
+/// that attempt.
+fn unchanged_while_retrying(fx: &mut Fixture, value: u64) {
+    fx.wait_agent_retrying();
+    assert_eq!(fx.compute(), value, "changed while a target was active");
 }
 
 /// `unspin` with the original `spin` running, which returns its count & 1 (a new one gives 5).
@@ -354,7 +353,7 @@ fn c_program_with_static_agent_takes_patches() {
     fx.expect("block", "blocking");
     let apply = spawn_dsu_apply(&fx, &both, 20);
     wait_claimed(&fx, 3);
-    keeps_computing(&mut fx, 71, Duration::from_millis(400));
+    unchanged_while_retrying(&mut fx, 71);
     fx.expect("unblock", "unblocked 1");
     let out = finish(apply, dsu_limit(20));
     assert!(
@@ -405,7 +404,7 @@ fn blocked_function_is_replaced_only_after_it_returns() {
 
     let apply = spawn_dsu_apply(&fx, &patch, 20);
     wait_claimed(&fx, 1);
-    keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
+    unchanged_while_retrying(&mut fx, ORIGINAL);
     assert_eq!(fx.code_between_attempts("block", &block_code), block_code);
     assert_eq!(
         fx.code_between_attempts("compute", &compute_code),
@@ -436,8 +435,8 @@ fn spinning_function_is_replaced_only_after_it_returns() {
     let dir = scratch("apply-spin");
     let patch = rustc_object(&dir, "spin_and_compute", RUST_SPIN_AND_COMPUTE);
     let mut fx = busy_c_linked(&dir, 3);
-    // A first update builds the agent's caches (the module's call sites); after it, the next
-    // one reaches its first activeness check well within the time the thread spins below.
+    // A first update, so that the one under test is not the process's first (the agent's
+    // caches are built).
     let warm_up = cc_object(
         &dir,
         "warm_up",
@@ -449,7 +448,7 @@ fn spinning_function_is_replaced_only_after_it_returns() {
 
     place_and_signal(&fx, &fs::read(&patch).unwrap());
     wait_claimed(&fx, 2);
-    keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
+    unchanged_while_retrying(&mut fx, ORIGINAL);
     assert_eq!(
         last_seq(&fx),
         1,
@@ -664,6 +663,22 @@ fn malformed_patches_are_refused_and_the_process_is_untouched() {
     fx.workers_see(70);
 }
 
+/// Waits until every trigger signal sent so far has reached the agent and the agent has gone
+/// through its loop since: no SIGUSR2 is pending in the process (each was taken by the
+/// handler, which wakes the agent thread), then a `dsu status` is answered. The agent looks
+/// for patch files on every wake-up before it serves the socket, so anything those signals
+/// would make it do it has done (short of the handler's own write of its wake-up byte, a few
+/// instructions after the signal is taken, while `dsu` starts).
+fn agent_has_seen_every_signal(fx: &mut Fixture) {
+    fx.wait_signal_taken(libc::SIGUSR2);
+    let out = support::dsu(&["status", "-p", &fx.pid.to_string()]);
+    assert!(
+        out.status.success(),
+        "dsu status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// 200 trigger signals in a row with nothing to apply do nothing; a burst right after a real
 /// trigger applies the patch exactly once.
 #[test]
@@ -676,8 +691,8 @@ fn a_signal_flood_does_no_harm() {
     for _ in 0..200 {
         signal(&fx, libc::SIGUSR2);
     }
+    agent_has_seen_every_signal(&mut fx);
     assert_eq!(fx.compute(), ORIGINAL);
-    thread::sleep(Duration::from_millis(200));
     assert!(fx.alive());
     assert_eq!(
         read_result(&fx),
@@ -694,7 +709,7 @@ fn a_signal_flood_does_no_harm() {
     assert_eq!(outcome.outcome, Status::Applied, "{:?}", outcome.error);
     assert_eq!(fx.compute(), 70);
     fx.workers_see(70);
-    thread::sleep(Duration::from_millis(200));
+    agent_has_seen_every_signal(&mut fx);
     assert_eq!(last_seq(&fx), 1, "one patch, one answer");
     let consumed: Vec<String> = fs::read_dir(fx.control.join("consumed"))
         .unwrap()
