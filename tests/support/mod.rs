@@ -116,9 +116,16 @@ pub fn cargo_bin(name: &str) -> PathBuf {
         path.display()
     );
     // A test file run alone (`cargo test --test NAME`) does not rebuild the agent's libraries,
-    // `dsu` or the examples: refuse to run an artifact older than the code it is built from.
+    // `dsu` or the examples: refuse to run an artifact older than the code it is built from
+    // (and only that code: a change to `cli/` rebuilds `dsu`, not the examples).
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
-    if let Some((newest, source)) = newest_source()
+    let example = format!("examples/{name}.rs");
+    let sources: &[&str] = match name {
+        "dsu" => &["dsu-agent/src", "dsu-sys/src", "cli"],
+        _ if name.starts_with("libdsu_agent.") => &["dsu-agent/src", "dsu-sys/src"],
+        _ => &["dsu-agent/src", "dsu-sys/src", &example],
+    };
+    if let Some((newest, source)) = newest_source(sources)
         && newest > built
     {
         panic!(
@@ -130,38 +137,28 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     path
 }
 
-/// The most recently modified source file the artifacts are built from.
-fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
-    static NEWEST: std::sync::OnceLock<Option<(std::time::SystemTime, PathBuf)>> =
-        std::sync::OnceLock::new();
-    NEWEST
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let mut newest = None;
-            let mut dirs: Vec<PathBuf> = ["dsu-agent/src", "dsu-sys/src", "cli", "examples"]
-                .iter()
-                .map(|d| root.join(d))
-                .collect();
-            while let Some(dir) = dirs.pop() {
-                let Ok(entries) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let Ok(meta) = entry.metadata() else { continue };
-                    if meta.is_dir() {
-                        dirs.push(path);
-                    } else if path.extension().is_some_and(|e| e == "rs")
-                        && let Ok(modified) = meta.modified()
-                        && newest.as_ref().is_none_or(|(t, _)| modified > *t)
-                    {
-                        newest = Some((modified, path));
-                    }
-                }
+/// The most recently modified Rust source file under `paths` (directories or files, relative
+/// to the workspace root).
+fn newest_source(paths: &[&str]) -> Option<(std::time::SystemTime, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut pending: Vec<PathBuf> = paths.iter().map(|p| root.join(p)).collect();
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|e| e.path()));
             }
-            newest
-        })
-        .clone()
+        } else if path.extension().is_some_and(|e| e == "rs")
+            && let Ok(modified) = meta.modified()
+            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
+        {
+            newest = Some((modified, path));
+        }
+    }
+    newest
 }
 
 /// Runs the `dsu` command with `args` (stdin closed, output captured), failing the test if it
