@@ -745,3 +745,87 @@ unsigned long dsu_fixture_tls_read(void) { return dsu_fixture_tls * 100 + 1; }
     dsu_apply(&fx, &initial_exec);
     assert_eq!(fx.send("tls"), "tls 7002 9002");
 }
+
+/// `dsu revert` that must succeed; returns the id it reverted.
+fn dsu_revert(fx: &Fixture) -> u64 {
+    let out = support::dsu(&["revert", "-p", &fx.pid.to_string()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dsu revert failed ({}): {}\nstdout: {stdout}\nprocess log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("reverted patch "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("expected `reverted patch N ..`, got {stdout:?}"))
+}
+
+/// Two patches stacked on a C program's `compute` (one small enough to be written in place,
+/// one placed in new memory with the program's call sites rewritten), and one of `block`,
+/// reverted newest first: each revert gives back the previous behaviour, and at the end every
+/// code byte of both functions is the original.
+fn c_program_reverts(mut fx: Fixture, dir: &Path) {
+    let small = cc_object(dir, "c_x10", C_X10, &[]);
+    let large = cc_object(
+        dir,
+        "c_x10_plus_1_large",
+        "unsigned long dsu_fixture_compute(unsigned long x) \
+         { volatile unsigned long k = 10; unsigned long r = x * k; k = r; return k + 1; }",
+        &[],
+    );
+    let block = cc_object(dir, "block_and_compute", C_BLOCK_AND_COMPUTE, &[]);
+    let compute_code = fx.code("compute");
+    let block_code = fx.code("block");
+
+    dsu_apply(&fx, &small);
+    let stdout = dsu_apply(&fx, &large);
+    assert!(stdout.contains("redirect"), "{stdout}");
+    assert_eq!(fx.compute(), 71);
+    fx.workers_see(71);
+    assert_eq!(dsu_revert(&fx), 2);
+    assert_eq!(fx.compute(), 70);
+    fx.workers_see(70);
+    assert_eq!(dsu_revert(&fx), 1);
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.workers_see(ORIGINAL);
+    assert_eq!(
+        fx.code("compute"),
+        compute_code,
+        "compute is not the original"
+    );
+
+    dsu_apply(&fx, &block);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 101");
+    assert_eq!(fx.compute(), 70);
+    dsu_revert(&fx);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 1");
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.workers_see(ORIGINAL);
+    assert_eq!(
+        fx.code("compute"),
+        compute_code,
+        "compute is not the original"
+    );
+    assert_eq!(fx.code("block"), block_code, "block is not the original");
+    fx.no_worker_errors();
+}
+
+#[test]
+fn c_program_with_static_agent_reverts_to_the_original() {
+    let dir = scratch("apply-c-static-revert");
+    c_program_reverts(busy_c_linked(&dir, 3), &dir);
+}
+
+#[test]
+fn unmodified_c_program_under_ld_preload_reverts_to_the_original() {
+    let dir = scratch("apply-preload-revert");
+    c_program_reverts(busy_c_preloaded(&dir, 3), &dir);
+}
