@@ -480,7 +480,13 @@ fn spinning_function_is_replaced_only_after_it_returns() {
 fn active_function_at_the_timeout_is_refused_and_nothing_changes() {
     let dir = scratch("apply-timeout");
     let patch = cc_object(&dir, "block_and_spin", C_BLOCK_AND_SPIN, &[]);
+    let warm_up = cc_object(&dir, "c_x10", C_X10, &[]);
     let mut fx = busy_target(&dir, 3);
+    // The process's first update indexes the executable's call sites before its retry clock
+    // starts: in a debug build on a loaded machine that can take longer than the 2 s `dsu`
+    // waits beyond `--timeout 1` (it then times out, exit 4). Done here, with time to spare.
+    dsu_apply(&fx, &warm_up);
+    dsu_revert(&fx);
     let code: Vec<Vec<u8>> = ["compute", "block", "spin"]
         .iter()
         .map(|f| fx.code(f))
