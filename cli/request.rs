@@ -19,6 +19,10 @@ use crate::target::Target;
 /// its retry clock starts, and writes the answer after it stops.
 const GRACE: Duration = Duration::from_secs(2);
 
+/// How long a connection closed without an answer waits for the process to finish exiting:
+/// the kernel closes its descriptors first, then reports the exit.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
 /// Sends `op` (with `patch`, for an apply) to the target's agent and waits for its answer.
 /// `Ok` is any answer the agent gave; the caller judges its status.
 pub fn exchange(
@@ -87,7 +91,7 @@ pub fn exchange(
                 Err(e) => return Err(malformed(e.to_string())),
             },
             Ok(None) if reader.closed => {
-                if target.process().gone() || target.process().pidfd().is_some_and(exited) {
+                if target.process().exits_within(EXIT_GRACE) {
                     return Err(CliError::Exited { pid: target.pid });
                 }
                 if let Err(source) = sent {
@@ -102,17 +106,12 @@ pub fn exchange(
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 return Err(malformed(e.to_string()));
             }
-            Err(_) if target.process().gone() => {
+            Err(_) if target.process().exits_within(EXIT_GRACE) => {
                 return Err(CliError::Exited { pid: target.pid });
             }
             Err(_) => return Err(CliError::HungUp { pid: target.pid }),
         }
     }
-}
-
-/// Whether a pidfd says its process has exited (it is readable then).
-fn exited(pidfd: std::os::fd::BorrowedFd<'_>) -> bool {
-    crate::sys::wait_readable(&[pidfd], Duration::ZERO).is_ok_and(|r| r[0])
 }
 
 /// Lines from the socket, read as they come: never blocks when called after the socket was

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use dsu_agent::control::{AGENT_FILE, ControlDir, parse_start_time, verify_dir};
 use dsu_agent::report::{AgentInfo, PROTOCOL_VERSION};
@@ -132,6 +133,26 @@ impl Process {
         self.pidfd.as_ref().map(|fd| fd.as_fd())
     }
 
+    /// Whether the process has exited, or does within `grace`. A dying process's descriptors
+    /// (the agent's end of a connection) are closed before the kernel reports the exit, so
+    /// when the agent hangs up without an answer this tells an exit under way from an agent
+    /// that closed the connection while its process lives on.
+    pub fn exits_within(&self, grace: Duration) -> bool {
+        if let Some(pidfd) = self.pidfd() {
+            return sys::wait_readable(&[pidfd], grace).is_ok_and(|r| r[0]) || self.gone();
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            if self.gone() || is_zombie(self.pid) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Whether the process has exited (`kill(pid, 0)` fails with `ESRCH`).
     pub fn gone(&self) -> bool {
         matches!(
@@ -139,6 +160,15 @@ impl Process {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH)
         )
     }
+}
+
+/// Whether `/proc/PID/stat` shows an exited process its parent has not reaped yet.
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(proc_path(pid, "stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, after)| after.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }
 
 /// The control directory by the agent's rule applied to the target's environment as it was

@@ -278,13 +278,12 @@ fn wait_claimed(fx: &Fixture, seq: u64) {
     }
 }
 
-/// Checks a few times over `span` that `compute` still gives `value`.
-fn keeps_computing(fx: &mut Fixture, value: u64, span: Duration) {
-    let end = Instant::now() + span;
-    while Instant::now() < end {
-        assert_eq!(fx.compute(), value, "changed while a target was active");
-        thread::sleep(Duration::from_millis(50));
-    }
+/// Waits until the agent has tried the update under way at least once and backed off because
+/// a target is active, then checks that `compute` still gives `value`: nothing changed on
+/// that attempt.
+fn unchanged_while_retrying(fx: &mut Fixture, value: u64) {
+    fx.wait_agent_retrying();
+    assert_eq!(fx.compute(), value, "changed while a target was active");
 }
 
 /// `unspin` with the original `spin` running, which returns its count & 1 (a new one gives 5).
@@ -354,7 +353,7 @@ fn c_program_with_static_agent_takes_patches() {
     fx.expect("block", "blocking");
     let apply = spawn_dsu_apply(&fx, &both, 20);
     wait_claimed(&fx, 3);
-    keeps_computing(&mut fx, 71, Duration::from_millis(400));
+    unchanged_while_retrying(&mut fx, 71);
     fx.expect("unblock", "unblocked 1");
     let out = finish(apply, dsu_limit(20));
     assert!(
@@ -405,7 +404,7 @@ fn blocked_function_is_replaced_only_after_it_returns() {
 
     let apply = spawn_dsu_apply(&fx, &patch, 20);
     wait_claimed(&fx, 1);
-    keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
+    unchanged_while_retrying(&mut fx, ORIGINAL);
     assert_eq!(fx.code_between_attempts("block", &block_code), block_code);
     assert_eq!(
         fx.code_between_attempts("compute", &compute_code),
@@ -436,8 +435,8 @@ fn spinning_function_is_replaced_only_after_it_returns() {
     let dir = scratch("apply-spin");
     let patch = rustc_object(&dir, "spin_and_compute", RUST_SPIN_AND_COMPUTE);
     let mut fx = busy_c_linked(&dir, 3);
-    // A first update builds the agent's caches (the module's call sites); after it, the next
-    // one reaches its first activeness check well within the time the thread spins below.
+    // A first update, so that the one under test is not the process's first (the agent's
+    // caches are built).
     let warm_up = cc_object(
         &dir,
         "warm_up",
@@ -449,7 +448,7 @@ fn spinning_function_is_replaced_only_after_it_returns() {
 
     place_and_signal(&fx, &fs::read(&patch).unwrap());
     wait_claimed(&fx, 2);
-    keeps_computing(&mut fx, ORIGINAL, Duration::from_millis(500));
+    unchanged_while_retrying(&mut fx, ORIGINAL);
     assert_eq!(
         last_seq(&fx),
         1,
@@ -481,7 +480,13 @@ fn spinning_function_is_replaced_only_after_it_returns() {
 fn active_function_at_the_timeout_is_refused_and_nothing_changes() {
     let dir = scratch("apply-timeout");
     let patch = cc_object(&dir, "block_and_spin", C_BLOCK_AND_SPIN, &[]);
+    let warm_up = cc_object(&dir, "c_x10", C_X10, &[]);
     let mut fx = busy_target(&dir, 3);
+    // The process's first update indexes the executable's call sites before its retry clock
+    // starts: in a debug build on a loaded machine that can take longer than the 2 s `dsu`
+    // waits beyond `--timeout 1` (it then times out, exit 4). Done here, with time to spare.
+    dsu_apply(&fx, &warm_up);
+    dsu_revert(&fx);
     let code: Vec<Vec<u8>> = ["compute", "block", "spin"]
         .iter()
         .map(|f| fx.code(f))
@@ -664,6 +669,22 @@ fn malformed_patches_are_refused_and_the_process_is_untouched() {
     fx.workers_see(70);
 }
 
+/// Waits until every trigger signal sent so far has reached the agent and the agent has gone
+/// through its loop since: no SIGUSR2 is pending in the process (each was taken by the
+/// handler, which wakes the agent thread), then a `dsu status` is answered. The agent looks
+/// for patch files on every wake-up before it serves the socket, so anything those signals
+/// would make it do it has done (short of the handler's own write of its wake-up byte, a few
+/// instructions after the signal is taken, while `dsu` starts).
+fn agent_has_seen_every_signal(fx: &mut Fixture) {
+    fx.wait_signal_taken(libc::SIGUSR2);
+    let out = support::dsu(&["status", "-p", &fx.pid.to_string()]);
+    assert!(
+        out.status.success(),
+        "dsu status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// 200 trigger signals in a row with nothing to apply do nothing; a burst right after a real
 /// trigger applies the patch exactly once.
 #[test]
@@ -676,8 +697,8 @@ fn a_signal_flood_does_no_harm() {
     for _ in 0..200 {
         signal(&fx, libc::SIGUSR2);
     }
+    agent_has_seen_every_signal(&mut fx);
     assert_eq!(fx.compute(), ORIGINAL);
-    thread::sleep(Duration::from_millis(200));
     assert!(fx.alive());
     assert_eq!(
         read_result(&fx),
@@ -694,7 +715,7 @@ fn a_signal_flood_does_no_harm() {
     assert_eq!(outcome.outcome, Status::Applied, "{:?}", outcome.error);
     assert_eq!(fx.compute(), 70);
     fx.workers_see(70);
-    thread::sleep(Duration::from_millis(200));
+    agent_has_seen_every_signal(&mut fx);
     assert_eq!(last_seq(&fx), 1, "one patch, one answer");
     let consumed: Vec<String> = fs::read_dir(fx.control.join("consumed"))
         .unwrap()
@@ -729,4 +750,88 @@ unsigned long dsu_fixture_tls_read(void) { return dsu_fixture_tls * 100 + 1; }
     );
     dsu_apply(&fx, &initial_exec);
     assert_eq!(fx.send("tls"), "tls 7002 9002");
+}
+
+/// `dsu revert` that must succeed; returns the id it reverted.
+fn dsu_revert(fx: &Fixture) -> u64 {
+    let out = support::dsu(&["revert", "-p", &fx.pid.to_string()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dsu revert failed ({}): {}\nstdout: {stdout}\nprocess log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("reverted patch "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("expected `reverted patch N ..`, got {stdout:?}"))
+}
+
+/// Two patches stacked on a C program's `compute` (one small enough to be written in place,
+/// one placed in new memory with the program's call sites rewritten), and one of `block`,
+/// reverted newest first: each revert gives back the previous behaviour, and at the end every
+/// code byte of both functions is the original.
+fn c_program_reverts(mut fx: Fixture, dir: &Path) {
+    let small = cc_object(dir, "c_x10", C_X10, &[]);
+    let large = cc_object(
+        dir,
+        "c_x10_plus_1_large",
+        "unsigned long dsu_fixture_compute(unsigned long x) \
+         { volatile unsigned long k = 10; unsigned long r = x * k; k = r; return k + 1; }",
+        &[],
+    );
+    let block = cc_object(dir, "block_and_compute", C_BLOCK_AND_COMPUTE, &[]);
+    let compute_code = fx.code("compute");
+    let block_code = fx.code("block");
+
+    dsu_apply(&fx, &small);
+    let stdout = dsu_apply(&fx, &large);
+    assert!(stdout.contains("redirect"), "{stdout}");
+    assert_eq!(fx.compute(), 71);
+    fx.workers_see(71);
+    assert_eq!(dsu_revert(&fx), 2);
+    assert_eq!(fx.compute(), 70);
+    fx.workers_see(70);
+    assert_eq!(dsu_revert(&fx), 1);
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.workers_see(ORIGINAL);
+    assert_eq!(
+        fx.code("compute"),
+        compute_code,
+        "compute is not the original"
+    );
+
+    dsu_apply(&fx, &block);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 101");
+    assert_eq!(fx.compute(), 70);
+    dsu_revert(&fx);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 1");
+    assert_eq!(fx.compute(), ORIGINAL);
+    fx.workers_see(ORIGINAL);
+    assert_eq!(
+        fx.code("compute"),
+        compute_code,
+        "compute is not the original"
+    );
+    assert_eq!(fx.code("block"), block_code, "block is not the original");
+    fx.no_worker_errors();
+}
+
+#[test]
+fn c_program_with_static_agent_reverts_to_the_original() {
+    let dir = scratch("apply-c-static-revert");
+    c_program_reverts(busy_c_linked(&dir, 3), &dir);
+}
+
+#[test]
+fn unmodified_c_program_under_ld_preload_reverts_to_the_original() {
+    let dir = scratch("apply-preload-revert");
+    c_program_reverts(busy_c_preloaded(&dir, 3), &dir);
 }

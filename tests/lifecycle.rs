@@ -47,10 +47,6 @@ pub extern "C" fn dsu_example_price(qty: u64) -> u64 {
 }
 "#;
 
-/// Bytes of a fixture function compared before and after: more than any entry jump, and the
-/// whole body of a function as small as `dsu_fixture_compute` (in case it is patched in place).
-const CODE_LEN: usize = 64;
-
 /// Longest any one `dsu` run or example run may take before the test fails instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
 
@@ -206,9 +202,9 @@ fn sha256sum(path: &Path) -> String {
     text.split_whitespace().next().unwrap().to_string()
 }
 
-/// The first [`CODE_LEN`] bytes of the fixture function the program printed as `name`.
+/// The whole code of the fixture function the program printed as `name`.
 fn code(fx: &Fixture, name: &str) -> Vec<u8> {
-    fx.read_memory(fx.address(name), CODE_LEN)
+    fx.code(name)
 }
 
 // ---- the tests ----
@@ -408,9 +404,11 @@ fn revert_waits_while_blocked(name: &str, source: &str) -> String {
     let taken = requests_taken(&fx);
     let pending = spawn_dsu(&fx, "revert", &["--timeout", "10"]);
     wait_taken(&fx, taken + 1);
-    thread::sleep(Duration::from_millis(200));
+    // Once the agent has tried and backed off, that attempt changed nothing. (Read between
+    // attempts: each puts a breakpoint on the entry for a few microseconds.)
+    fx.wait_agent_retrying();
     assert_eq!(
-        code(&fx, "block"),
+        fx.code_between_attempts("block", &patched),
         patched,
         "reverted under a blocked thread"
     );

@@ -116,9 +116,16 @@ pub fn cargo_bin(name: &str) -> PathBuf {
         path.display()
     );
     // A test file run alone (`cargo test --test NAME`) does not rebuild the agent's libraries,
-    // `dsu` or the examples: refuse to run an artifact older than the code it is built from.
+    // `dsu` or the examples: refuse to run an artifact older than the code it is built from
+    // (and only that code: a change to `cli/` rebuilds `dsu`, not the examples).
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
-    if let Some((newest, source)) = newest_source()
+    let example = format!("examples/{name}.rs");
+    let sources: &[&str] = match name {
+        "dsu" => &["dsu-agent/src", "dsu-sys/src", "cli"],
+        _ if name.starts_with("libdsu_agent.") => &["dsu-agent/src", "dsu-sys/src"],
+        _ => &["dsu-agent/src", "dsu-sys/src", &example],
+    };
+    if let Some((newest, source)) = newest_source(sources)
         && newest > built
     {
         panic!(
@@ -130,38 +137,28 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     path
 }
 
-/// The most recently modified source file the artifacts are built from.
-fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
-    static NEWEST: std::sync::OnceLock<Option<(std::time::SystemTime, PathBuf)>> =
-        std::sync::OnceLock::new();
-    NEWEST
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let mut newest = None;
-            let mut dirs: Vec<PathBuf> = ["dsu-agent/src", "dsu-sys/src", "cli", "examples"]
-                .iter()
-                .map(|d| root.join(d))
-                .collect();
-            while let Some(dir) = dirs.pop() {
-                let Ok(entries) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let Ok(meta) = entry.metadata() else { continue };
-                    if meta.is_dir() {
-                        dirs.push(path);
-                    } else if path.extension().is_some_and(|e| e == "rs")
-                        && let Ok(modified) = meta.modified()
-                        && newest.as_ref().is_none_or(|(t, _)| modified > *t)
-                    {
-                        newest = Some((modified, path));
-                    }
-                }
+/// The most recently modified Rust source file under `paths` (directories or files, relative
+/// to the workspace root).
+fn newest_source(paths: &[&str]) -> Option<(std::time::SystemTime, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut pending: Vec<PathBuf> = paths.iter().map(|p| root.join(p)).collect();
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|e| e.path()));
             }
-            newest
-        })
-        .clone()
+        } else if path.extension().is_some_and(|e| e == "rs")
+            && let Ok(modified) = meta.modified()
+            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
+        {
+            newest = Some((modified, path));
+        }
+    }
+    newest
 }
 
 /// Runs the `dsu` command with `args` (stdin closed, output captured), failing the test if it
@@ -404,13 +401,18 @@ impl Fixture {
         bytes
     }
 
-    /// The code of the whole function the program printed as `name` (its size from the
-    /// executable's symbol table), so a comparison sees any byte an update changed.
+    /// The code of the whole function the program printed as `name` (its size from the symbol
+    /// table of the module it lies in: the executable or a shared library), so a comparison
+    /// sees any byte an update changed.
     pub fn code(&self, name: &str) -> Vec<u8> {
-        let address = self.address(name);
+        self.code_at(self.address(name))
+    }
+
+    /// The code of the whole function at run-time `address`, in any module of the process.
+    pub fn code_at(&self, address: usize) -> Vec<u8> {
         let size = self
             .function_size(address)
-            .unwrap_or_else(|| panic!("no function symbol at {address:#x} ({name})"));
+            .unwrap_or_else(|| panic!("no function symbol at {address:#x}"));
         self.read_memory(address, size)
     }
 
@@ -430,24 +432,104 @@ impl Fixture {
         code
     }
 
-    /// The size of the executable's function at run-time `address`.
+    /// The size of the function at run-time `address`, from the symbol table of the module
+    /// whose mapping holds it (PIE executable or shared library: vaddr 0 at its first mapping).
     fn function_size(&self, address: usize) -> Option<usize> {
         use object::{Object, ObjectSymbol};
-        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()?;
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)).ok()?;
-        // The executable's first mapping (file offset 0) is at its load bias (PIE, vaddr 0).
-        let bias = maps.lines().find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 6 && f[2] == "00000000" && std::path::Path::new(f[5]) == exe)
-                .then(|| usize::from_str_radix(f[0].split('-').next()?, 16).ok())
-                .flatten()
-        })?;
-        let data = std::fs::read(&exe).ok()?;
+        let rows: Vec<(usize, usize, u64, &str)> = maps
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (start, end) = f.first()?.split_once('-')?;
+                Some((
+                    usize::from_str_radix(start, 16).ok()?,
+                    usize::from_str_radix(end, 16).ok()?,
+                    u64::from_str_radix(f.get(2)?, 16).ok()?,
+                    *f.get(5)?,
+                ))
+            })
+            .collect();
+        let path = rows
+            .iter()
+            .find(|(start, end, _, _)| (*start..*end).contains(&address))
+            .map(|r| r.3)?;
+        // The module's first mapping (file offset 0) is at its load bias.
+        let bias = rows.iter().find(|r| r.3 == path && r.2 == 0).map(|r| r.0)?;
+        let data = std::fs::read(path).ok()?;
         let file = object::File::parse(&*data).ok()?;
         let link = address.checked_sub(bias)? as u64;
         file.symbols()
+            .chain(file.dynamic_symbols())
             .find(|s| s.address() == link && s.size() > 0)
             .map(|s| s.size() as usize)
+    }
+
+    /// Sends one command that gets no reply (`exit`).
+    pub fn tell(&mut self, command: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}")
+            .and_then(|()| self.stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {command:?} to process {}: {e}", self.pid));
+    }
+
+    /// Waits, up to [`WAIT`], for the program to end; its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {} did not end within {WAIT:?}; its log:\n{}",
+                self.pid,
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Waits until the agent has made at least one attempt of the update under way, found a
+    /// function active and backed off before the next: see [`agent_backs_off`]. A negative
+    /// check ("nothing changed while a thread was inside") made after this has seen the agent
+    /// try, instead of hoping that it tried within a fixed time.
+    pub fn wait_agent_retrying(&self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !agent_backs_off(self.pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent of process {} never backed off to retry within {WAIT:?}; its log:\n{}",
+                self.pid,
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until no `sig` sent to the process as a whole is pending (`ShdPnd` in
+    /// `/proc/PID/status`): every one sent so far has been taken by a thread's handler.
+    pub fn wait_signal_taken(&self, sig: i32) {
+        let bit = 1u64 << (sig - 1);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+            let pending = status
+                .lines()
+                .find_map(|l| l.strip_prefix("ShdPnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("no ShdPnd in /proc/{}/status", self.pid));
+            if pending & bit == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "signal {sig} still pending in process {} after {WAIT:?}",
+                self.pid
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     pub fn alive(&mut self) -> bool {
@@ -472,6 +554,23 @@ impl Fixture {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Whether the agent thread of process `pid` (named `dsu-agent`) sleeps in `clock_nanosleep`
+/// (system call 230, read from `/proc/PID/task/TID/syscall` without disturbing it). The agent
+/// sleeps there only in the backoff between two attempts of an update, after one found a
+/// function active (`std::thread::sleep`; its other waits are `poll` and futexes); idle, it
+/// waits in `poll`.
+pub fn agent_backs_off(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        let path = task.path();
+        std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim_end() == "dsu-agent")
+            && std::fs::read_to_string(path.join("syscall"))
+                .is_ok_and(|s| s.split_whitespace().next() == Some("230"))
+    })
 }
 
 impl Drop for Fixture {

@@ -1,0 +1,126 @@
+//! Updates of a process with many threads (64 and 256) that call the patched function: every
+//! apply and revert goes through, and every thread, each keeping its own latest result, sees
+//! the new version after the apply and the old one after the revert; none ever sees a result
+//! no version gives; the code is restored byte for byte.
+//!
+//! The program (`tests/fixtures/many.c`) is built with `cc` at test time and made patchable
+//! with `LD_PRELOAD=libdsu_agent.so`; its threads mostly wait in `nanosleep` and run in short
+//! bursts, so an update meets both waiting and running threads. Needs the workspace built
+//! first (`scripts/test.sh` does).
+
+mod support;
+
+use std::time::Instant;
+
+use support::{Fixture, ORIGINAL, WAIT, cargo_bin, cc_object, cc_program, dsu, scratch};
+
+const PROGRAM_C: &str = include_str!("fixtures/many.c");
+
+/// `dsu COMMAND -p PID ARGS..`, which must succeed; its standard output.
+fn dsu_ok(fx: &Fixture, command: &str, args: &[&str]) -> String {
+    let pid = fx.pid.to_string();
+    let mut all = vec![command, "-p", &pid];
+    all.extend_from_slice(args);
+    let out = dsu(&all);
+    assert!(
+        out.status.success(),
+        "dsu {all:?} failed ({}): {}\nprocess log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprint!("{stdout}");
+    stdout
+}
+
+/// Waits until every one of the program's `threads` threads has `value` as its latest result.
+fn all_see(fx: &mut Fixture, value: u64, threads: u32) {
+    let all = format!("seen {threads} of {threads}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = fx.send(&format!("seen {value}"));
+        if reply == all {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every thread computed {value} within {WAIT:?}: {reply}; log:\n{}",
+            fx.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Applies and reverts two patches in turn (one small enough to be written in place, one
+/// placed in new memory) with `threads` threads calling the function.
+fn apply_and_revert_with(threads: u32) {
+    let dir = scratch(&format!("many-{threads}"));
+    let small = cc_object(
+        &dir,
+        "small",
+        "unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }",
+        &[],
+    );
+    let large = cc_object(
+        &dir,
+        "large",
+        "unsigned long dsu_fixture_compute(unsigned long x) \
+         { volatile unsigned long k = 10; unsigned long r = x * k; k = r; return k + 1; }",
+        &[],
+    );
+    let program = cc_program(&dir, "many", &[("many.c", PROGRAM_C)], &["-pthread"]);
+    let agent = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(
+        &dir,
+        &program,
+        &[&threads.to_string()],
+        &[("LD_PRELOAD", agent.as_path())],
+    );
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", fx.pid))
+        .unwrap()
+        .count();
+    assert!(
+        tasks > threads as usize,
+        "{tasks} threads in the process, expected more than {threads}"
+    );
+    let original = fx.code("compute");
+    all_see(&mut fx, ORIGINAL, threads);
+
+    for (patch, value) in [(&small, 70), (&large, 71)] {
+        dsu_ok(&fx, "apply", &[patch.to_str().unwrap()]);
+        assert_eq!(fx.compute(), value);
+        all_see(&mut fx, value, threads);
+        assert_ne!(fx.code("compute"), original);
+
+        dsu_ok(&fx, "revert", &[]);
+        assert_eq!(fx.compute(), ORIGINAL);
+        // Each thread had the new value; now each has the old one again, so each called
+        // the function after the revert.
+        all_see(&mut fx, ORIGINAL, threads);
+        assert_eq!(fx.code("compute"), original, "not the original code");
+    }
+    no_errors(&mut fx);
+}
+
+/// Asserts the threads ran and never saw a result no version gives.
+fn no_errors(fx: &mut Fixture) {
+    let reply = fx.send("errors");
+    let fields: Vec<&str> = reply.split_whitespace().collect();
+    let ["errors", errors, "calls", calls] = fields[..] else {
+        panic!("bad reply to errors: {reply:?}")
+    };
+    assert_eq!(errors, "0", "impossible results; log:\n{}", fx.log());
+    assert!(calls.parse::<u64>().unwrap() > 0, "the threads never ran");
+    assert!(fx.alive(), "{}", fx.log());
+}
+
+#[test]
+fn sixty_four_threads_all_see_each_apply_and_revert() {
+    apply_and_revert_with(64);
+}
+
+#[test]
+fn two_hundred_fifty_six_threads_all_see_each_apply_and_revert() {
+    apply_and_revert_with(256);
+}
