@@ -84,6 +84,10 @@ fn seed_patches_reach_every_stage() {
         ("c-price-O0.o", None),
         ("c-price-nopic.o", Some("R_X86_64_32 against")),
         ("c-price.o", None),
+        (
+            "c-scoped.o",
+            Some("count.0 (static in shapes.c), helper (static in shapes.c)"),
+        ),
         ("c-tls-defined.o", Some("defines thread-local storage")),
         ("c-tls-gd.o", None),
         ("c-tls-ie.o", None),
