@@ -358,3 +358,15 @@ fn unreadable_inputs_are_usage_errors() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn objects_compiled_with_different_flags_are_refused() {
+    let dir = scratch("build-flags");
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let fixed = object(&dir, "fixed", &shop(&["price"]), &["-O1"]);
+    let line = build_refused(&original, &fixed, &dir);
+    assert!(
+        line.contains("compiled with different flags") && line.contains("-O1"),
+        "{line}"
+    );
+}

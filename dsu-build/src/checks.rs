@@ -56,8 +56,23 @@ pub(crate) fn one_per_section(unit: &Unit) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// The compiler and flags DWARF records (`DW_AT_producer`, in `.debug_str` with `-g`):
+/// `GNU C17 12.2.0 -mtune=generic -march=x86-64 -g -O2 ...`.
+fn producer(unit: &Unit) -> Option<String> {
+    let strings = unit.section_named(".debug_str")?;
+    strings
+        .data
+        .split(|&b| b == 0)
+        .find(|s| {
+            (s.starts_with(b"GNU ") || s.starts_with(b"clang version"))
+                && s.windows(2).any(|w| w == b" -")
+        })
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+}
+
 /// Refuses objects from different compilers (`.comment`) or with different recorded flags
-/// (`.GCC.command.line`, written with `-frecord-gcc-switches`).
+/// (`.GCC.command.line`, written with `-frecord-gcc-switches`, and the DWARF producer string
+/// when both have debug information).
 pub(crate) fn same_compilation(original: &Unit, fixed: &Unit) -> Result<(), BuildError> {
     let text = |unit: &Unit, name: &str| {
         unit.section_named(name).map(|s| {
@@ -84,6 +99,16 @@ pub(crate) fn same_compilation(original: &Unit, fixed: &Unit) -> Result<(), Buil
         return Err(BuildError::DifferentFlags {
             original: a.unwrap_or_else(|| "none recorded".into()),
             fixed: b.unwrap_or_else(|| "none recorded".into()),
+            place: ".GCC.command.line",
+        });
+    }
+    if let (Some(a), Some(b)) = (producer(original), producer(fixed))
+        && a != b
+    {
+        return Err(BuildError::DifferentFlags {
+            original: a,
+            fixed: b,
+            place: "the DWARF producer",
         });
     }
     Ok(())

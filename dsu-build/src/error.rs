@@ -37,9 +37,13 @@ pub enum BuildError {
     DifferentCompiler { original: String, fixed: String },
     #[error(
         "the objects were compiled with different flags ({original:?} and {fixed:?} in \
-         .GCC.command.line); compile both with the program's flags"
+         {place}); compile both with the program's flags"
     )]
-    DifferentFlags { original: String, fixed: String },
+    DifferentFlags {
+        original: String,
+        fixed: String,
+        place: &'static str,
+    },
     #[error(
         "the size of {symbol} changed from {old} to {new} bytes; a live patch cannot change the \
          layout of existing data (the running program keeps it)"
