@@ -94,3 +94,6 @@ pub fn build(original: &[u8], fixed: &[u8]) -> Result<Patch, BuildError> {
         summary: plan.summary,
     })
 }
+
+#[cfg(test)]
+mod tests;
