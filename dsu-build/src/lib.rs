@@ -4,16 +4,16 @@
 //! the program's flags plus `-ffunction-sections -fdata-sections`. [`build`] compares them
 //! function by function and writes a patch object that `dsu apply` takes as it is:
 //!
-//! 1. [`read`](crate::read): each object into sections, symbols and relocations;
+//! 1. `read`: each object into sections, symbols and relocations;
 //! 2. checks: machine code (no LTO), one function or variable per section, the same compiler
 //!    and recorded flags;
-//! 3. [`compare`](crate::compare): each function and variable described by its bytes and by
+//! 3. `compare`: each function and variable described by its bytes and by
 //!    what its relocations refer to (names, or the bytes of unnamed constants), never by
 //!    offsets or symbol indices;
-//! 4. [`plan`](crate::plan): changed and new functions kept, with the new data and compiler
+//! 4. `plan`: changed and new functions kept, with the new data and compiler
 //!    constants they use; changed variables refused; everything else referred to by name in
 //!    the program, file-local names listed with their file in the `.dsu.scope` section;
-//! 5. [`emit`](crate::emit): the plan written with `object`'s ELF writer.
+//! 5. `emit`: the plan written with `object`'s ELF writer.
 //!
 //! A changed function becomes a global definition under its own name, so it replaces the
 //! program's function of that name (a `static` one included, its file recorded in
