@@ -195,6 +195,24 @@ fn applied(fx: &Fixture, patch: &Path) {
     );
 }
 
+/// FDEs in the patch's `.eh_frame`: the unwind tables of its functions.
+fn unwind_entries(patch: &Path) -> usize {
+    use object::{Object, ObjectSection};
+    let bytes = std::fs::read(patch).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    let Some(section) = file.section_by_name(".eh_frame") else {
+        return 0;
+    };
+    let data = section.data().unwrap();
+    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+    let (mut at, mut fdes) = (0, 0);
+    while at + 8 <= data.len() && word(at) != 0 {
+        fdes += usize::from(word(at + 4) != 0);
+        at += 4 + word(at);
+    }
+    fdes
+}
+
 /// Lines of the summary between `title N:` and the next title.
 fn listed(summary: &str, title: &str) -> Vec<String> {
     summary
@@ -292,6 +310,7 @@ fn a_static_function_changes_its_signature_with_its_only_caller() {
         ["checkout", "discount (static in shop.c)", "grade"],
         "{summary}"
     );
+    assert_eq!(unwind_entries(&patch), 3, "one FDE per function");
 
     fx.expect("checkout 200", "checkout 180");
     fx.expect("grade 20", "grade big");

@@ -8,7 +8,7 @@ use object::{
 };
 
 use crate::error::BuildError;
-use crate::plan::{Plan, To};
+use crate::plan::{Plan, PlanReloc, To};
 use crate::read::{Role, Unit};
 
 /// Name of the section that tells the agent in which file each file-local name lives:
@@ -87,25 +87,33 @@ pub(crate) fn emit(plan: &Plan, fixed: &Unit) -> Result<Vec<u8>, BuildError> {
         }));
     }
 
+    let relocate = |obj: &mut Object, section: SectionId, r: &PlanReloc| {
+        let symbol = match r.to {
+            To::Section(s) => obj.section_symbol(sections[s]),
+            To::Defined(d) => defined[d],
+            To::Import(i) => imports[i],
+        };
+        let relocation = Relocation {
+            offset: r.offset,
+            symbol,
+            addend: r.addend,
+            flags: RelocationFlags::Elf {
+                r_type: elf::RelocationType(r.r_type),
+            },
+        };
+        obj.add_relocation(section, relocation)
+            .map_err(|e| BuildError::Write(e.to_string()))
+    };
     for (planned, relocs) in plan.relocs.iter().enumerate() {
         for r in relocs {
-            let symbol = match r.to {
-                To::Section(s) => obj.section_symbol(sections[s]),
-                To::Defined(d) => defined[d],
-                To::Import(i) => imports[i],
-            };
-            obj.add_relocation(
-                sections[planned],
-                Relocation {
-                    offset: r.offset,
-                    symbol,
-                    addend: r.addend,
-                    flags: RelocationFlags::Elf {
-                        r_type: elf::RelocationType(r.r_type),
-                    },
-                },
-            )
-            .map_err(|e| BuildError::Write(e.to_string()))?;
+            relocate(&mut obj, sections[planned], r)?;
+        }
+    }
+    if let Some(eh) = &plan.eh_frame {
+        let id = obj.add_section(Vec::new(), b".eh_frame".to_vec(), SectionKind::ReadOnlyData);
+        obj.section_mut(id).set_data(eh.data.clone(), eh.align);
+        for r in &eh.relocs {
+            relocate(&mut obj, id, r)?;
         }
     }
 

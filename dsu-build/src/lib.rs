@@ -29,6 +29,7 @@ mod emit;
 mod error;
 mod plan;
 mod read;
+mod unwind;
 
 pub use emit::SCOPE_SECTION;
 pub use error::BuildError;

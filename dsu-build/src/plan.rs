@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::compare::{Target, describe_symbol, target};
 use crate::error::BuildError;
-use crate::read::{Role, Unit};
+use crate::read::{Reloc, Role, Unit};
+use crate::unwind;
 use crate::{Function, Reference, Summary};
 
 /// Where a relocation of the patch points.
@@ -49,6 +50,14 @@ pub(crate) struct Import {
     pub function: bool,
 }
 
+/// An `.eh_frame` made for the patch.
+#[derive(Debug, Clone)]
+pub(crate) struct EhFrame {
+    pub data: Vec<u8>,
+    pub align: u64,
+    pub relocs: Vec<PlanReloc>,
+}
+
 /// The patch as a value.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -60,6 +69,8 @@ pub(crate) struct Plan {
     pub imports: Vec<Import>,
     /// `.dsu.scope` records: (name, file).
     pub scope: Vec<(String, String)>,
+    /// Unwind tables of the kept functions.
+    pub eh_frame: Option<EhFrame>,
     pub summary: Summary,
 }
 
@@ -183,6 +194,7 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
             defined: Vec::new(),
             imports: Vec::new(),
             scope: Vec::new(),
+            eh_frame: None,
             summary: Summary {
                 file: original.file.clone(),
                 ..Summary::default()
@@ -211,6 +223,11 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
             builder.plan.summary.added.push(name.to_string());
         }
     }
+    while let Some(planned) = builder.queue.pop() {
+        builder.relocate(planned)?;
+    }
+    builder.unwind_tables()?;
+    // Exception tables the unwind tables point at.
     while let Some(planned) = builder.queue.pop() {
         builder.relocate(planned)?;
     }
@@ -337,50 +354,7 @@ impl Builder<'_> {
         let mut out = Vec::with_capacity(section.relocs.len());
         for reloc in &section.relocs {
             let what = format!("{}+{:#x}", section.name, reloc.offset);
-            let (to, addend) = match target(fixed, reloc, &what)? {
-                Target::Named { symbol, addend } => {
-                    let s = &fixed.symbols[symbol];
-                    let name = s.name.as_str();
-                    let function = s.role == Role::Function;
-                    if let Some(&d) = self.defined_of.get(&symbol) {
-                        (To::Defined(d), addend)
-                    } else if self.old.contains_key(name) {
-                        // Unchanged (compared above): the program's.
-                        (To::Import(self.import(name, function)?), addend)
-                    } else {
-                        // A new variable (new functions are defined from the start).
-                        self.plan.summary.new_data.push(name.to_string());
-                        (To::Defined(self.define(symbol, false)), addend)
-                    }
-                }
-                Target::External { symbol, addend } => {
-                    let name = fixed.symbols[symbol].name.clone();
-                    (To::Import(self.import(&name, false)?), addend)
-                }
-                Target::Unnamed {
-                    section: target,
-                    addend,
-                    ..
-                } => {
-                    let t = self.keep_section(target);
-                    let ts = fixed.section(target).expect("checked by target()");
-                    if ts.is_writable()
-                        && !self
-                            .plan
-                            .summary
-                            .warnings
-                            .iter()
-                            .any(|w| w.contains(&ts.name))
-                    {
-                        self.plan.summary.warnings.push(format!(
-                            "unnamed writable data {} is copied: the patch uses its own copy, \
-                             not the program's",
-                            ts.name
-                        ));
-                    }
-                    (To::Section(t), addend)
-                }
-            };
+            let (to, addend) = self.map(reloc, &what)?;
             out.push(PlanReloc {
                 offset: reloc.offset,
                 r_type: reloc.r_type,
@@ -389,6 +363,93 @@ impl Builder<'_> {
             });
         }
         self.plan.relocs[planned] = out;
+        Ok(())
+    }
+
+    /// Where a relocation of FIXED.o points in the patch, keeping what it needs.
+    fn map(&mut self, reloc: &Reloc, what: &str) -> Result<(To, i64), BuildError> {
+        let fixed = self.fixed;
+        Ok(match target(fixed, reloc, what)? {
+            Target::Named { symbol, addend } => {
+                let s = &fixed.symbols[symbol];
+                let name = s.name.as_str();
+                let function = s.role == Role::Function;
+                if let Some(&d) = self.defined_of.get(&symbol) {
+                    (To::Defined(d), addend)
+                } else if self.old.contains_key(name) {
+                    // Unchanged (compared above): the program's.
+                    (To::Import(self.import(name, function)?), addend)
+                } else {
+                    // A new variable (new functions are defined from the start).
+                    self.plan.summary.new_data.push(name.to_string());
+                    (To::Defined(self.define(symbol, false)), addend)
+                }
+            }
+            Target::External { symbol, addend } => {
+                let name = fixed.symbols[symbol].name.clone();
+                (To::Import(self.import(&name, false)?), addend)
+            }
+            Target::Unnamed {
+                section: target,
+                addend,
+                ..
+            } => {
+                let t = self.keep_section(target);
+                let ts = fixed.section(target).expect("checked by target()");
+                let warned = |w: &String| w.contains(&ts.name);
+                if ts.is_writable() && !self.plan.summary.warnings.iter().any(warned) {
+                    self.plan.summary.warnings.push(format!(
+                        "unnamed writable data {} is copied: the patch uses its own copy, \
+                         not the program's",
+                        ts.name
+                    ));
+                }
+                (To::Section(t), addend)
+            }
+        })
+    }
+
+    /// The unwind tables of the kept functions: FIXED.o's `.eh_frame` with only their FDEs
+    /// (and the CIEs), so the new code unwinds (activeness checks of later patches,
+    /// debuggers, exceptions) as the program's does.
+    fn unwind_tables(&mut self) -> Result<(), BuildError> {
+        let fixed = self.fixed;
+        let Some(index) = (0..fixed.sections.len())
+            .find(|&i| fixed.section(i).is_some_and(|s| s.name == ".eh_frame"))
+        else {
+            return Ok(());
+        };
+        let section = fixed.section(index).expect("found above");
+        let kept = |reloc: &Reloc| match target(fixed, reloc, ".eh_frame") {
+            Ok(Target::Named { symbol, .. }) => self.defined_of.contains_key(&symbol),
+            _ => false,
+        };
+        let Some(filtered) = unwind::filter(&section.data, &section.relocs, kept) else {
+            self.plan.summary.warnings.push(
+                "FIXED.o's .eh_frame is not in a form dsu build reads: the patch has no unwind \
+                 tables"
+                    .to_string(),
+            );
+            return Ok(());
+        };
+        if filtered.functions == 0 {
+            return Ok(());
+        }
+        let mut relocs = Vec::with_capacity(filtered.relocs.len());
+        for (offset, reloc) in filtered.relocs {
+            let (to, addend) = self.map(&reloc, ".eh_frame")?;
+            relocs.push(PlanReloc {
+                offset,
+                r_type: reloc.r_type,
+                to,
+                addend,
+            });
+        }
+        self.plan.eh_frame = Some(EhFrame {
+            data: filtered.data,
+            align: section.align,
+            relocs,
+        });
         Ok(())
     }
 }
