@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::error::CliError;
+use crate::inspect::{Against, parse_against};
 use crate::output::print_line;
 
 #[derive(Debug, Args)]
@@ -24,6 +25,10 @@ pub struct BuildArgs {
     /// Where to write the patch.
     #[arg(short, long, value_name = "PATCH.o")]
     pub output: PathBuf,
+    /// Check that the program (a running process, or an executable or library file) runs
+    /// the code ORIGINAL.o describes for each function the patch replaces; refuse otherwise.
+    #[arg(long, value_name = "PID|BINARY", value_parser = parse_against)]
+    pub against: Option<Against>,
 }
 
 /// Objects larger than this are not compiler output for one file.
@@ -48,6 +53,16 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
     let original = read_object(&args.original)?;
     let fixed = read_object(&args.fixed)?;
     let patch = dsu_build::build(&original, &fixed)?;
+    let replaced: Vec<String> = patch
+        .summary
+        .changed
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    let checked = match &args.against {
+        None => None,
+        Some(against) => Some(check_against(against, &original, &replaced)?),
+    };
     std::fs::write(&args.output, &patch.object).map_err(|source| CliError::WritePatch {
         path: args.output.clone(),
         source,
@@ -55,12 +70,75 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
     for line in summary_lines(&patch.summary) {
         print_line(line);
     }
+    if let Some(program) = checked {
+        print_line(format_args!(
+            "matches {program}: {} function{} as in ORIGINAL.o",
+            replaced.len(),
+            if replaced.len() == 1 { "" } else { "s" }
+        ));
+    }
     print_line(format_args!(
         "wrote {} ({} bytes)",
         args.output.display(),
         patch.object.len()
     ));
     Ok(())
+}
+
+/// Checks the replaced functions in the program; returns the file that holds them.
+fn check_against(
+    against: &Against,
+    original: &[u8],
+    replaced: &[String],
+) -> Result<String, CliError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CliError::ReadObject {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (path, bytes) = match against {
+        Against::Binary(path) => (path.clone(), read(path)?),
+        Against::Pid(pid) => {
+            // The module that defines the functions: the executable or a loaded library.
+            let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
+            let maps = std::fs::read_to_string(&maps_path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    CliError::NoProcess { pid: *pid }
+                } else {
+                    CliError::proc(maps_path.clone(), e)
+                }
+            })?;
+            let mut modules: Vec<PathBuf> = Vec::new();
+            for line in maps.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() >= 6
+                    && fields[1].contains('x')
+                    && fields[5].starts_with('/')
+                    && !modules.iter().any(|m| m.as_os_str() == fields[5])
+                {
+                    modules.push(PathBuf::from(fields[5]));
+                }
+            }
+            let found = modules.into_iter().find_map(|path| {
+                let bytes = std::fs::read(&path).ok()?;
+                dsu_build::against::defines_any(original, &bytes, replaced).then_some((path, bytes))
+            });
+            match found {
+                Some(found) => found,
+                None => {
+                    return Err(dsu_build::BuildError::NotInProgram {
+                        symbol: replaced.join(", "),
+                        program: format!("process {pid}"),
+                    }
+                    .into());
+                }
+            }
+        }
+    };
+    let label = path.display().to_string();
+    dsu_build::against::check(original, &bytes, &label, replaced)?;
+    Ok(label)
 }
 
 fn summary_lines(summary: &dsu_build::Summary) -> Vec<String> {

@@ -145,13 +145,19 @@ fn text(bytes: &[u8]) -> String {
 
 /// `dsu build ORIGINAL FIXED -o PATCH`, which must succeed; returns its summary.
 fn build(original: &Path, fixed: &Path, patch: &Path) -> String {
-    let out = dsu(&[
+    build_with(original, fixed, patch, &[])
+}
+
+fn build_with(original: &Path, fixed: &Path, patch: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "build",
         original.to_str().unwrap(),
         fixed.to_str().unwrap(),
         "-o",
         patch.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = dsu(&args);
     assert!(
         out.status.success(),
         "dsu build failed ({}): {}{}",
@@ -164,14 +170,20 @@ fn build(original: &Path, fixed: &Path, patch: &Path) -> String {
 
 /// `dsu build` that must be refused with exit 1 and one `dsu: ` line; returns that line.
 fn build_refused(original: &Path, fixed: &Path, dir: &Path) -> String {
+    build_refused_with(original, fixed, dir, &[])
+}
+
+fn build_refused_with(original: &Path, fixed: &Path, dir: &Path, extra: &[&str]) -> String {
     let patch = dir.join("refused.o");
-    let out = dsu(&[
+    let mut args = vec![
         "build",
         original.to_str().unwrap(),
         fixed.to_str().unwrap(),
         "-o",
         patch.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = dsu(&args);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}{}", text(&out.stdout));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -230,7 +242,14 @@ fn a_fix_calling_an_unchanged_static_helper_uses_the_programs_helper() {
     let (mut fx, original) = start(&dir);
     let fixed = object(&dir, "fixed", &shop(&["price"]), &[]);
     let patch = dir.join("fix.o");
-    let summary = build(&original, &fixed, &patch);
+    // Checked against the running program: its `price` is ORIGINAL.o's.
+    let summary = build_with(
+        &original,
+        &fixed,
+        &patch,
+        &["--against", &fx.pid.to_string()],
+    );
+    assert!(summary.contains("matches "), "{summary}");
     assert_eq!(listed(&summary, "changed"), ["price"], "{summary}");
     assert_eq!(
         listed(&summary, "references kept"),
@@ -330,6 +349,35 @@ fn a_changed_data_size_is_refused_naming_the_variable() {
     let line = build_refused(&original, &fixed, &dir);
     assert!(
         line.contains("size of table changed from 32 to 40 bytes"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_program_built_from_other_sources_is_refused_against_its_binary() {
+    let dir = scratch("build-against");
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let fixed = object(&dir, "fixed", &shop(&["price"]), &[]);
+    // The program's price differs from ORIGINAL.o's (another multiplier).
+    let other = shop(&[]).replace("qty * 10", "qty * 11");
+    let other = object(&dir, "other", &other, &[]);
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN_C).unwrap();
+    let exe = dir.join("shop");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main)
+        .arg(&other));
+    let line = build_refused_with(
+        &original,
+        &fixed,
+        &dir,
+        &["--against", exe.to_str().unwrap()],
+    );
+    assert!(
+        line.contains("price in ") && line.contains("is not the code ORIGINAL.o has"),
         "{line}"
     );
 }

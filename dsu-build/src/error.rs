@@ -100,6 +100,21 @@ pub enum BuildError {
          to patch"
     )]
     NothingChanged,
+    #[error(
+        "{program} has no function {symbol}; the patch would replace nothing there (is \
+         ORIGINAL.o from this program?)"
+    )]
+    NotInProgram { symbol: String, program: String },
+    #[error(
+        "{symbol} in {program} is not the code ORIGINAL.o has (first difference at byte {offset}); \
+         the program was built from other sources or with other flags: build ORIGINAL.o as the \
+         program was built"
+    )]
+    ProgramDiffers {
+        symbol: String,
+        program: String,
+        offset: u64,
+    },
     #[error("cannot write the patch object: {0}")]
     Write(String),
 }

@@ -23,6 +23,7 @@
 //!
 //! Pure: no system calls, so it runs on any input and under Miri.
 
+pub mod against;
 mod checks;
 mod compare;
 mod emit;
