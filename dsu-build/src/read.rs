@@ -136,6 +136,12 @@ const COMPILER_CONSTANTS: [&str; 4] = [
     "__FUNCTION__.",
 ];
 
+/// Largest section alignment taken (as the agent's loader).
+const MAX_ALIGN: u64 = 1 << 16;
+/// Largest zero-filled section taken: far above a compiler's, and it keeps sizes summed
+/// while writing the patch from overflowing.
+const MAX_ZEROED: u64 = 1 << 32;
+
 /// Parses `data`, an ELF64 x86_64 relocatable object; `label` names it in errors.
 pub(crate) fn parse(label: &'static str, data: &[u8]) -> Result<Unit, BuildError> {
     let mut unit = Unit {
@@ -208,11 +214,21 @@ pub(crate) fn parse(label: &'static str, data: &[u8]) -> Result<Unit, BuildError
         }
         relocs.sort_by_key(|r| r.offset);
         let index = section.index().0;
+        let align = header.sh_addralign(endian).max(1);
+        if !align.is_power_of_two() || align > MAX_ALIGN {
+            return Err(unit.not_object(format!("section {name} has an invalid alignment {align}")));
+        }
+        let size = header.sh_size(endian);
+        if nobits && size > MAX_ZEROED {
+            return Err(unit.not_object(format!(
+                "section {name} is {size} bytes of zeroes, over the limit of {MAX_ZEROED}"
+            )));
+        }
         unit.sections[index] = Some(Section {
             name,
             data,
-            size: header.sh_size(endian),
-            align: header.sh_addralign(endian).max(1),
+            size,
+            align,
             nobits,
             flags: header.sh_flags(endian).0,
             entsize: header.sh_entsize(endian),

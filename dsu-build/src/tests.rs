@@ -411,3 +411,30 @@ fn different_compilers_are_refused() {
     let err = build(&with_comment(b"\0GCC: 12\0"), &with_comment(b"\0GCC: 13\0")).unwrap_err();
     assert!(matches!(err, BuildError::DifferentCompiler { .. }), "{err}");
 }
+
+/// Damaged objects (bytes overwritten, cut short) are refused or compared, never a panic.
+#[test]
+fn damaged_objects_never_panic() {
+    let a = shop(&price(1), &[0; 8], b"big\0", 0);
+    let b = shop(&price(2), &[0; 8], b"large\0", 0);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..3000 {
+        let mut damaged = b.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % damaged.len() as u64) as usize;
+            damaged[at] = next() as u8;
+        }
+        if next() % 8 == 0 {
+            damaged.truncate((next() % damaged.len() as u64) as usize);
+        }
+        let _ = build(&a, &damaged);
+        let _ = build(&damaged, &a);
+        let _ = crate::against::check(&a, &damaged, "damaged", &["price".into()]);
+    }
+}
