@@ -437,3 +437,82 @@ fn objects_compiled_with_different_flags_are_refused() {
         "{line}"
     );
 }
+
+/// A function split by gcc into `check` and `check.cold` (a cold call on a rare path): both
+/// parts change, both are replaced, and the rare path takes the new cold code.
+#[test]
+fn a_fix_of_a_split_function_replaces_its_cold_part() {
+    const MAIN: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+long check(long x);
+const char *last = "none";
+void report(const char *what) { last = what; }
+long work(long x) { return x + 1; }
+int main(void) {
+    printf("ready %d\naddresses check=%p\n", (int)getpid(), (void *)check);
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        long n = 0;
+        sscanf(line, "%*s %ld", &n);
+        long r = check(n);
+        printf("check %ld %s\n", r, last);
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+    const COLD: &str = r#"
+extern void report(const char *what) __attribute__((cold));
+extern long work(long);
+long check(long x) {
+    long r = work(x);
+    if (r > 1000) {
+        report("@WHAT@");
+        r = work(r) + 7;
+    }
+    return r * @FACTOR@;
+}
+"#;
+    let cold = |what: &str, factor: &str| COLD.replace("@WHAT@", what).replace("@FACTOR@", factor);
+    let dir = scratch("build-cold");
+    let compile = |sub: &str, source: &str| {
+        let sub = dir.join(sub);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("check.c"), source).unwrap();
+        run(Command::new("cc")
+            .current_dir(&sub)
+            .arg("-c")
+            .args(FLAGS)
+            .args(["check.c", "-o", "check.o"]));
+        sub.join("check.o")
+    };
+    let original = compile("orig", &cold("big", "2"));
+    let fixed = compile("fixed", &cold("too big", "3"));
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN).unwrap();
+    let exe = dir.join("check");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main)
+        .arg(&original));
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    assert_eq!(listed(&summary, "changed"), ["check"], "{summary}");
+    assert_eq!(
+        listed(&summary, "clones"),
+        ["check.cold (static in check.c)"],
+        "{summary}"
+    );
+    fx.expect("check 5", "check 12 none");
+    fx.expect("check 2000", "check 4018 big");
+    applied(&fx, &patch);
+    fx.expect("check 5", "check 18 big");
+    fx.expect("check 2000", "check 6027 too big");
+}
