@@ -32,6 +32,18 @@ pub enum CliError {
     NotElf { path: PathBuf },
     #[error("patch {} is over the limit of {limit} bytes", .path.display())]
     PatchTooLarge { path: PathBuf, limit: u64 },
+    #[error("cannot read object {}: {source}", .path.display())]
+    ReadObject {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write patch {}: {source}", .path.display())]
+    WritePatch {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
     // Exit 3: the process or its agent cannot be reached.
     #[error("no such process {pid}")]
@@ -155,6 +167,9 @@ pub enum CliError {
 
     #[error("{0}")]
     Inspect(#[from] dsu_agent::inspect::InspectError),
+    // Exit 1 (2 for an input that is not an object file): `dsu build` refused the change.
+    #[error(transparent)]
+    Build(#[from] dsu_build::BuildError),
     #[error("the patch has {count} problem{} against {against} (listed above)", if *.count == 1 { "" } else { "s" })]
     InspectProblems { count: usize, against: String },
 }
@@ -164,7 +179,10 @@ impl CliError {
         match self {
             CliError::ReadPatch { .. }
             | CliError::NotElf { .. }
-            | CliError::PatchTooLarge { .. } => exit::USAGE,
+            | CliError::PatchTooLarge { .. }
+            | CliError::ReadObject { .. }
+            | CliError::WritePatch { .. }
+            | CliError::Build(dsu_build::BuildError::NotObject { .. }) => exit::USAGE,
             CliError::NoProcess { .. }
             | CliError::Proc { .. }
             | CliError::ProcFormat { .. }
@@ -181,9 +199,10 @@ impl CliError {
             | CliError::Send { .. }
             | CliError::HungUp { .. }
             | CliError::Exited { .. } => exit::UNREACHABLE,
-            CliError::Agent { .. } | CliError::Inspect(_) | CliError::InspectProblems { .. } => {
-                exit::REFUSED
-            }
+            CliError::Agent { .. }
+            | CliError::Inspect(_)
+            | CliError::InspectProblems { .. }
+            | CliError::Build(_) => exit::REFUSED,
             CliError::TimedOut { .. } => exit::TIMED_OUT,
         }
     }

@@ -36,7 +36,7 @@ pub enum Against {
     Binary(PathBuf),
 }
 
-fn parse_against(value: &str) -> Result<Against, String> {
+pub fn parse_against(value: &str) -> Result<Against, String> {
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         return value
             .parse()

@@ -3,6 +3,7 @@
 //! The commands talk to the agent through the control socket in its control directory
 //! (`docs/control-protocol.md`); exit codes and output are documented in `docs/cli.md`.
 
+mod build;
 mod discover;
 mod error;
 mod inspect;
@@ -36,7 +37,8 @@ use crate::target::Target;
                   cc -c -fPIC -O2 fix.c -o fix.o && dsu apply -p 4242 fix.o\n  \
                   dsu status -p 4242\n  \
                   dsu revert -p 4242\n  \
-                  dsu inspect fix.o --against 4242"
+                  dsu inspect fix.o --against 4242\n  \
+                  dsu build orig/shop.o fixed/shop.o -o fix.o"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,6 +55,8 @@ enum Command {
     Status(StatusArgs),
     /// Show what a patch replaces, adds and needs.
     Inspect(inspect::InspectArgs),
+    /// Build a patch from the object of a source file before and after a fix.
+    Build(build::BuildArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
         Command::Revert(args) => revert(args),
         Command::Status(args) => status(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Build(args) => build::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

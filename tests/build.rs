@@ -1,0 +1,518 @@
+//! `dsu build`: from two versions of a C source file to a patch applied in a running program,
+//! with no hand-written patch file. The program is linked from the original object itself
+//! (`-O2 -ffunction-sections -fdata-sections`) and made patchable with
+//! `LD_PRELOAD=libdsu_agent.so`. Needs the workspace built first
+//! (`cargo build --workspace --all-targets`).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::{Fixture, cargo_bin, dsu, run, scratch};
+
+/// The program's flags; the objects given to `dsu build` are compiled with exactly these.
+const FLAGS: [&str; 4] = ["-O2", "-g", "-ffunction-sections", "-fdata-sections"];
+
+/// The rest of the program: answers one line per command on stdin.
+const MAIN_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+long price(long qty);
+long tick(void);
+long scaled(long x);
+long checkout(long total);
+const char *grade(long x);
+int main(void) {
+    printf("ready %d\naddresses price=%p\n", (int)getpid(), (void *)price);
+    fflush(stdout);
+    char line[128];
+    while (fgets(line, sizeof line, stdin)) {
+        char cmd[32] = "";
+        long n = 0;
+        sscanf(line, "%31s %ld", cmd, &n);
+        if (!strcmp(cmd, "price")) printf("price %ld\n", price(n));
+        else if (!strcmp(cmd, "tick")) printf("tick %ld\n", tick());
+        else if (!strcmp(cmd, "scaled")) printf("scaled %ld\n", scaled(n));
+        else if (!strcmp(cmd, "checkout")) printf("checkout %ld\n", checkout(n));
+        else if (!strcmp(cmd, "grade")) printf("grade %s\n", grade(n));
+        else printf("unknown %s\n", cmd);
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+/// The file that gets fixed. Each `@NAME@` line is replaced by its original or fixed version.
+const SHOP_C: &str = r#"
+/* A helper that no fix changes: the patch calls the program's. */
+static __attribute__((noinline)) long margin(long qty) { return qty / 4 + 1; }
+@price@
+/* A counter whose value must survive the update. */
+@tick@
+/* Called with a constant: gcc makes scale.constprop.0, which `scaled` calls. */
+@scale@
+long scaled(long x) { return scale(x, 3); }
+/* noipa: keeps the signature as written, so the fix changes it. */
+@discount@
+@grade@
+@table@
+"#;
+
+/// (name, original, fixed)
+const PARTS: [(&str, &str, &str); 6] = [
+    (
+        "price",
+        "long price(long qty) { return qty * 10 + margin(qty); }",
+        "long price(long qty) { return qty * 9 + margin(qty); }",
+    ),
+    (
+        "tick",
+        "long tick(void) { static long count; count++; return count; }",
+        "long tick(void) { static long count; count++; return count + 1000; }",
+    ),
+    (
+        "scale",
+        "static __attribute__((noinline)) long scale(long x, long k) { return x * k + 1; }",
+        "static __attribute__((noinline)) long scale(long x, long k) { return x * k + 2; }",
+    ),
+    (
+        "discount",
+        "static __attribute__((noinline, noipa)) long discount(long total) { return total / 10; }\n\
+         long checkout(long total) { return total - discount(total); }",
+        "static __attribute__((noinline, noipa)) long discount(long total, long pct) { return total * pct / 100; }\n\
+         long checkout(long total) { return total - discount(total, total > 100 ? 20 : 10); }",
+    ),
+    (
+        "grade",
+        "const char *grade(long x) { return x > 10 ? \"big\" : \"small\"; }",
+        "const char *grade(long x) { return x > 10 ? \"large\" : \"small\"; }",
+    ),
+    (
+        "table",
+        "long table[4] = {1, 2, 3, 4};",
+        "long table[5] = {1, 2, 3, 4, 5};",
+    ),
+];
+
+/// shop.c with the parts named in `fixed` fixed.
+fn shop(fixed: &[&str]) -> String {
+    let mut text = SHOP_C.to_string();
+    for (name, original, new) in PARTS {
+        let part = if fixed.contains(&name) { new } else { original };
+        text = text.replace(&format!("@{name}@"), part);
+    }
+    text
+}
+
+/// Compiles `source` as `DIR/SUB/shop.c` to `DIR/SUB/shop.o` with the program's flags plus
+/// `extra`; the same file name in both versions, as in a real source tree.
+fn object(dir: &Path, sub: &str, source: &str, extra: &[&str]) -> PathBuf {
+    let sub = dir.join(sub);
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join("shop.c"), source).unwrap();
+    run(Command::new("cc")
+        .current_dir(&sub)
+        .arg("-c")
+        .args(FLAGS)
+        .args(extra)
+        .args(["shop.c", "-o", "shop.o"]));
+    sub.join("shop.o")
+}
+
+/// The program linked from `main.c` and the original object, started with the agent
+/// preloaded. Returns it with ORIGINAL.o.
+fn start(dir: &Path) -> (Fixture, PathBuf) {
+    let original = object(dir, "orig", &shop(&[]), &[]);
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN_C).unwrap();
+    let exe = dir.join("shop");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main)
+        .arg(&original));
+    let library = cargo_bin("libdsu_agent.so");
+    let fx = Fixture::start(dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    (fx, original)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `dsu build ORIGINAL FIXED -o PATCH`, which must succeed; returns its summary.
+fn build(original: &Path, fixed: &Path, patch: &Path) -> String {
+    build_with(original, fixed, patch, &[])
+}
+
+fn build_with(original: &Path, fixed: &Path, patch: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "build",
+        original.to_str().unwrap(),
+        fixed.to_str().unwrap(),
+        "-o",
+        patch.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = dsu(&args);
+    assert!(
+        out.status.success(),
+        "dsu build failed ({}): {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `dsu build` that must be refused with exit 1 and one `dsu: ` line; returns that line.
+fn build_refused(original: &Path, fixed: &Path, dir: &Path) -> String {
+    build_refused_with(original, fixed, dir, &[])
+}
+
+fn build_refused_with(original: &Path, fixed: &Path, dir: &Path, extra: &[&str]) -> String {
+    let patch = dir.join("refused.o");
+    let mut args = vec![
+        "build",
+        original.to_str().unwrap(),
+        fixed.to_str().unwrap(),
+        "-o",
+        patch.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = dsu(&args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}{}", text(&out.stdout));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("dsu: "), "{stderr}");
+    assert!(!patch.exists(), "a refused build wrote {}", patch.display());
+    stderr.trim_end().to_string()
+}
+
+fn apply(fx: &Fixture, patch: &Path) -> Output {
+    dsu(&["apply", "-p", &fx.pid.to_string(), patch.to_str().unwrap()])
+}
+
+fn applied(fx: &Fixture, patch: &Path) {
+    let out = apply(fx, patch);
+    assert!(
+        out.status.success(),
+        "dsu apply {} failed: {}\nprocess log:\n{}",
+        patch.display(),
+        text(&out.stderr),
+        fx.log()
+    );
+}
+
+/// FDEs in the patch's `.eh_frame`: the unwind tables of its functions.
+fn unwind_entries(patch: &Path) -> usize {
+    use object::{Object, ObjectSection};
+    let bytes = std::fs::read(patch).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    let Some(section) = file.section_by_name(".eh_frame") else {
+        return 0;
+    };
+    let data = section.data().unwrap();
+    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+    let (mut at, mut fdes) = (0, 0);
+    while at + 8 <= data.len() && word(at) != 0 {
+        fdes += usize::from(word(at + 4) != 0);
+        at += 4 + word(at);
+    }
+    fdes
+}
+
+/// Lines of the summary between `title N:` and the next title.
+fn listed(summary: &str, title: &str) -> Vec<String> {
+    summary
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{title} ")))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn a_fix_calling_an_unchanged_static_helper_uses_the_programs_helper() {
+    let dir = scratch("build-helper");
+    let (mut fx, original) = start(&dir);
+    let fixed = object(&dir, "fixed", &shop(&["price"]), &[]);
+    let patch = dir.join("fix.o");
+    // Checked against the running program: its `price` is ORIGINAL.o's.
+    let summary = build_with(
+        &original,
+        &fixed,
+        &patch,
+        &["--against", &fx.pid.to_string()],
+    );
+    assert!(summary.contains("matches "), "{summary}");
+    assert_eq!(listed(&summary, "changed"), ["price"], "{summary}");
+    assert_eq!(
+        listed(&summary, "references kept"),
+        ["margin (static in shop.c)"],
+        "{summary}"
+    );
+
+    fx.expect("price 8", "price 83");
+    applied(&fx, &patch);
+    fx.expect("price 8", "price 75");
+    fx.expect("scaled 5", "scaled 16");
+}
+
+#[test]
+fn a_static_local_counter_keeps_counting_across_the_update() {
+    let dir = scratch("build-counter");
+    let (mut fx, original) = start(&dir);
+    let fixed = object(&dir, "fixed", &shop(&["tick"]), &[]);
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    assert_eq!(listed(&summary, "changed"), ["tick"], "{summary}");
+    assert!(
+        listed(&summary, "references kept").contains(&"count.0 (static in shop.c)".to_string()),
+        "{summary}"
+    );
+
+    for n in 1..=3 {
+        fx.expect("tick", &format!("tick {n}"));
+    }
+    // The naive patch, FIXED.o itself, brings a counter of its own that starts again at 0:
+    // what the check below tells apart.
+    applied(&fx, &fixed);
+    fx.expect("tick", "tick 1001");
+    let out = dsu(&["revert", "-p", &fx.pid.to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    fx.expect("tick", "tick 4");
+
+    applied(&fx, &patch);
+    fx.expect("tick", "tick 1005");
+    fx.expect("tick", "tick 1006");
+}
+
+#[test]
+fn a_fix_of_a_function_reaches_its_constprop_clone() {
+    let dir = scratch("build-clone");
+    let (mut fx, original) = start(&dir);
+    let fixed = object(&dir, "fixed", &shop(&["scale"]), &[]);
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    // `scaled` calls the clone and did not change: the fix reaches it only through the clone.
+    assert_eq!(
+        listed(&summary, "clones"),
+        ["scale.constprop.0 (static in shop.c)"],
+        "{summary}"
+    );
+    assert_eq!(
+        listed(&summary, "changed"),
+        Vec::<String>::new(),
+        "{summary}"
+    );
+
+    fx.expect("scaled 5", "scaled 16");
+    applied(&fx, &patch);
+    fx.expect("scaled 5", "scaled 17");
+    fx.expect("price 8", "price 83");
+}
+
+#[test]
+fn a_static_function_changes_its_signature_with_its_only_caller() {
+    let dir = scratch("build-signature");
+    let (mut fx, original) = start(&dir);
+    let fixed = object(&dir, "fixed", &shop(&["discount", "grade"]), &[]);
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    assert_eq!(
+        listed(&summary, "changed"),
+        ["checkout", "discount (static in shop.c)", "grade"],
+        "{summary}"
+    );
+    assert_eq!(unwind_entries(&patch), 3, "one FDE per function");
+
+    fx.expect("checkout 200", "checkout 180");
+    fx.expect("grade 20", "grade big");
+    applied(&fx, &patch);
+    fx.expect("checkout 200", "checkout 160");
+    fx.expect("checkout 50", "checkout 45");
+    // A new string literal, carried in the patch.
+    fx.expect("grade 20", "grade large");
+    fx.expect("grade 1", "grade small");
+}
+
+#[test]
+fn a_changed_data_size_is_refused_naming_the_variable() {
+    let dir = scratch("build-data");
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let fixed = object(&dir, "fixed", &shop(&["price", "table"]), &[]);
+    let line = build_refused(&original, &fixed, &dir);
+    assert!(
+        line.contains("size of table changed from 32 to 40 bytes"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_program_built_from_other_sources_is_refused_against_its_binary() {
+    let dir = scratch("build-against");
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let fixed = object(&dir, "fixed", &shop(&["price"]), &[]);
+    // The program's price differs from ORIGINAL.o's (another multiplier).
+    let other = shop(&[]).replace("qty * 10", "qty * 11");
+    let other = object(&dir, "other", &other, &[]);
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN_C).unwrap();
+    let exe = dir.join("shop");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main)
+        .arg(&other));
+    let line = build_refused_with(
+        &original,
+        &fixed,
+        &dir,
+        &["--against", exe.to_str().unwrap()],
+    );
+    assert!(
+        line.contains("price in ") && line.contains("is not the code ORIGINAL.o has"),
+        "{line}"
+    );
+}
+
+#[test]
+fn lto_objects_are_refused() {
+    let dir = scratch("build-lto");
+    let original = object(&dir, "orig", &shop(&[]), &["-flto"]);
+    let fixed = object(&dir, "fixed", &shop(&["price"]), &["-flto"]);
+    let line = build_refused(&original, &fixed, &dir);
+    assert!(line.contains("compile this file without -flto"), "{line}");
+}
+
+#[test]
+fn objects_without_function_sections_are_refused() {
+    let dir = scratch("build-sections");
+    let original = object(&dir, "orig", &shop(&[]), &["-fno-function-sections"]);
+    let fixed = object(
+        &dir,
+        "fixed",
+        &shop(&["price"]),
+        &["-fno-function-sections"],
+    );
+    let line = build_refused(&original, &fixed, &dir);
+    assert!(line.contains("-ffunction-sections"), "{line}");
+}
+
+#[test]
+fn unreadable_inputs_are_usage_errors() {
+    let dir = scratch("build-usage");
+    let not_elf = dir.join("shop.c");
+    std::fs::write(&not_elf, shop(&[])).unwrap();
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let out = dsu(&[
+        "build",
+        original.to_str().unwrap(),
+        not_elf.to_str().unwrap(),
+        "-o",
+        dir.join("fix.o").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("FIXED.o"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn objects_compiled_with_different_flags_are_refused() {
+    let dir = scratch("build-flags");
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let fixed = object(&dir, "fixed", &shop(&["price"]), &["-O1"]);
+    let line = build_refused(&original, &fixed, &dir);
+    assert!(
+        line.contains("compiled with different flags") && line.contains("-O1"),
+        "{line}"
+    );
+}
+
+/// A function split by gcc into `check` and `check.cold` (a cold call on a rare path): both
+/// parts change, both are replaced, and the rare path takes the new cold code.
+#[test]
+fn a_fix_of_a_split_function_replaces_its_cold_part() {
+    const MAIN: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+long check(long x);
+const char *last = "none";
+void report(const char *what) { last = what; }
+long work(long x) { return x + 1; }
+int main(void) {
+    printf("ready %d\naddresses check=%p\n", (int)getpid(), (void *)check);
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        long n = 0;
+        sscanf(line, "%*s %ld", &n);
+        long r = check(n);
+        printf("check %ld %s\n", r, last);
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+    const COLD: &str = r#"
+extern void report(const char *what) __attribute__((cold));
+extern long work(long);
+long check(long x) {
+    long r = work(x);
+    if (r > 1000) {
+        report("@WHAT@");
+        r = work(r) + 7;
+    }
+    return r * @FACTOR@;
+}
+"#;
+    let cold = |what: &str, factor: &str| COLD.replace("@WHAT@", what).replace("@FACTOR@", factor);
+    let dir = scratch("build-cold");
+    let compile = |sub: &str, source: &str| {
+        let sub = dir.join(sub);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("check.c"), source).unwrap();
+        run(Command::new("cc")
+            .current_dir(&sub)
+            .arg("-c")
+            .args(FLAGS)
+            .args(["check.c", "-o", "check.o"]));
+        sub.join("check.o")
+    };
+    let original = compile("orig", &cold("big", "2"));
+    let fixed = compile("fixed", &cold("too big", "3"));
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN).unwrap();
+    let exe = dir.join("check");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main)
+        .arg(&original));
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    assert_eq!(listed(&summary, "changed"), ["check"], "{summary}");
+    assert_eq!(
+        listed(&summary, "clones"),
+        ["check.cold (static in check.c)"],
+        "{summary}"
+    );
+    fx.expect("check 5", "check 12 none");
+    fx.expect("check 2000", "check 4018 big");
+    applied(&fx, &patch);
+    fx.expect("check 5", "check 18 big");
+    fx.expect("check 2000", "check 6027 too big");
+}
