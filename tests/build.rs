@@ -236,6 +236,64 @@ fn listed(summary: &str, title: &str) -> Vec<String> {
         .collect()
 }
 
+/// Another file of the program with `static`s named like shop.c's: a `margin` helper and a
+/// static local `count` (`count.0` in both objects).
+const OTHER_C: &str = r#"
+static __attribute__((noinline)) long margin(long qty) { return qty * 1000; }
+long other(long x) { static long count; count += x; return margin(count); }
+"#;
+
+#[test]
+fn statics_named_alike_in_two_files_are_told_apart_by_their_file() {
+    let dir = scratch("build-two-files");
+    let original = object(&dir, "orig", &shop(&[]), &[]);
+    let other = object_named(&dir, "other", "other.c", OTHER_C);
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN_C).unwrap();
+    let exe = dir.join("shop");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main)
+        .arg(&original)
+        .arg(&other));
+    let symbols = run(Command::new("nm").arg(&exe));
+    assert_eq!(symbols.matches(" margin\n").count(), 2, "{symbols}");
+    assert_eq!(symbols.matches(" count.0\n").count(), 2, "{symbols}");
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+
+    let fixed = object(&dir, "fixed", &shop(&["price", "tick"]), &[]);
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    let kept = listed(&summary, "references kept");
+    assert!(
+        kept.contains(&"margin (static in shop.c)".to_string())
+            && kept.contains(&"count.0 (static in shop.c)".to_string()),
+        "{summary}"
+    );
+    fx.expect("tick", "tick 1");
+    fx.expect("price 8", "price 83");
+    applied(&fx, &patch);
+    // shop.c's margin (8 / 4 + 1), not other.c's (8 * 1000); shop.c's counter goes on.
+    fx.expect("price 8", "price 75");
+    fx.expect("tick", "tick 1002");
+}
+
+/// Compiles `source` as `DIR/SUB/FILE` to an object with the program's flags.
+fn object_named(dir: &Path, sub: &str, file: &str, source: &str) -> PathBuf {
+    let sub = dir.join(sub);
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join(file), source).unwrap();
+    run(Command::new("cc")
+        .current_dir(&sub)
+        .arg("-c")
+        .args(FLAGS)
+        .args([file, "-o", "out.o"]));
+    sub.join("out.o")
+}
+
 #[test]
 fn a_fix_calling_an_unchanged_static_helper_uses_the_programs_helper() {
     let dir = scratch("build-helper");
