@@ -731,6 +731,93 @@ mod tests {
         );
     }
 
+    /// A module at `AT` whose bytes are `bytes`, with `symbols` `(name, offset, size)`.
+    fn module_of(symbols: &[(&str, usize, u64)]) -> SymbolIndex {
+        use crate::resolve::{ModuleInfo, ProcessSymbol, SymbolKind};
+        let mut index = SymbolIndex::default();
+        let info = ModuleInfo {
+            name: "m".into(),
+            path: "m".into(),
+            bias: 0,
+            is_main: true,
+            tls_modid: 0,
+        };
+        let symbols: Vec<(&[u8], ProcessSymbol)> = symbols
+            .iter()
+            .map(|&(name, offset, size)| {
+                let sym = ProcessSymbol {
+                    module: 0,
+                    address: AT + offset,
+                    size,
+                    kind: SymbolKind::Function,
+                    global: true,
+                    file: 0,
+                };
+                (name.as_bytes(), sym)
+            })
+            .collect();
+        index.add_symbols(info, symbols);
+        index
+    }
+
+    #[test]
+    fn gaps_lie_between_a_sized_symbol_and_the_next_and_hold_only_filler() {
+        // 0x00 f (0x10), then 0x10..0x20 int3; 0x20 g (0x08), then 0x28..0x30 nop + one
+        // push; 0x30 h (0x04), then 0x34..0x40 int3; 0x40 z (size 0), then 0x41..0x50 int3;
+        // 0x50 w (0x10), holding a nested sized symbol n (0x52, 2) and nops after it.
+        let mut bytes = vec![0xccu8; 0x60];
+        bytes[..0x10].fill(0x90);
+        bytes[0x20..0x28].fill(0x90);
+        bytes[0x28..0x2f].fill(0x90);
+        bytes[0x2f] = 0x55;
+        bytes[0x30..0x34].fill(0x90);
+        bytes[0x50..0x60].fill(0x90);
+        let index = module_of(&[
+            ("f", 0x00, 0x10),
+            ("g", 0x20, 0x08),
+            ("h", 0x30, 0x04),
+            ("z", 0x40, 0),
+            ("w", 0x50, 0x10),
+            ("n", 0x52, 2),
+            ("end", 0x60, 1),
+        ]);
+        let read = |at: usize, len: usize| {
+            let off = at.checked_sub(AT)?;
+            bytes.get(off..off + len).map(<[u8]>::to_vec)
+        };
+        let mem = Reader::unpatched(&read);
+        let gaps = free_gaps(&index, 0, AT + 0x30, &mem);
+        // Not 0x28..0x30 (a push in it), not after z (no size), not inside w.
+        assert_eq!(gaps, [(AT + 0x10, AT + 0x20), (AT + 0x34, AT + 0x40)]);
+
+        // Bytes a patch wrote into a gap split it; a run shorter than a jump is dropped.
+        let pristine = |mut now: Vec<u8>, at: usize| {
+            for (i, b) in now.iter_mut().enumerate() {
+                if (AT + 0x14..AT + 0x19).contains(&(at + i)) || at + i == AT + 0x3b {
+                    *b = 0xcc;
+                }
+            }
+            now
+        };
+        let mut patched = bytes.clone();
+        patched[0x14..0x19].copy_from_slice(&[0xe9, 1, 2, 3, 4]);
+        patched[0x3b] = 0xe9;
+        let read_patched = |at: usize, len: usize| {
+            let off = at.checked_sub(AT)?;
+            patched.get(off..off + len).map(<[u8]>::to_vec)
+        };
+        let mem = Reader {
+            read: &read_patched,
+            before_own: &|b, _| b,
+            before_any: &pristine,
+        };
+        let gaps = free_gaps(&index, 0, AT + 0x30, &mem);
+        assert_eq!(gaps, [(AT + 0x19, AT + 0x20), (AT + 0x34, AT + 0x3b)]);
+
+        // Out of a short jump's reach (the window is 128 bytes back, 138 on): none.
+        assert!(free_gaps(&index, 0, AT + 0x400, &Reader::unpatched(&read)).is_empty());
+    }
+
     #[test]
     fn a_short_function_jumps_short_to_a_trampoline_in_a_gap() {
         // imul eax, edi, 100; ret (4 bytes), no padding; a gap 0x40 bytes on.
