@@ -11,6 +11,7 @@ mod patch;
 mod request;
 mod sys;
 mod target;
+mod trust;
 
 use std::io;
 use std::path::PathBuf;
@@ -53,6 +54,10 @@ enum Command {
     Status(StatusArgs),
     /// Show what a patch replaces, adds and needs.
     Inspect(inspect::InspectArgs),
+    /// Create an ed25519 key pair for signing patches (KEY and KEY.pub).
+    Keygen(trust::KeygenArgs),
+    /// Sign a patch: append a signature trailer agents with trusted keys verify.
+    Sign(trust::SignArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +127,8 @@ fn main() -> ExitCode {
         Command::Revert(args) => revert(args),
         Command::Status(args) => status(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Keygen(args) => trust::keygen(args),
+        Command::Sign(args) => trust::sign(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
