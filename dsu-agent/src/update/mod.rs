@@ -287,8 +287,8 @@ impl Engine {
 
         stages.link = linked_at - started;
         stages.prepare -= stages.link.min(stages.prepare);
-        let mut patch = self.record(linked, functions, id, file, bytes);
-        patch.signer = signer.map(|k| k.to_string());
+        let signer = signer.map(|k| k.to_string());
+        let patch = self.record(linked, functions, id, file, bytes, signer);
         let _ = names::publish(&code_names(&patch));
         // After the commit, threads running: announcing allocates.
         let mut warnings = clone_warnings;
@@ -735,6 +735,7 @@ impl Engine {
         id: u64,
         file: &str,
         bytes: &[u8],
+        signer: Option<String>,
     ) -> AppliedPatch {
         let code = linked.code_range();
         let keeps_data = linked.keeps_data;
@@ -755,7 +756,7 @@ impl Engine {
             id,
             file: file.to_string(),
             sha256: hex(&Sha256::digest(bytes)),
-            signer: None,
+            signer,
             applied_at: SystemTime::now(),
             functions,
             image,
