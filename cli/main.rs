@@ -7,6 +7,7 @@ mod discover;
 mod error;
 mod inspect;
 mod output;
+mod pack;
 mod patch;
 mod request;
 mod sys;
@@ -58,6 +59,9 @@ enum Command {
     Keygen(trust::KeygenArgs),
     /// Sign a patch: append a signature trailer agents with trusted keys verify.
     Sign(trust::SignArgs),
+    /// Bind a patch to a program: record the build id and code hash of each function it
+    /// replaces (section .dsu.expect).
+    Pack(pack::PackArgs),
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Keygen(args) => trust::keygen(args),
         Command::Sign(args) => trust::sign(args),
+        Command::Pack(args) => pack::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
