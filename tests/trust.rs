@@ -330,3 +330,22 @@ fn a_group_writable_control_directory_is_refused() {
     assert!(success, "{stderr}");
     log.last_has(&["outcome=applied"]);
 }
+
+#[test]
+fn a_bad_trusted_keys_file_is_an_install_error_naming_its_line() {
+    let dir = scratch("trust-badkeys");
+    let program = cc_program(&dir, "plain", &[("plain.c", PLAIN_C)], &[]);
+    let keys = dir.join("trusted-keys");
+    std::fs::write(&keys, "# ops\ndsu-ed25519 not-a-key\n").unwrap();
+    let log = Syslog::bind(&dir);
+    let mut fx = start(&dir, &program, &log, &[("DSU_TRUSTED_KEYS", &keys)]);
+    assert_eq!(fx.compute(), ORIGINAL);
+    let agent_log = fx.log();
+    assert!(
+        agent_log.contains(&format!("trusted keys {}, line 2", keys.display())),
+        "{agent_log}"
+    );
+    // No agent runs with weaker trust than configured: none runs at all.
+    let (success, _, stderr) = run(&["status", "-p", &fx.pid.to_string()]);
+    assert!(!success, "an agent answered: {stderr}");
+}
