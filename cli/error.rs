@@ -44,6 +44,31 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "patch {} is a symbolic link; dsu apply opens patches without following links: name the file itself",
+        .path.display()
+    )]
+    PatchSymlink { path: PathBuf },
+    #[error("patch {} is not a regular file", .path.display())]
+    PatchNotFile { path: PathBuf },
+    #[error(
+        "patch {} is owned by uid {owner}, neither you (uid {me}) nor root: someone else could have changed it; copy it to a file of your own after checking it",
+        .path.display()
+    )]
+    PatchOwner { path: PathBuf, owner: u32, me: u32 },
+    #[error(
+        "patch {} is writable by {} (mode {mode:04o}): someone else could change it; `chmod go-w` it",
+        .path.display(),
+        if .mode & 0o002 != 0 { "others" } else { "its group" }
+    )]
+    PatchWritable { path: PathBuf, mode: u32 },
+    /// `keygen`, `sign` and `pack`: a file that cannot be read or written, or bad content.
+    #[error("{what} {}: {reason}", .path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 
     // Exit 3: the process or its agent cannot be reached.
     #[error("no such process {pid}")]
@@ -182,7 +207,12 @@ impl CliError {
             | CliError::PatchTooLarge { .. }
             | CliError::ReadObject { .. }
             | CliError::WritePatch { .. }
-            | CliError::Build(dsu_build::BuildError::NotObject { .. }) => exit::USAGE,
+            | CliError::Build(dsu_build::BuildError::NotObject { .. })
+            | CliError::PatchSymlink { .. }
+            | CliError::PatchNotFile { .. }
+            | CliError::PatchOwner { .. }
+            | CliError::PatchWritable { .. } => exit::USAGE,
+            CliError::File { .. } => exit::REFUSED,
             CliError::NoProcess { .. }
             | CliError::Proc { .. }
             | CliError::ProcFormat { .. }

@@ -8,10 +8,12 @@ mod discover;
 mod error;
 mod inspect;
 mod output;
+mod pack;
 mod patch;
 mod request;
 mod sys;
 mod target;
+mod trust;
 
 use std::io;
 use std::path::PathBuf;
@@ -57,6 +59,13 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Build a patch from the object of a source file before and after a fix.
     Build(build::BuildArgs),
+    /// Create an ed25519 key pair for signing patches (KEY and KEY.pub).
+    Keygen(trust::KeygenArgs),
+    /// Sign a patch: append a signature trailer agents with trusted keys verify.
+    Sign(trust::SignArgs),
+    /// Bind a patch to a program: record the build id and code hash of each function it
+    /// replaces (section .dsu.expect).
+    Pack(pack::PackArgs),
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +136,9 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Build(args) => build::run(args),
+        Command::Keygen(args) => trust::keygen(args),
+        Command::Sign(args) => trust::sign(args),
+        Command::Pack(args) => pack::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -180,6 +180,7 @@ fn outcome(request: &dsu_agent::control::Request, status: Status) -> Outcome {
         stages_us: None,
         status: None,
         warnings: Vec::new(),
+        record: None,
     }
 }
 
@@ -495,6 +496,7 @@ fn status_shows_the_agent_the_patches_and_the_last_answer() {
             id: 3,
             file: "consumed/3.patch".into(),
             sha256: "ab".repeat(32),
+            signer: None,
             applied_at: 1_700_000_000,
             functions: vec![],
             added: vec![],
@@ -528,6 +530,7 @@ fn status_shows_the_agent_the_patches_and_the_last_answer() {
         stages_us: None,
         status: None,
         warnings: Vec::new(),
+        record: None,
     };
     fs::write(dir.join(RESULT_FILE), serde_json::to_vec(&last).unwrap()).unwrap();
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));

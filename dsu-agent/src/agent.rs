@@ -19,12 +19,14 @@ use std::time::Instant;
 
 use dsu_sys::code::CodeWriter;
 
+use crate::audit::Audit;
 use crate::config::Builder;
 use crate::control::socket::{Client, Listener, SOCKET_FILE};
 use crate::control::{ControlDir, Op, Request, RequestOp, SocketInfo, cleanup};
 use crate::error::Error;
 use crate::report::{
-    AgentState, FunctionReport, Outcome, PatchReport, StagesReport, Status, StatusReport,
+    AgentState, FunctionReport, Outcome, PatchReport, RecordReport, StagesReport, Status,
+    StatusReport,
 };
 use crate::stop::StopWorld;
 use crate::trigger::{self, Trigger, Waiter, Waker};
@@ -52,6 +54,12 @@ struct Shared {
     socket: Option<std::path::PathBuf>,
     /// Set once the takeover of the trigger signal has been logged.
     takeover_logged: std::sync::atomic::AtomicBool,
+    /// The system log, where every apply, revert and refusal is recorded.
+    audit: Audit,
+    /// This process's executable, for the records.
+    exe: String,
+    /// Whether the agent has trusted keys (a verified signature is then required).
+    has_keys: bool,
 }
 
 #[derive(Debug)]
@@ -88,6 +96,10 @@ pub(crate) fn install(mut config: Builder) -> Result<Agent, Error> {
     }
     let signals = config.signals()?;
     config.policy = config.effective_policy()?;
+    // A bad trusted-keys file is an install error: an agent must not run with weaker trust
+    // than it was configured with.
+    let trust = config.trust_policy()?;
+    let audit = Audit::new(config.syslog_socket_path());
     let dir = config
         .control_dir
         .clone()
@@ -149,8 +161,14 @@ pub(crate) fn install(mut config: Builder) -> Result<Agent, Error> {
         trigger,
         socket: listener.as_ref().map(|l| l.path().to_owned()),
         takeover_logged: std::sync::atomic::AtomicBool::new(false),
+        audit,
+        exe: std::fs::read_link("/proc/self/exe")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        has_keys: !trust.keys.is_empty(),
     });
-    let engine = Engine::new(stopper, writer);
+    let mut engine = Engine::new(stopper, writer);
+    engine.set_trust(trust);
     let thread_shared = shared.clone();
     // The thread starts with every signal blocked but those raised by its own faults (a new
     // thread inherits the mask): the program's signals must reach the program's threads,
@@ -309,6 +327,10 @@ fn run_jobs(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
             } => {
                 let result = guarded(|| engine.apply(&bytes, seq, &file, &policy));
                 log_applied(shared, &file, &result);
+                let mut outcome = Outcome::new(seq, None, "apply".into(), Status::Applied, None);
+                report_switch(&mut outcome, &result);
+                outcome.record = Some(record_of(shared, Some(own_uid()), Some(&bytes), &result));
+                shared.audit.record(&outcome);
                 remember_patches(shared, engine);
                 let _ = reply.send(result);
                 // Names for profilers once the caller has its answer (best effort).
@@ -318,6 +340,10 @@ fn run_jobs(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
             Job::Revert { id, policy, reply } => {
                 let result = guarded(|| engine.revert(id, &policy));
                 log_reverted(shared, &result);
+                let mut outcome = Outcome::new(seq, None, "revert".into(), Status::Applied, None);
+                report_switch(&mut outcome, &result);
+                outcome.record = Some(record_of(shared, Some(own_uid()), None, &result));
+                shared.audit.record(&outcome);
                 remember_patches(shared, engine);
                 let _ = reply.send(result);
                 write_status(shared, engine);
@@ -334,7 +360,11 @@ fn serve_directory(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
             Ok(None) => break,
             Ok(Some(request)) => {
                 *seq = next;
-                let outcome = serve(shared, engine, request, next);
+                let requester = shared.control.requester(next);
+                let outcome = serve(shared, engine, request, next, requester);
+                if outcome.op != "status" {
+                    shared.audit.record(&outcome);
+                }
                 // status.json before the answer: a reader of result.json then finds
                 // status.json up to date.
                 publish_status(shared, engine);
@@ -347,7 +377,14 @@ fn serve_directory(shared: &Shared, engine: &mut Engine, seq: &mut u64) {
                     eprintln!("dsu: {e}");
                 }
                 match e.outcome(next) {
-                    Some(outcome) => {
+                    Some(mut outcome) => {
+                        outcome.record = Some(record_of::<Switched>(
+                            shared,
+                            shared.control.requester(next),
+                            None,
+                            &Err(UpdateError::AgentGone),
+                        ));
+                        shared.audit.record(&outcome);
                         let _ = shared.control.write_result(&outcome);
                     }
                     None => break, // untrusted directory: write nothing into it
@@ -386,13 +423,34 @@ fn serve_client(shared: &Shared, engine: &mut Engine, mut client: Client, seq: &
         }
         let _ = client.answer(&outcome);
     };
-    if let Err(e) = client.check_peer(shared.control.owner()) {
-        return refuse(&client, &e, e.outcome(None));
-    }
+    let peer = match client.check_peer(shared.control.owner()) {
+        Ok(uid) => uid,
+        Err(e) => {
+            let mut outcome = e.outcome(None);
+            outcome.record = Some(record_of::<Switched>(
+                shared,
+                e.peer_uid(),
+                None,
+                &Err(UpdateError::AgentGone),
+            ));
+            shared.audit.record(&outcome);
+            return refuse(&client, &e, outcome);
+        }
+    };
     let request = match client.read_request() {
         Ok(Some(request)) => request,
         Ok(None) => return, // connected and closed: someone checked that the agent lives
-        Err(e) => return refuse(&client, &e, e.outcome(None)),
+        Err(e) => {
+            let mut outcome = e.outcome(None);
+            outcome.record = Some(record_of::<Switched>(
+                shared,
+                Some(peer),
+                None,
+                &Err(UpdateError::AgentGone),
+            ));
+            shared.audit.record(&outcome);
+            return refuse(&client, &e, outcome);
+        }
     };
     if let Err(e) = shared.control.recheck() {
         let e = crate::control::socket::SocketError::from(e);
@@ -424,7 +482,10 @@ fn serve_client(shared: &Shared, engine: &mut Engine, mut client: Client, seq: &
         }
     }
     let request = request.into_request(shared.control.consumed_patch(next));
-    let mut outcome = serve(shared, engine, request, next);
+    let mut outcome = serve(shared, engine, request, next, Some(peer));
+    if !is_status {
+        shared.audit.record(&outcome);
+    }
     if is_status {
         outcome.status = Some(status_report(shared, engine));
     } else {
@@ -489,6 +550,7 @@ fn patch_report(p: &AppliedPatch) -> PatchReport {
         id: p.id,
         file: p.file.clone(),
         sha256: p.sha256.clone(),
+        signer: p.signer.clone(),
         applied_at: p
             .applied_at
             .duration_since(std::time::UNIX_EPOCH)
@@ -550,7 +612,13 @@ fn log_applied(shared: &Shared, file: &str, result: &Result<Applied, UpdateError
     }
 }
 
-fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Outcome {
+fn serve(
+    shared: &Shared,
+    engine: &mut Engine,
+    request: Request,
+    seq: u64,
+    requester: Option<u32>,
+) -> Outcome {
     let started = Instant::now();
     let op = request.op.name().to_string();
     let mut outcome = Outcome::new(seq, request.id, op, Status::Applied, None);
@@ -567,12 +635,14 @@ fn serve(shared: &Shared, engine: &mut Engine, request: Request, seq: u64) -> Ou
             let result = guarded(|| engine.apply(&bytes, seq, &label, &policy));
             log_applied(shared, &label, &result);
             report_switch(&mut outcome, &result);
+            outcome.record = Some(record_of(shared, requester, Some(&bytes), &result));
         }
         Op::Revert { patch_id, timeout } => {
             let policy = policy_with(shared, timeout);
             let result = guarded(|| engine.revert(patch_id, &policy));
             log_reverted(shared, &result);
             report_switch(&mut outcome, &result);
+            outcome.record = Some(record_of(shared, requester, None, &result));
         }
         Op::Status => {
             outcome.functions = engine.patches().iter().flat_map(function_reports).collect();
@@ -641,4 +711,37 @@ fn function_reports(patch: &AppliedPatch) -> Vec<FunctionReport> {
             call_sites: f.call_sites,
         })
         .collect()
+}
+
+/// The record of a request: the patch received (`patch`) or, for a revert, the patch
+/// reverted (from `result`), who asked, and this process.
+fn record_of<T: std::borrow::Borrow<Switched>>(
+    shared: &Shared,
+    requester: Option<u32>,
+    patch: Option<&[u8]>,
+    result: &Result<T, UpdateError>,
+) -> RecordReport {
+    use sha2::{Digest, Sha256};
+    let done = result.as_ref().ok().map(|d| &d.borrow().patch);
+    let (patch_sha256, signer) = match (patch, done) {
+        (Some(bytes), _) => (
+            Some(crate::trust::keys::hex(&Sha256::digest(bytes))),
+            crate::trust::claimed_signer(bytes).map(|k| k.to_string()),
+        ),
+        (None, Some(p)) => (Some(p.sha256.clone()), p.signer.clone()),
+        (None, None) => (None, None),
+    };
+    RecordReport {
+        signature_verified: shared.has_keys && signer.is_some() && result.is_ok(),
+        patch_sha256,
+        signer,
+        requester_uid: requester,
+        pid: shared.pid,
+        exe: shared.exe.clone(),
+    }
+}
+
+/// This process's effective uid: the requester of an in-process call.
+fn own_uid() -> u32 {
+    dsu_sys::ids::effective_uid()
 }

@@ -31,6 +31,11 @@ pub struct Builder {
     pub(crate) policy: Policy,
     hold_bound: Option<Duration>,
     pub(crate) log: bool,
+    trusted_keys: Vec<crate::trust::PublicKey>,
+    trusted_keys_file: Option<PathBuf>,
+    require_binding: Option<bool>,
+    /// `None`: `DSU_SYSLOG_SOCKET`, else `/dev/log`; `Some(None)`: no system log.
+    syslog: Option<Option<PathBuf>>,
 }
 
 /// The builder's trigger signal setting.
@@ -52,6 +57,10 @@ impl Default for Builder {
             policy: Policy::default(),
             hold_bound: None,
             log: std::env::var_os("DSU_LOG").is_none_or(|v| v != "0"),
+            trusted_keys: Vec::new(),
+            trusted_keys_file: None,
+            require_binding: None,
+            syslog: None,
         }
     }
 }
@@ -113,6 +122,38 @@ impl Builder {
         self
     }
 
+    /// Apply only patches signed by one of `keys` (see `docs/security.md`). Takes precedence
+    /// over `DSU_TRUSTED_KEYS` and the system file `/etc/dsu/trusted-keys`.
+    pub fn trusted_keys(
+        mut self,
+        keys: impl IntoIterator<Item = crate::trust::PublicKey>,
+    ) -> Builder {
+        self.trusted_keys = keys.into_iter().collect();
+        self
+    }
+
+    /// Apply only patches signed by one of the keys in the file at `path` (one public key a
+    /// line, as `dsu keygen` writes them in `KEY.pub`). A file that cannot be read or holds a
+    /// bad line is an install error naming the path and the line.
+    pub fn trusted_keys_file(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.trusted_keys_file = Some(path.into());
+        self
+    }
+
+    /// Refuse patches that do not carry the build id and code hash of every function they
+    /// replace (`dsu pack`); default off, or `DSU_REQUIRE_BINDING=1`.
+    pub fn require_binding(mut self, on: bool) -> Builder {
+        self.require_binding = Some(on);
+        self
+    }
+
+    /// The datagram socket of the system log that records every apply, revert and refusal
+    /// (default `/dev/log`, or `DSU_SYSLOG_SOCKET`); `None` records nothing there.
+    pub fn syslog_socket(mut self, path: Option<PathBuf>) -> Builder {
+        self.syslog = Some(path);
+        self
+    }
+
     /// Installs the agent, or returns the one already installed (the first configuration
     /// wins).
     pub fn install(self) -> Result<Agent, Error> {
@@ -145,6 +186,45 @@ impl Builder {
             crate::gate::set_test_stall(stall);
         }
         Ok(policy)
+    }
+
+    /// Which patches to accept: the trusted keys (builder, `DSU_TRUSTED_KEYS`, the system
+    /// file) and whether binding is required (builder, `DSU_REQUIRE_BINDING`).
+    pub(crate) fn trust_policy(&self) -> Result<crate::trust::TrustPolicy, Error> {
+        let (keys, source) =
+            crate::trust::load_keys(&self.trusted_keys, self.trusted_keys_file.as_ref())?;
+        let require_binding = match self.require_binding {
+            Some(on) => on,
+            None => match std::env::var("DSU_REQUIRE_BINDING") {
+                Ok(v) if matches!(v.trim(), "" | "0" | "no" | "false") => false,
+                Ok(v) if matches!(v.trim(), "1" | "yes" | "true") => true,
+                Ok(value) => {
+                    return Err(Error::FlagVar {
+                        var: "DSU_REQUIRE_BINDING",
+                        value,
+                    });
+                }
+                Err(_) => false,
+            },
+        };
+        Ok(crate::trust::TrustPolicy {
+            keys,
+            source,
+            require_binding,
+        })
+    }
+
+    /// The system log's socket: the builder's, else `DSU_SYSLOG_SOCKET` (`off` for none),
+    /// else `/dev/log`.
+    pub(crate) fn syslog_socket_path(&self) -> Option<PathBuf> {
+        if let Some(choice) = &self.syslog {
+            return choice.clone();
+        }
+        match std::env::var_os("DSU_SYSLOG_SOCKET").filter(|v| !v.is_empty()) {
+            Some(v) if v == "off" => None,
+            Some(v) => Some(PathBuf::from(v)),
+            None => Some(PathBuf::from(crate::audit::SYSLOG_SOCKET)),
+        }
     }
 
     /// The signals to use, from the builder, the environment or the defaults.

@@ -31,6 +31,10 @@ pub enum Error {
         value: String,
         reason: String,
     },
+    #[error("{0}")]
+    TrustedKeys(#[from] crate::trust::KeyFileError),
+    #[error("{var}={value:?}: use 1 (yes, true) or 0 (no, false)")]
+    FlagVar { var: &'static str, value: String },
     #[error("{var}={value:?}: not a whole number of milliseconds above 0")]
     MillisVar { var: &'static str, value: String },
     #[error(
@@ -53,7 +57,10 @@ impl Error {
             | Error::Thread(source) => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Stop(_) => libc::EBUSY,
             Error::AgentGone => libc::ESRCH,
-            Error::SignalVar { .. } | Error::MillisVar { .. } => libc::EINVAL,
+            Error::SignalVar { .. } | Error::MillisVar { .. } | Error::FlagVar { .. } => {
+                libc::EINVAL
+            }
+            Error::TrustedKeys(_) => libc::EINVAL,
             Error::Forked { .. } => libc::ECHILD,
         };
         -code

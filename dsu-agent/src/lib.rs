@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod audit;
 pub mod callsites;
 mod capi;
 pub mod check;
@@ -38,6 +39,7 @@ pub mod stacks;
 pub mod stop;
 pub mod survey;
 mod trigger;
+pub mod trust;
 pub mod unwind;
 pub mod update;
 pub mod write;

@@ -102,6 +102,34 @@ pub struct Outcome {
     /// left to the old code, a debugger registration that failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Who asked, for what and with which patch: the fields the system log records too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordReport>,
+}
+
+/// The record of an apply, a revert or a refusal: the same fields as its system log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordReport {
+    /// SHA-256 of the patch file as received (trailer included), hex; for a revert, of the
+    /// patch reverted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_sha256: Option<String>,
+    /// The key id (16 hex digits) the patch's signature trailer names, if it is signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// Whether that signature was verified against a trusted key (false when the agent has
+    /// no trusted keys, or refused the patch).
+    #[serde(default)]
+    pub signature_verified: bool,
+    /// The requester's uid: the socket peer's, the owner of a request file in the control
+    /// directory, or the process's own for the in-process API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_uid: Option<u32>,
+    /// The target process.
+    pub pid: u32,
+    /// Its executable.
+    #[serde(default)]
+    pub exe: String,
 }
 
 impl Outcome {
@@ -126,6 +154,7 @@ impl Outcome {
             stages_us: None,
             status: None,
             warnings: Vec::new(),
+            record: None,
         }
     }
 }
@@ -173,6 +202,9 @@ pub struct PatchReport {
     pub file: String,
     /// SHA-256 of the patch file, hex.
     pub sha256: String,
+    /// The key id of its signature, if it is signed (verified when the agent has keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
     /// When it was applied, seconds since the Unix epoch.
     pub applied_at: u64,
     pub functions: Vec<FunctionReport>,
@@ -253,6 +285,7 @@ mod tests {
             stages_us: None,
             status: None,
             warnings: vec!["a warning".into()],
+            record: None,
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["outcome"], "refused");

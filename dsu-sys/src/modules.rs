@@ -40,6 +40,8 @@ pub struct LoadedModule {
     /// TLS module id (`dlpi_tls_modid`), 0 when the module has no TLS.
     pub tls_modid: usize,
     pub is_main: bool,
+    /// Run-time address and size of each `PT_NOTE` segment (where the GNU build id is).
+    pub notes: Vec<(usize, usize)>,
 }
 
 impl LoadedModule {
@@ -140,6 +142,11 @@ unsafe fn record(info: &libc::dl_phdr_info, size: usize) -> LoadedModule {
         .iter()
         .find(|p| p.p_type == libc::PT_GNU_EH_FRAME)
         .map(|p| bias.wrapping_add(p.p_vaddr as usize));
+    let notes = phdrs
+        .iter()
+        .filter(|p| p.p_type == libc::PT_NOTE)
+        .map(|p| (bias.wrapping_add(p.p_vaddr as usize), p.p_memsz as usize))
+        .collect();
     // Loaders older than glibc 2.12 pass a shorter record without the TLS fields.
     let tls_end = std::mem::offset_of!(libc::dl_phdr_info, dlpi_tls_modid)
         + std::mem::size_of::<libc::size_t>();
@@ -156,6 +163,7 @@ unsafe fn record(info: &libc::dl_phdr_info, size: usize) -> LoadedModule {
         eh_frame_hdr,
         tls_modid,
         is_main: false,
+        notes,
     }
 }
 

@@ -460,6 +460,16 @@ impl ControlDir {
         write_json(&self.path, RESULT_FILE, outcome, None)
     }
 
+    /// Who made file request `seq`: the owner of its claimed `request.json`, else of its
+    /// claimed raw-trigger `patch` (only the directory's owner and root can put files here).
+    pub fn requester(&self, seq: u64) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt;
+        ["request.json", "patch"]
+            .iter()
+            .find_map(|suffix| fs::symlink_metadata(self.consumed(seq, suffix)).ok())
+            .map(|m| m.uid())
+    }
+
     /// Where the patch of request `seq` is kept: `consumed/<seq>.patch`.
     pub fn consumed_patch(&self, seq: u64) -> PathBuf {
         self.consumed(seq, "patch")

@@ -85,6 +85,14 @@ pub enum SocketError {
 }
 
 impl SocketError {
+    /// The uid of a peer refused for its credentials.
+    pub fn peer_uid(&self) -> Option<u32> {
+        match self {
+            SocketError::Peer { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+
     /// The one-line answer to a connection refused before its request was taken.
     pub fn outcome(&self, request: Option<&RequestFile>) -> Outcome {
         Outcome::new(
@@ -228,10 +236,10 @@ pub struct Client {
 impl Client {
     /// Refuses a peer that is neither `owner` nor root. The kernel recorded the peer's
     /// credentials when it connected; nothing the client sends can change them.
-    pub fn check_peer(&self, owner: u32) -> Result<(), SocketError> {
+    pub fn check_peer(&self, owner: u32) -> Result<u32, SocketError> {
         let cred = dsu_sys::net::peer_cred(self.stream.as_fd()).map_err(SocketError::Read)?;
         if cred.uid == owner || cred.uid == 0 {
-            return Ok(());
+            return Ok(cred.uid);
         }
         Err(SocketError::Peer {
             peer: cred.uid,

@@ -368,6 +368,7 @@ fn results_are_written_atomically_with_mode_0600() {
         stages_us: None,
         status: None,
         warnings: Vec::new(),
+        record: None,
     };
     dir.write_result(&outcome).unwrap();
     let path = dir.path().join(RESULT_FILE);

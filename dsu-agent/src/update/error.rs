@@ -30,6 +30,8 @@ pub struct StaleClones {
 #[derive(Debug, Error)]
 pub enum UpdateError {
     #[error(transparent)]
+    Trust(Box<crate::trust::TrustError>),
+    #[error(transparent)]
     Link(#[from] LinkError),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
@@ -169,6 +171,12 @@ pub enum UpdateError {
     AgentGone,
     #[error("internal error in the agent: {0}; nothing was changed")]
     Internal(String),
+}
+
+impl From<crate::trust::TrustError> for UpdateError {
+    fn from(e: crate::trust::TrustError) -> UpdateError {
+        UpdateError::Trust(Box::new(e))
+    }
 }
 
 impl UpdateError {

@@ -42,6 +42,7 @@ use crate::names::{self, CodeName};
 use crate::prepare;
 use crate::resolve::{ResolveError, SymbolIndex};
 use crate::stop::StopWorld;
+use crate::trust::{self, TrustPolicy, expect};
 use crate::unwind;
 use crate::write::{self, CodeEdit};
 
@@ -81,6 +82,8 @@ pub struct Engine {
     live: attempt::LiveBuffers,
     /// Names of code applied but not yet in the perf map (see [`Engine::publish_names`]).
     unpublished: Vec<CodeName>,
+    /// Which patches are accepted: signatures and bindings, checked before linking.
+    trust: TrustPolicy,
 }
 
 impl std::fmt::Debug for Engine {
@@ -104,7 +107,13 @@ impl Engine {
             announced: Vec::new(),
             live: attempt::LiveBuffers::new(),
             unpublished: Vec::new(),
+            trust: TrustPolicy::default(),
         }
+    }
+
+    /// Sets which patches are accepted (signatures, bindings); see [`crate::trust`].
+    pub fn set_trust(&mut self, trust: TrustPolicy) {
+        self.trust = trust;
     }
 
     /// The patches in effect, oldest first.
@@ -178,9 +187,13 @@ impl Engine {
         policy: &Policy,
     ) -> Result<Applied, UpdateError> {
         let started = Instant::now();
+        // Trust first: a patch from the wrong signer is not even parsed further.
+        let verified = self.trust.verify(bytes)?;
+        let (object, signer) = (verified.object, verified.signer);
+        let expectations = expect::of_object(object).map_err(trust::TrustError::from)?;
         let index = self.index().map_err(LinkError::from)?;
         let maps = dsu_sys::maps::read_self().map_err(UpdateError::Maps)?;
-        let resolved = link::resolve_patch(bytes, &index)?;
+        let resolved = link::resolve_patch(object, &index)?;
         if let Some(t) = resolved
             .targets()
             .iter()
@@ -206,6 +219,27 @@ impl Engine {
             let now = prepare::read_code(&t.name, &t.module, t.address, t.size, &maps)?;
             pristine.push(plan::pristine_code(&now, t.address, &self.patches));
             current.push(now);
+        }
+        if !expectations.is_empty() || self.trust.require_binding {
+            let build_ids: Vec<Option<Vec<u8>>> = resolved
+                .targets()
+                .iter()
+                .map(|t| module_build_id(&index, &maps, &t.module))
+                .collect();
+            let found: Vec<expect::Found<'_>> = resolved
+                .targets()
+                .iter()
+                .zip(&build_ids)
+                .zip(&pristine)
+                .map(|((t, id), code)| expect::Found {
+                    function: &t.name,
+                    module: &t.module,
+                    build_id: id.as_deref(),
+                    pristine: code,
+                })
+                .collect();
+            expect::check(&expectations, &found, self.trust.require_binding)
+                .map_err(trust::TrustError::from)?;
         }
         let mut in_place: Vec<usize> = (0..resolved.targets().len())
             .filter(|&i| plan::fits_in_place(&resolved, i, &pristine[i], &index))
@@ -271,7 +305,8 @@ impl Engine {
 
         stages.link = linked_at - started;
         stages.prepare -= stages.link.min(stages.prepare);
-        let patch = self.record(linked, functions, id, file, bytes);
+        let signer = signer.map(|k| k.to_string());
+        let patch = self.record(linked, functions, id, file, bytes, signer);
         self.unpublished.extend(code_names(&patch));
         // After the commit, threads running: announcing allocates.
         let mut warnings = clone_warnings;
@@ -718,6 +753,7 @@ impl Engine {
         id: u64,
         file: &str,
         bytes: &[u8],
+        signer: Option<String>,
     ) -> AppliedPatch {
         let code = linked.code_range();
         let keeps_data = linked.keeps_data;
@@ -738,6 +774,7 @@ impl Engine {
             id,
             file: file.to_string(),
             sha256: hex(&Sha256::digest(bytes)),
+            signer,
             applied_at: SystemTime::now(),
             functions,
             image,
@@ -943,4 +980,20 @@ fn announce(patch: &AppliedPatch) -> Result<Option<Announcement>, AnnounceError>
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The GNU build id of the loaded module named `module` (as the symbol index names it), read
+/// from its `PT_NOTE` segments in memory: what runs, even if its file was replaced since.
+fn module_build_id(
+    index: &SymbolIndex,
+    maps: &[dsu_sys::maps::MapEntry],
+    module: &str,
+) -> Option<Vec<u8>> {
+    let bias = index.modules().iter().find(|m| m.name == module)?.bias;
+    let loaded = dsu_sys::modules::loaded();
+    let notes = &loaded.iter().find(|m| m.bias == bias)?.notes;
+    notes.iter().find_map(|&(at, len)| {
+        let bytes = prepare::read_bytes(maps, at, len)?;
+        expect::build_id_in_notes(&bytes).map(<[u8]>::to_vec)
+    })
 }

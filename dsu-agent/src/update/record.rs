@@ -95,6 +95,9 @@ pub struct AppliedPatch {
     pub file: String,
     /// SHA-256 of the patch file, hex.
     pub sha256: String,
+    /// The key id (16 hex digits) of the patch's signature trailer, if it is signed. Verified
+    /// when the agent has trusted keys.
+    pub signer: Option<String>,
     pub applied_at: SystemTime,
     pub functions: Vec<AppliedFunction>,
     /// The image's range; it stays mapped while the patch is applied.

@@ -1,0 +1,175 @@
+//! `dsu pack`: bind a patch to the program it was written for.
+//!
+//! For each global function the patch defines that the program also has, the patch records the
+//! GNU build id of the module holding it and the SHA-256 of its code there, in a `.dsu.expect`
+//! section (`dsu_agent::trust::expect`). The agent then refuses the patch in any process that
+//! runs another build or whose function differs. The object is rewritten with `object`'s ELF
+//! builder, which keeps every other section, symbol and relocation as it was.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use dsu_agent::trust::expect::{self, Expectation};
+use dsu_agent::trust::keys::hex;
+use dsu_agent::trust::trailer;
+use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+
+use crate::error::CliError;
+use crate::patch::{read_file, write_file};
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The patch (an ELF relocatable object).
+    #[arg(value_name = "PATCH")]
+    patch: PathBuf,
+    /// The program it is for: a running process (a number) or the binary file (`./123` for a
+    /// file named 123).
+    #[arg(long, value_name = "PID|BINARY")]
+    against: String,
+    /// Where to write the packed patch; PATCH itself (replaced atomically) by default.
+    #[arg(short, long, value_name = "OUT")]
+    out: Option<PathBuf>,
+}
+
+pub fn run(args: &PackArgs) -> Result<(), CliError> {
+    let bad = |reason: String| CliError::File {
+        what: "cannot pack",
+        path: args.patch.clone(),
+        reason,
+    };
+    let bytes = read_file("cannot read patch", &args.patch)?;
+    let (object_bytes, trailer) = trailer::split(&bytes).map_err(|e| bad(e.to_string()))?;
+    if trailer.is_some() {
+        eprintln!(
+            "dsu: warning: the signature of {} is dropped; sign the packed patch",
+            args.patch.display()
+        );
+    }
+    let patch = object::File::parse(object_bytes).map_err(|e| bad(e.to_string()))?;
+    let wanted: Vec<String> = patch
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.is_global())
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .collect();
+    let modules = modules_of(&args.against)?;
+    let mut expectations = Vec::new();
+    for name in &wanted {
+        match find(name, &modules) {
+            Some(e) => expectations.push(e),
+            None => eprintln!(
+                "dsu: warning: {name} is not a function of {}: it is new, nothing to bind",
+                args.against
+            ),
+        }
+    }
+    let packed =
+        with_section(object_bytes, expect::encode(&expectations).into_bytes()).map_err(bad)?;
+    let out = args.out.as_ref().unwrap_or(&args.patch);
+    write_file("cannot write packed patch", out, &packed, 0o644, false)?;
+    for e in &expectations {
+        crate::output::print_line(format_args!(
+            "{}: {} build id {}, code sha256 {}",
+            e.function, e.module, e.build_id, e.code_sha256
+        ));
+    }
+    crate::output::print_line(format_args!(
+        "packed {} against {} ({} functions bound)",
+        out.display(),
+        args.against,
+        expectations.len()
+    ));
+    Ok(())
+}
+
+/// The module files to look in: the binary, or the process's executable and the files it
+/// has mapped executable (from `/proc/PID/maps`), executable first.
+fn modules_of(against: &str) -> Result<Vec<(PathBuf, Vec<u8>)>, CliError> {
+    let read = |path: PathBuf| -> Result<(PathBuf, Vec<u8>), CliError> {
+        let data = read_file("cannot read", &path)?;
+        Ok((path, data))
+    };
+    let Ok(pid) = against.parse::<u32>() else {
+        return Ok(vec![read(PathBuf::from(against))?]);
+    };
+    let proc = |p: &str| PathBuf::from(format!("/proc/{pid}/{p}"));
+    let exe = std::fs::read_link(proc("exe")).map_err(|e| CliError::proc(proc("exe"), e))?;
+    let maps =
+        std::fs::read_to_string(proc("maps")).map_err(|e| CliError::proc(proc("maps"), e))?;
+    let mut paths = vec![exe];
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() >= 6 && fields[1].contains('x') && fields[5].starts_with('/') {
+            let path = PathBuf::from(fields[5]);
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+    }
+    paths
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(read)
+        .collect()
+}
+
+/// The expectation for function `name`: its first definition among `modules`.
+fn find(name: &str, modules: &[(PathBuf, Vec<u8>)]) -> Option<Expectation> {
+    for (path, data) in modules {
+        let Ok(file) = object::File::parse(&**data) else {
+            continue;
+        };
+        let symbol = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .find(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.name() == Ok(name));
+        let Some(symbol) = symbol else { continue };
+        let code = code_of(&file, symbol.address(), symbol.size())?;
+        let build_id = file
+            .build_id()
+            .ok()
+            .flatten()
+            .map_or_else(|| "none".to_owned(), hex);
+        return Some(Expectation {
+            function: name.to_owned(),
+            build_id,
+            code_sha256: expect::code_hash(code),
+            module: display(path),
+        });
+    }
+    None
+}
+
+/// The file bytes of `[address, address + size)` (link-time addresses).
+fn code_of<'a>(file: &object::File<'a>, address: u64, size: u64) -> Option<&'a [u8]> {
+    file.sections()
+        .find_map(|s| s.data_range(address, size).ok().flatten())
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// `object` with a `.dsu.expect` section holding `text` (replacing any it had).
+fn with_section(object: &[u8], text: Vec<u8>) -> Result<Vec<u8>, String> {
+    use object::build::elf::{Builder, SectionData};
+    let mut builder = Builder::read(object).map_err(|e| e.to_string())?;
+    let existing = builder
+        .sections
+        .iter_mut()
+        .find(|s| s.name.as_slice() == expect::SECTION.as_bytes());
+    let section = match existing {
+        Some(s) => s,
+        None => {
+            let s = builder.sections.add();
+            s.name = expect::SECTION.as_bytes().to_vec().into();
+            s
+        }
+    };
+    section.sh_type = object::elf::SHT_PROGBITS;
+    section.sh_flags = object::elf::SectionFlags::default();
+    section.sh_addralign = 1;
+    section.data = SectionData::Data(text.into());
+    let mut out = Vec::new();
+    builder.write(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
