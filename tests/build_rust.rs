@@ -109,7 +109,7 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
 }
 
-/// `cargo rustc --release -- --emit=obj,link` in `project`, offline, as the guide says: the
+/// `cargo rustc --release --bin shop -- --emit=obj,link` in `project`, offline, as the guide says: the
 /// program and, from the same compilation, the crate's object file. Returns the object.
 fn build_crate(project: &Path) -> PathBuf {
     run(Command::new(cargo())
@@ -117,7 +117,15 @@ fn build_crate(project: &Path) -> PathBuf {
         .env("CARGO_TARGET_DIR", project.join("target"))
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["rustc", "--release", "--offline", "--quiet", "--"])
+        .args([
+            "rustc",
+            "--release",
+            "--bin",
+            "shop",
+            "--offline",
+            "--quiet",
+            "--",
+        ])
         .arg("--emit=obj,link"));
     let deps = project.join("target/release/deps");
     let objects: Vec<PathBuf> = std::fs::read_dir(&deps)
