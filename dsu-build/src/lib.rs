@@ -84,6 +84,7 @@ pub fn build(original: &[u8], fixed: &[u8]) -> Result<Patch, BuildError> {
     let fixed = read::parse("FIXED.o", fixed)?;
     for unit in [&original, &fixed] {
         checks::no_lto(unit)?;
+        checks::no_rust_lto(unit)?;
     }
     checks::same_compilation(&original, &fixed)?;
     for unit in [&original, &fixed] {

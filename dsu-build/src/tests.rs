@@ -529,3 +529,20 @@ fn rust_constants_whose_bytes_changed_change_their_users() {
         ["_ZN4shop12handle_share17hfedcba9876543210E"]
     );
 }
+
+#[test]
+fn a_rust_object_of_the_whole_program_after_lto_is_refused() {
+    let lto = |imm: u8| {
+        let mut o = Obj::new();
+        o.function("_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc", true, &[0xc3]);
+        o.function(
+            "_ZN4shop5price17h0123456789abcdefE",
+            true,
+            &[0xb0, imm, 0xc3],
+        );
+        o.bytes()
+    };
+    let err = build(&lto(1), &lto(2)).unwrap_err();
+    assert!(matches!(err, BuildError::RustLto { .. }), "{err}");
+    assert!(err.to_string().contains("lto = false"), "{err}");
+}
