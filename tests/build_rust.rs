@@ -109,8 +109,9 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
 }
 
-/// `cargo rustc --release --bin shop -- --emit=obj,link` in `project`, offline, as the guide says: the
-/// program and, from the same compilation, the crate's object file. Returns the object.
+/// `cargo rustc --release --bin shop -- --emit=obj,link` in `project`, offline, as the guide
+/// says: the program and, from the same compilation, the crate's object file. Returns the
+/// object.
 fn build_crate(project: &Path) -> PathBuf {
     run(Command::new(cargo())
         .current_dir(project)
