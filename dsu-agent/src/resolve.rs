@@ -266,6 +266,34 @@ impl SymbolIndex {
         }
     }
 
+    /// [`SymbolIndex::lookup_in`] for a patch whose replaced functions live in the modules
+    /// `home`: when several `static` definitions (and no global one) would make an unscoped
+    /// name ambiguous, the only one in a home module binds. Hidden symbols are local to the
+    /// module that links them (`DW.ref.rust_eh_personality`, `rust_eh_personality`, which
+    /// each Rust module carries a copy of), so a patch built from a module's own objects means
+    /// that module's.
+    pub fn lookup_from(
+        &self,
+        name: &str,
+        file: Option<&str>,
+        home: &[usize],
+    ) -> Result<Option<ProcessSymbol>, ResolveError> {
+        match self.lookup_in(name, file) {
+            Err(ResolveError::Ambiguous { .. }) if file.is_none() => {
+                let near: Vec<&ProcessSymbol> = self
+                    .definitions(name)
+                    .iter()
+                    .filter(|s| !s.global && home.contains(&s.module))
+                    .collect();
+                match near.as_slice() {
+                    [one] => Ok(Some((*one).clone())),
+                    _ => self.lookup_in(name, file),
+                }
+            }
+            other => other,
+        }
+    }
+
     fn insert(&mut self, name: &[u8], symbol: ProcessSymbol) {
         let Ok(name) = std::str::from_utf8(name) else {
             return;
@@ -598,15 +626,19 @@ pub const GOT_SYMBOL: &str = "_GLOBAL_OFFSET_TABLE_";
 /// Binds the patch's replacement functions and undefined symbols to the process.
 pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, ResolveError> {
     let mut out = Resolution::default();
+    let mut home = Vec::new();
     for (i, sym) in patch.replacement_candidates() {
         match index.replacement_target_in(&sym.name, patch.scope_of(&sym.name))? {
-            Some(t) => out.targets.push(Target {
-                patch_symbol: i,
-                name: sym.name.clone(),
-                module: index.module_name(t.module).to_string(),
-                address: t.address,
-                size: t.size,
-            }),
+            Some(t) => {
+                home.push(t.module);
+                out.targets.push(Target {
+                    patch_symbol: i,
+                    name: sym.name.clone(),
+                    module: index.module_name(t.module).to_string(),
+                    address: t.address,
+                    size: t.size,
+                })
+            }
             None => out.added.push(sym.name.clone()),
         }
     }
@@ -641,7 +673,7 @@ pub fn resolve(patch: &PatchObject, index: &SymbolIndex) -> Result<Resolution, R
             continue;
         }
         let scope = patch.scope_of(&sym.name);
-        let found = match index.lookup_in(&sym.name, scope)? {
+        let found = match index.lookup_from(&sym.name, scope, &home)? {
             Some(found) => Some(index.materialise(&sym.name, &found)?),
             None => None,
         };
@@ -706,6 +738,42 @@ mod tests {
         assert!(!is_clone_of("prices.constprop.0", "price"));
         assert!(!is_clone_of("price", "price"));
         assert!(!is_clone_of("price.isra.0.", "price"));
+    }
+
+    #[test]
+    fn an_ambiguous_static_binds_in_the_module_of_the_replaced_functions() {
+        let mut index = SymbolIndex::default();
+        let module = |name: &str| ModuleInfo {
+            name: name.to_string(),
+            path: PathBuf::from(name),
+            bias: 0,
+            is_main: name == "prog",
+            tls_modid: 0,
+        };
+        let static_at = |address| ProcessSymbol {
+            module: 0,
+            address,
+            size: 8,
+            kind: SymbolKind::Object,
+            global: false,
+            file: 0,
+        };
+        let name: &[u8] = b"DW.ref.rust_eh_personality";
+        let prog = index.add_symbols(module("prog"), [(name, static_at(0x1000))]);
+        let agent = index.add_symbols(module("libagent.so"), [(name, static_at(0x9000))]);
+        let name = "DW.ref.rust_eh_personality";
+        assert!(matches!(
+            index.lookup_in(name, None),
+            Err(ResolveError::Ambiguous { .. })
+        ));
+        let found = index.lookup_from(name, None, &[prog]).unwrap().unwrap();
+        assert_eq!((found.module, found.address), (prog, 0x1000));
+        let found = index.lookup_from(name, None, &[agent]).unwrap().unwrap();
+        assert_eq!(found.address, 0x9000);
+        // Replacing in both, or in neither: still ambiguous.
+        assert!(index.lookup_from(name, None, &[prog, agent]).is_err());
+        assert!(index.lookup_from(name, None, &[]).is_err());
+        assert_eq!(index.lookup_from("missing", None, &[prog]).unwrap(), None);
     }
 
     #[test]

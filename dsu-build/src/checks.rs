@@ -20,6 +20,24 @@ pub(crate) fn no_lto(unit: &Unit) -> Result<(), BuildError> {
     }
 }
 
+/// Refuses a Rust object that link-time optimisation made from the whole program: it
+/// defines the allocator shim (`__rust_alloc`), which rustc otherwise puts in an object of
+/// its own at link time, with std's code beside the crate's.
+pub(crate) fn no_rust_lto(unit: &Unit) -> Result<(), BuildError> {
+    let shim = unit.symbols.iter().find(|s| {
+        s.role == Role::Function
+            && (s.name == "__rust_alloc"
+                || (s.name.starts_with("_R") && s.name.ends_with("7___rustc12___rust_alloc")))
+    });
+    match shim {
+        Some(s) => Err(BuildError::RustLto {
+            object: unit.label.to_string(),
+            symbol: s.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Refuses objects compiled without `-ffunction-sections` or `-fdata-sections`: without them
 /// a call between functions of one file is resolved by the assembler and leaves no relocation,
 /// so code cannot be compared or moved one function at a time.

@@ -32,6 +32,8 @@ pub(crate) enum Piece {
     String(u64),
     /// One `entsize` entry of a merged-constants section.
     Entry(u64),
+    /// The bytes a sized label covers: (start, size).
+    Span(u64, u64),
     /// The whole section.
     Whole,
 }
@@ -87,11 +89,18 @@ pub(crate) fn target(unit: &Unit, reloc: &Reloc, what: &str) -> Result<Target, B
                     addend: reloc.addend - unit.symbols[i].value as i64,
                 }),
                 None => {
-                    in_section(index)?;
+                    let section = in_section(index)?;
+                    // Into merged strings (rustc refers to its file names so): the string the
+                    // relocation lands in, not every string of the section.
+                    let piece = if section.is_strings() {
+                        Piece::String(string_start(section, landing(reloc)))
+                    } else {
+                        Piece::Whole
+                    };
                     Ok(Target::Unnamed {
                         section: index,
                         addend: reloc.addend,
-                        piece: Piece::Whole,
+                        piece,
                     })
                 }
             }
@@ -103,6 +112,9 @@ pub(crate) fn target(unit: &Unit, reloc: &Reloc, what: &str) -> Result<Target, B
             let section = in_section(index)?;
             let piece = if symbol.role == Role::Constant {
                 Piece::Whole
+            } else if symbol.size > 0 {
+                // rustc's `.Lanon.HASH.N`: several sized constants in one section.
+                Piece::Span(symbol.value, symbol.size)
             } else if section.is_strings() {
                 Piece::String(symbol.value)
             } else if section.is_merge() && section.entsize > 0 {
@@ -118,6 +130,40 @@ pub(crate) fn target(unit: &Unit, reloc: &Reloc, what: &str) -> Result<Target, B
         }
         Role::Other => Err(unsupported("an absolute or unknown symbol")),
     }
+}
+
+/// The offset in its target section a relocation to a section symbol refers to: the addend,
+/// plus the 4 bytes a PC-relative field is measured from (the end of a `lea` or `mov`
+/// displacement, where a string address is loaded).
+fn landing(reloc: &Reloc) -> u64 {
+    use object::elf;
+    let pc_relative = [
+        elf::R_X86_64_PC32,
+        elf::R_X86_64_PLT32,
+        elf::R_X86_64_GOTPCREL,
+        elf::R_X86_64_GOTPCRELX,
+        elf::R_X86_64_REX_GOTPCRELX,
+    ]
+    .iter()
+    .any(|t| t.0 == reloc.r_type);
+    let at = if pc_relative {
+        reloc.addend.saturating_add(4)
+    } else {
+        reloc.addend
+    };
+    u64::try_from(at).unwrap_or(0)
+}
+
+/// The start of the NUL-terminated string of `section` that holds byte `at`.
+fn string_start(section: &Section, at: u64) -> u64 {
+    let Ok(at) = usize::try_from(at) else {
+        return 0;
+    };
+    let at = at.min(section.data.len());
+    section.data[..at]
+        .iter()
+        .rposition(|&b| b == 0)
+        .map_or(0, |nul| nul + 1) as u64
 }
 
 /// A description of code or data that two objects share exactly when they mean the same.
@@ -212,8 +258,10 @@ pub(crate) fn describe(unit: &Unit, target: &Target, depth: usize) -> Result<Ref
                     (at, len as u64)
                 }
                 Piece::Entry(at) => (at, s.entsize),
+                Piece::Span(at, size) => (at, size),
             };
-            let content = content(unit, s, start, size, depth + 1)?;
+            let mut content = content(unit, s, start, size, depth + 1)?;
+            forget_panic_line(&mut content);
             Ref::Bytes(Box::new(content), addend - start as i64)
         }
     })
@@ -230,5 +278,37 @@ pub(crate) fn describe_symbol(unit: &Unit, symbol: usize) -> Result<Content, Bui
         content(unit, section, 0, section.size, 0)
     } else {
         content(unit, section, s.value, s.size, 0)
+    }
+}
+
+/// Size of rustc's `core::panic::Location`: the file name (pointer and length), line and
+/// column as two `u32`.
+const LOCATION_SIZE: usize = 24;
+
+/// A Rust panic location (`core::panic::Location`, the file, line and column an `unwrap`,
+/// an index or an overflow check reports) is described without its line and column.
+///
+/// A fix that adds or removes lines moves the locations of every function below it in the
+/// file; those functions did not change, and the program's versions of them report the lines
+/// of the source the program was built from, which is right for them. A function that did
+/// change carries FIXED.o's locations in the patch. Recognised by shape: 24 bytes of
+/// unnamed read-only data whose only relocation is an absolute pointer at its start to a
+/// string that ends in `.rs`, with the string's length after it.
+fn forget_panic_line(content: &mut Content) {
+    use object::elf;
+    if content.zeroed || content.bytes.len() != LOCATION_SIZE || content.relocs.len() != 1 {
+        return;
+    }
+    let (offset, r_type, Ref::Bytes(file, 0)) = &content.relocs[0] else {
+        return;
+    };
+    if *offset != 0 || *r_type != elf::R_X86_64_64.0 || !file.relocs.is_empty() {
+        return;
+    }
+    let name = file.bytes.strip_suffix(&[0]).unwrap_or(&file.bytes);
+    let length = u64::from_le_bytes(content.bytes[8..16].try_into().expect("24 bytes"));
+    let counted = [name.len() as u64, file.bytes.len() as u64];
+    if name.ends_with(b".rs") && counted.contains(&length) {
+        content.bytes[16..LOCATION_SIZE].fill(0);
     }
 }

@@ -13,6 +13,12 @@ pub enum BuildError {
     )]
     Lto { object: String, section: String },
     #[error(
+        "{object} holds the whole program after link-time optimisation (it defines the \
+         allocator shim {symbol}, which only the linked program has); build the crate with \
+         lto = false (the default) in its release profile"
+    )]
+    RustLto { object: String, symbol: String },
+    #[error(
         "{object}: function {symbol} shares section {section} with other code; compile the file \
          with -ffunction-sections (and -fdata-sections)"
     )]

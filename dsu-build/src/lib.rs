@@ -1,12 +1,15 @@
 //! `dsu build`: a live patch from two versions of one object file.
 //!
 //! ORIGINAL.o and FIXED.o are the same translation unit before and after a fix, compiled with
-//! the program's flags plus `-ffunction-sections -fdata-sections`. [`build`] compares them
-//! function by function and writes a patch object that `dsu apply` takes as it is:
+//! the program's flags plus `-ffunction-sections -fdata-sections` (C), or the object of one
+//! Rust crate built twice with one codegen unit (`cargo rustc --release -- --emit=obj,link`;
+//! rustc's anonymous constants are compared by their bytes, its panic locations without
+//! their line and column). [`build`] compares them function by function and writes a patch
+//! object that `dsu apply` takes as it is:
 //!
 //! 1. `read`: each object into sections, symbols and relocations;
-//! 2. checks: machine code (no LTO), one function or variable per section, the same compiler
-//!    and recorded flags;
+//! 2. checks: machine code (no LTO, C or Rust), one function or variable per section, the
+//!    same compiler and recorded flags;
 //! 3. `compare`: each function and variable described by its bytes and by
 //!    what its relocations refer to (names, or the bytes of unnamed constants), never by
 //!    offsets or symbol indices;
@@ -84,6 +87,7 @@ pub fn build(original: &[u8], fixed: &[u8]) -> Result<Patch, BuildError> {
     let fixed = read::parse("FIXED.o", fixed)?;
     for unit in [&original, &fixed] {
         checks::no_lto(unit)?;
+        checks::no_rust_lto(unit)?;
     }
     checks::same_compilation(&original, &fixed)?;
     for unit in [&original, &fixed] {

@@ -78,7 +78,31 @@ pub(crate) struct Plan {
 const CLONE_MARKERS: [&str; 5] = [".constprop.", ".isra.", ".part.", ".cold", ".localalias"];
 
 fn is_clone(name: &str) -> bool {
-    CLONE_MARKERS.iter().any(|m| name.contains(m))
+    let suffix = &name[rust_mangled_len(name)..];
+    CLONE_MARKERS.iter().any(|m| suffix.contains(m))
+}
+
+/// How much of `name` is a Rust mangled name, which may hold dots of its own (legacy
+/// mangling writes `::` inside generic arguments as `..`: `drop_in_place$LT$a..cold..B$GT$`);
+/// 0 for other names. A compiler suffix comes after it.
+fn rust_mangled_len(name: &str) -> usize {
+    if name.starts_with("_R") {
+        // v0: letters, digits and `_` only.
+        return name.find('.').unwrap_or(name.len());
+    }
+    if !name.starts_with("_ZN") {
+        return 0;
+    }
+    // Legacy: ends with the hash `17h` + 16 hex digits + `E`.
+    let bytes = name.as_bytes();
+    (0..bytes.len())
+        .rev()
+        .find(|&at| {
+            bytes.get(at..at + 20).is_some_and(|h| {
+                h.starts_with(b"17h") && h[3..19].iter().all(u8::is_ascii_hexdigit) && h[19] == b'E'
+            })
+        })
+        .map_or(0, |at| at + 20)
 }
 
 /// `count.1` -> `count`: the name a static local was declared with.
@@ -451,5 +475,24 @@ impl Builder<'_> {
             relocs,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_clone;
+
+    #[test]
+    fn clone_suffixes_are_found_after_a_rust_mangled_name_not_inside_it() {
+        assert!(is_clone("scale.constprop.0"));
+        assert!(is_clone("check.cold"));
+        assert!(is_clone("_ZN4shop5price17h0123456789abcdefE.cold.1"));
+        assert!(is_clone("_RNvCs1234_4shop5price.cold"));
+        assert!(!is_clone(
+            "_ZN4core3ptr43drop_in_place$LT$shop..cold..Tier$GT$17h0123456789abcdefE"
+        ));
+        assert!(!is_clone("_ZN4shop5price17h0123456789abcdefE"));
+        assert!(!is_clone("_RNvCs1234_4shop5price"));
+        assert!(!is_clone("price"));
     }
 }

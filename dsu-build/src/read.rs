@@ -136,6 +136,26 @@ const COMPILER_CONSTANTS: [&str; 4] = [
     "__FUNCTION__.",
 ];
 
+/// Whether `name` is a constant or label the compiler made without a source name: an
+/// assembler-local label (`.LC0`, rustc's `.Lanon.HASH.N` and `.L__unnamed_N`) or rustc's
+/// `anon.HASH.N`. Their names are not stable between two builds (the numbers shift with the
+/// source), so they are compared by the bytes they label.
+fn is_anonymous(name: &str) -> bool {
+    if name.starts_with(".L") {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("anon.") else {
+        return false;
+    };
+    let Some((hash, number)) = rest.split_once('.') else {
+        return false;
+    };
+    !hash.is_empty()
+        && hash.bytes().all(|b| b.is_ascii_hexdigit())
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Largest section alignment taken (as the agent's loader).
 const MAX_ALIGN: u64 = 1 << 16;
 /// Largest zero-filled section taken: far above a compiler's, and it keeps sizes summed
@@ -274,7 +294,11 @@ pub(crate) fn parse(label: &'static str, data: &[u8]) -> Result<Unit, BuildError
             {
                 Role::Constant
             }
+            elf::STT_OBJECT if local && is_anonymous(&name) => Role::Label,
             elf::STT_OBJECT => Role::Data,
+            // Unnamed places, and local labels such as rustc's `GCC_except_table4` (the
+            // exception table an FDE points at): compared by what they label.
+            elf::STT_NOTYPE if local => Role::Label,
             _ if local && (name.is_empty() || name.starts_with(".L")) => Role::Label,
             _ => Role::Other,
         };

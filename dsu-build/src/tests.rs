@@ -438,3 +438,111 @@ fn damaged_objects_never_panic() {
         let _ = crate::against::check(&a, &damaged, "damaged", &["price".into()]);
     }
 }
+
+/// A crate as rustc writes it: `handle_price` loads a format template labelled
+/// `.Lanon.HASH.{anon}` (sized, in a merged-strings section it shares with the file name);
+/// `handle_share` may panic, passing a `core::panic::Location` (unnamed read-only data
+/// pointing at the file name through the strings section's symbol) at line `line`.
+fn crate_object(price_imm: u8, template: &[u8], anon: u32, line: u32, file: &[u8]) -> Vec<u8> {
+    let mut o = Obj::new();
+    let mut strings = template.to_vec();
+    let file_at = strings.len() as u64;
+    strings.extend_from_slice(file);
+    strings.push(0);
+    let strs = o.section(".rodata.str1.1", SectionKind::ReadOnlyString, &strings);
+    let label = o.symbol(
+        &format!(".Lanon.0123abcd.{anon}"),
+        SymbolKind::Data,
+        true,
+        strs,
+        0,
+        template.len() as u64,
+    );
+    let mut location = vec![0u8; 8];
+    location.extend_from_slice(&(file.len() as u64).to_le_bytes());
+    location.extend_from_slice(&line.to_le_bytes());
+    location.extend_from_slice(&25u32.to_le_bytes());
+    let loc = o.section(
+        &format!(".data.rel.ro..Lanon.0123abcd.{}", anon + 1),
+        SectionKind::ReadOnlyDataWithRel,
+        &location,
+    );
+    let strs_sym = o.0.section_symbol(strs);
+    o.reloc(loc, 0, strs_sym, file_at as i64, elf::R_X86_64_64.0);
+
+    let lea = |imm: u8| vec![0x48, 0x8d, 0x3d, 0, 0, 0, 0, 0xb0, imm, 0xc3];
+    let (price, _) = o.function(
+        "_ZN4shop12handle_price17h0123456789abcdefE",
+        true,
+        &lea(price_imm),
+    );
+    o.reloc(price, 3, label, -4, PC32);
+    let (share, _) = o.function("_ZN4shop12handle_share17hfedcba9876543210E", true, &lea(0));
+    let loc_sym = o.0.section_symbol(loc);
+    o.reloc(share, 3, loc_sym, -4, PC32);
+    o.bytes()
+}
+
+fn changed(patch: &crate::Patch) -> Vec<&str> {
+    patch
+        .summary
+        .changed
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect()
+}
+
+#[test]
+fn rust_anonymous_constants_renumbered_and_panic_lines_moved_are_no_change() {
+    const TEMPLATE: &[u8] = b"\x06price \xc0\x01\n\0";
+    let a = crate_object(1, TEMPLATE, 3, 42, b"src/main.rs");
+    // The fix added lines above `handle_share` and rustc numbered its constants anew.
+    let b = crate_object(1, TEMPLATE, 7, 45, b"src/main.rs");
+    assert_eq!(build(&a, &b).unwrap_err(), BuildError::NothingChanged);
+
+    let fixed = crate_object(2, TEMPLATE, 7, 45, b"src/main.rs");
+    let patch = build(&a, &fixed).unwrap();
+    assert_eq!(
+        changed(&patch),
+        ["_ZN4shop12handle_price17h0123456789abcdefE"]
+    );
+    assert!(patch.summary.changed[0].local && !patch.summary.changed[0].clone);
+    // The template is copied; the program keeps `handle_share` with its own locations.
+    assert!(patch.summary.references.is_empty(), "{:?}", patch.summary);
+}
+
+#[test]
+fn rust_constants_whose_bytes_changed_change_their_users() {
+    let a = crate_object(1, b"\x06price \xc0\x01\n\0", 3, 42, b"src/main.rs");
+    let b = crate_object(1, b"\x06cost: \xc0\x01\n\0", 3, 42, b"src/main.rs");
+    let patch = build(&a, &b).unwrap();
+    assert_eq!(
+        changed(&patch),
+        ["_ZN4shop12handle_price17h0123456789abcdefE"]
+    );
+    // Data of the same shape that is no panic location (not a `.rs` file) keeps every byte.
+    let a = crate_object(1, b"\x06price \xc0\x01\n\0", 3, 42, b"src/main.txt");
+    let b = crate_object(1, b"\x06price \xc0\x01\n\0", 3, 43, b"src/main.txt");
+    let patch = build(&a, &b).unwrap();
+    assert_eq!(
+        changed(&patch),
+        ["_ZN4shop12handle_share17hfedcba9876543210E"]
+    );
+}
+
+#[test]
+fn a_rust_object_of_the_whole_program_after_lto_is_refused() {
+    let lto = |imm: u8| {
+        let mut o = Obj::new();
+        o.function("_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc", true, &[0xc3]);
+        o.function(
+            "_ZN4shop5price17h0123456789abcdefE",
+            true,
+            &[0xb0, imm, 0xc3],
+        );
+        o.bytes()
+    };
+    let err = build(&lto(1), &lto(2)).unwrap_err();
+    assert!(matches!(err, BuildError::RustLto { .. }), "{err}");
+    assert!(err.to_string().contains("lto = false"), "{err}");
+}

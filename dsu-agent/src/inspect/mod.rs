@@ -147,6 +147,8 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
     };
 
     let mut trampolines: Vec<(usize, usize)> = Vec::new();
+    // Modules of the replaced functions: hidden symbols bind there first, as `apply` does.
+    let mut home = Vec::new();
     for (_, sym) in patch.replacement_candidates() {
         let Some(index) = &index else {
             out.replaces.push(Replacement {
@@ -161,6 +163,7 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
         };
         match index.replacement_target_in(&sym.name, patch.scope_of(&sym.name)) {
             Ok(Some(t)) => {
+                home.push(t.module);
                 let module = &index.modules()[t.module];
                 let mut warnings = aliases(index, &sym.name, t.address);
                 let read = |at: usize, len: usize| code_of(module, at, len as u64);
@@ -255,10 +258,10 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
             indirect: None,
         };
         // `lookup`, not `resolve`: an IFUNC is resolved by the target, not by this process.
-        match index
-            .as_ref()
-            .map(|index| (index, index.lookup_in(&sym.name, patch.scope_of(&sym.name))))
-        {
+        match index.as_ref().map(|index| {
+            let found = index.lookup_from(&sym.name, patch.scope_of(&sym.name), &home);
+            (index, found)
+        }) {
             None => {}
             Some((index, Ok(Some(found)))) if found.kind == SymbolKind::IndirectFunction => {
                 let (resolves_to, indirect) =
