@@ -150,8 +150,20 @@ fn main() -> ExitCode {
 }
 
 fn apply(args: &ApplyArgs) -> Result<(), CliError> {
-    // Local checks first: a bad file is refused before the process is touched.
-    let bytes = patch::read_patch(&args.patch)?;
+    // Local checks first: a bad file is refused before the process is touched, and on record
+    // like the agent's refusals.
+    let bytes = patch::read_patch(&args.patch).inspect_err(|e| {
+        let audit = dsu_agent::audit::Audit::new(dsu_agent::audit::socket_from_env());
+        let uid = sys::effective_uid();
+        let line = dsu_agent::audit::tool_refusal_line(
+            "apply",
+            args.target.pid,
+            uid,
+            &args.patch,
+            &e.to_string(),
+        );
+        audit.send(&line);
+    })?;
     let target = locate(&args.target)?;
     let op = RequestOp::Apply {
         // Over the socket only a label: the agent keeps the bytes as consumed/<seq>.patch.

@@ -62,7 +62,7 @@ const WITH_2: (u64, u64) = (71, 73);
 const DEFAULT_CYCLES: usize = 20;
 /// Cycles before the first memory reading: the allocator's arenas, the agent's indexes and
 /// the first patch images reach their steady size.
-const WARM_UP: usize = 3;
+const WARM_UP: usize = 6;
 /// How many more mappings the process may have after the cycles than after the warm-up
 /// (taken with every thread paused, the library closed and the malloc thread's blocks freed,
 /// the count is steady; one leaked image per cycle would exceed this at once).

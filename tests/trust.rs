@@ -11,7 +11,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::{Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, scratch};
@@ -286,22 +286,42 @@ fn a_patch_packed_for_another_build_or_other_code_is_refused() {
 fn dsu_apply_refuses_a_symlinked_or_writable_patch_file() {
     let dir = scratch("trust-path");
     let program = cc_program(&dir, "plain", &[("plain.c", PLAIN_C)], &[]);
-    let log = Syslog::bind(&dir);
+    let mut log = Syslog::bind(&dir);
     let mut fx = start(&dir, &program, &log, &[]);
     let patch = cc_object(&dir, "x10", C_X10, &[]);
     let before = fx.code("compute");
 
+    // `dsu` refuses these itself, and records it in the system log as the agent would.
+    let log_path = log.path.clone();
+    let apply_logged = |patch: &Path| {
+        let out = Command::new(cargo_bin("dsu"))
+            .args(["apply", "-p", &fx.pid.to_string(), &path(patch)])
+            .env("DSU_SYSLOG_SOCKET", &log_path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
     let link = dir.join("link.o");
     std::os::unix::fs::symlink(&patch, &link).unwrap();
-    let (success, stderr) = apply(fx.pid, &link);
+    let (success, stderr) = apply_logged(&link);
     assert!(!success);
     assert!(stderr.contains("is a symbolic link"), "{stderr}");
+    log.last_has(&[
+        "dsu[",
+        "op=apply outcome=refused",
+        &format!("target={}", fx.pid),
+        "is a symbolic link",
+    ]);
 
     for (mode, who) in [(0o664, "its group"), (0o646, "others")] {
         std::fs::set_permissions(&patch, std::fs::Permissions::from_mode(mode)).unwrap();
-        let (success, stderr) = apply(fx.pid, &patch);
+        let (success, stderr) = apply_logged(&patch);
         assert!(!success);
         assert!(stderr.contains(&format!("writable by {who}")), "{stderr}");
+        log.last_has(&["op=apply outcome=refused", &format!("writable by {who}")]);
     }
     assert_eq!(fx.code("compute"), before);
     assert_eq!(fx.compute(), ORIGINAL);

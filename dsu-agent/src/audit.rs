@@ -46,10 +46,44 @@ impl Audit {
 
     /// Sends the line of `outcome`; failures are ignored.
     pub fn record(&self, outcome: &Outcome) {
+        self.send(&line(outcome));
+    }
+
+    /// Sends one line; failures are ignored.
+    pub fn send(&self, line: &str) {
         if let Some((socket, path)) = &self.socket {
-            let _ = socket.send_to(line(outcome).as_bytes(), path);
+            let _ = socket.send_to(line.as_bytes(), path);
         }
     }
+}
+
+/// The system log's socket for a process with no configuration of its own (the `dsu` tool,
+/// an agent without a builder choice): `DSU_SYSLOG_SOCKET` (`off` for none), else
+/// [`SYSLOG_SOCKET`].
+pub fn socket_from_env() -> Option<PathBuf> {
+    match std::env::var_os("DSU_SYSLOG_SOCKET").filter(|v| !v.is_empty()) {
+        Some(v) if v == "off" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => Some(PathBuf::from(SYSLOG_SOCKET)),
+    }
+}
+
+/// The line of a request the `dsu` tool refused itself, before any agent saw it (a patch
+/// file that is a link, another user's, or writable by others): `op`, the target `pid`, the
+/// requesting `uid`, the patch's path and the reason.
+pub fn tool_refusal_line(
+    op: &str,
+    pid: u32,
+    uid: u32,
+    patch: &std::path::Path,
+    error: &str,
+) -> String {
+    format!(
+        "<{}>dsu[{}]: op={op} outcome=refused target={pid} uid={uid} patch={:?} error={error:?}",
+        AUTHPRIV * 8 + WARNING,
+        std::process::id(),
+        patch.display().to_string(),
+    )
 }
 
 /// The log line of `outcome`.

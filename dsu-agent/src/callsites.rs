@@ -167,6 +167,16 @@ mod tests {
     }
 
     #[test]
+    fn a_short_branch_back_to_the_functions_own_entry_stays_inside() {
+        let base = 0x1000;
+        let mut index = CallIndex::default();
+        // nop; jmp short base (back to the first byte); jmp short base + 5 (just past the end).
+        index.add_function(base, &[0x90, 0xeb, 0xfd, 0xeb, 0x00]);
+        assert!(index.short_sites(base).is_empty());
+        assert_eq!(index.short_sites(base + 5), [base + 3]);
+    }
+
+    #[test]
     fn stops_at_undecodable_bytes() {
         let mut index = CallIndex::default();
         // 0f 0b = ud2 decodes; 0f ff with nothing after does not.

@@ -71,9 +71,8 @@ impl Ranges {
     /// active too (see [`Ranges::find_held`]).
     pub fn push_held_too(&mut self, start: usize, end: usize, target: usize) {
         self.push(start, end, target);
-        if start < end {
-            self.held.push((start, end, target));
-        }
+        // An empty range holds no site: `find_held` never matches it.
+        self.held.push((start, end, target));
     }
 
     /// The target of a range where a thread held at breakpoint `site` is active: it was about

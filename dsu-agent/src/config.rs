@@ -220,11 +220,7 @@ impl Builder {
         if let Some(choice) = &self.syslog {
             return choice.clone();
         }
-        match std::env::var_os("DSU_SYSLOG_SOCKET").filter(|v| !v.is_empty()) {
-            Some(v) if v == "off" => None,
-            Some(v) => Some(PathBuf::from(v)),
-            None => Some(PathBuf::from(crate::audit::SYSLOG_SOCKET)),
-        }
+        crate::audit::socket_from_env()
     }
 
     /// The signals to use, from the builder, the environment or the defaults.

@@ -684,6 +684,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_scoped_name_gives_its_file_and_others_none() {
+        let patch = PatchObject {
+            sections: vec![],
+            symbols: vec![],
+            relocations: vec![],
+            scopes: parse_scopes(b"helper\0b.c\0count.0\0a.c\0").unwrap(),
+        };
+        assert_eq!(patch.scope_of("helper"), Some("b.c"));
+        assert_eq!(patch.scope_of("count.0"), Some("a.c"));
+        assert_eq!(patch.scope_of("count"), None);
+        assert_eq!(patch.scope_of(""), None);
+    }
+
+    #[test]
     fn scope_records_are_read_sorted_and_checked() {
         let scopes = parse_scopes(b"helper\0b.c\0count.0\0a.c\0helper\0b.c\0").unwrap();
         assert_eq!(

@@ -256,17 +256,15 @@ fn free_gaps(
             bounds.push((end, start));
         }
         let own = (start + size as usize, size > 0);
+        // At equal ends the later symbol decides: a label without a size at a function's
+        // end leaves what follows unbounded.
         covered = Some(match covered {
             Some(c) if c.0 > own.0 => c,
-            Some(c) if c.0 == own.0 => (c.0, c.1 && own.1),
             _ => own,
         });
     }
     let mut free = Vec::new();
     for (start, end) in bounds {
-        if end - start < JMP_REL32_LEN || end <= lo || start >= hi {
-            continue;
-        }
         let Some(now) = (mem.read)(start, end - start) else {
             continue;
         };
@@ -409,8 +407,8 @@ fn trampoline_slot(
 ) -> Option<(usize, [u8; JMP_REL8_LEN])> {
     gaps.iter()
         .flat_map(|&(start, end)| {
-            (start..=end.saturating_sub(JMP_REL32_LEN))
-                .filter(move |_| end >= start + JMP_REL32_LEN)
+            // Empty when the gap is shorter than the jump.
+            start..=end.saturating_sub(JMP_REL32_LEN)
         })
         .filter(|&at| {
             !taken
@@ -781,6 +779,14 @@ mod tests {
             ("n", 0x52, 2),
             ("end", 0x60, 1),
         ]);
+        // A label without a size at h's end: what follows h is unbounded too.
+        let labelled = module_of(&[
+            ("f", 0x00, 0x10),
+            ("g", 0x20, 0x08),
+            ("h", 0x30, 0x04),
+            ("h_end", 0x34, 0),
+            ("z", 0x40, 0),
+        ]);
         let read = |at: usize, len: usize| {
             let off = at.checked_sub(AT)?;
             bytes.get(off..off + len).map(<[u8]>::to_vec)
@@ -789,6 +795,10 @@ mod tests {
         let gaps = free_gaps(&index, 0, AT + 0x30, &mem);
         // Not 0x28..0x30 (a push in it), not after z (no size), not inside w.
         assert_eq!(gaps, [(AT + 0x10, AT + 0x20), (AT + 0x34, AT + 0x40)]);
+        assert_eq!(
+            free_gaps(&labelled, 0, AT + 0x30, &mem),
+            [(AT + 0x10, AT + 0x20)]
+        );
 
         // Bytes a patch wrote into a gap split it; a run shorter than a jump is dropped.
         let pristine = |mut now: Vec<u8>, at: usize| {
@@ -816,6 +826,87 @@ mod tests {
 
         // Out of a short jump's reach (the window is 128 bytes back, 138 on): none.
         assert!(free_gaps(&index, 0, AT + 0x400, &Reader::unpatched(&read)).is_empty());
+    }
+
+    #[test]
+    fn gaps_at_the_edges_of_a_short_jumps_reach_are_found() {
+        // Entry at 0x100 with `endbr64`: the short jump at 0x104 reaches 0x86..=0x185. A gap
+        // ending just past the window's start, and one starting just before its end.
+        let entry = 0x100;
+        let mut bytes = vec![0x90u8; 0x500];
+        bytes[entry..entry + 4].copy_from_slice(&ENDBR64);
+        use crate::resolve::{ModuleInfo, ProcessSymbol, SymbolKind};
+        let sym = |offset: usize, size: u64, kind: SymbolKind| ProcessSymbol {
+            module: 0,
+            address: if kind == SymbolKind::ThreadLocal {
+                offset
+            } else {
+                AT + offset
+            },
+            size,
+            kind,
+            global: true,
+            file: 0,
+        };
+        let info = |name: &str| ModuleInfo {
+            name: name.into(),
+            path: name.into(),
+            bias: 0,
+            is_main: false,
+            tls_modid: 0,
+        };
+        let function = SymbolKind::Function;
+        let mut index = SymbolIndex::default();
+        let symbols: [(&[u8], ProcessSymbol); 7] = [
+            (b"a", sym(0x00, 0x70, function)),
+            (b"b", sym(0x90, 0x70, function)),
+            (b"f", sym(entry, 0x06, function)),
+            (b"c", sym(0x106, 0x7c, function)),
+            (b"d", sym(0x188, 0x10, function)),
+            (b"far", sym(0x400, 0x10, function)),
+            // A thread-local symbol's value is an offset, not an address here.
+            (b"tls", sym(AT + 0x78, 4, SymbolKind::ThreadLocal)),
+        ];
+        index.add_symbols(info("m"), symbols);
+        // Another module's symbols bound nothing in this one.
+        index.add_symbols(info("other"), [(&b"elsewhere"[..], sym(0x78, 4, function))]);
+        let read = |at: usize, len: usize| {
+            let off = at.checked_sub(AT)?;
+            bytes.get(off..off + len).map(<[u8]>::to_vec)
+        };
+        let gaps = free_gaps(&index, 0, AT + entry, &Reader::unpatched(&read));
+        assert_eq!(gaps, [(AT + 0x70, AT + 0x90), (AT + 0x182, AT + 0x188)]);
+        // The far one is reached at its very start, the near one from 0x86 on.
+        let around = Surroundings {
+            gaps: gaps.clone(),
+            ..Surroundings::none()
+        };
+        let mut code = ENDBR64.to_vec();
+        code.extend([0x31, 0xc0]);
+        let r = plan("f", "m", AT + entry, &code, AT + 0x1000, &around).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x86);
+        let taken = [(AT + 0x70, AT + 0x90)];
+        let r = plan_redirect("f", "m", AT + entry, &code, AT + 0x1000, &around, &taken).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x182);
+    }
+
+    #[test]
+    fn a_trampoline_may_touch_other_edits_but_not_overlap_them() {
+        let code = [0x6b, 0xc7, 0x64, 0xc3];
+        let around = Surroundings {
+            gaps: vec![(AT + 0x10, AT + 0x20)],
+            ..Surroundings::none()
+        };
+        // An edit ending where the slot starts, or starting where it ends, leaves it free.
+        let before = [(AT + 0x0e, AT + 0x10)];
+        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around, &before).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x10);
+        let after = [(AT + 0x15, AT + 0x17)];
+        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around, &after).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x10);
+        let inside = [(AT + 0x14, AT + 0x15)];
+        let r = plan_redirect("price", "m", AT, &code, AT + 0x1000, &around, &inside).unwrap();
+        assert_eq!(r.trampoline.unwrap().at, AT + 0x15);
     }
 
     #[test]

@@ -170,11 +170,10 @@ impl SymbolIndex {
             ));
         })
         .map_err(err)?;
-        for (name, file, symbol) in symbols {
-            let file = file.map_or(0, |f| self.file_id(&f));
-            self.insert(&name, ProcessSymbol { file, ..symbol });
-        }
-        self.modules.push(info);
+        let symbols = symbols
+            .iter()
+            .map(|(n, f, s)| (&n[..], f.as_deref(), s.clone()));
+        self.add_symbols_in_files(info, symbols);
         Ok(())
     }
 
@@ -187,9 +186,27 @@ impl SymbolIndex {
         info: ModuleInfo,
         symbols: impl IntoIterator<Item = (&'a [u8], ProcessSymbol)>,
     ) -> usize {
+        self.add_symbols_in_files(info, symbols.into_iter().map(|(n, s)| (n, None, s)))
+    }
+
+    /// [`SymbolIndex::add_symbols`] with, for each `static` symbol, the source file it belongs
+    /// to (its `STT_FILE`), which scoped names of a patch match ([`SymbolIndex::lookup_in`]).
+    pub fn add_symbols_in_files<'a>(
+        &mut self,
+        info: ModuleInfo,
+        symbols: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>, ProcessSymbol)>,
+    ) -> usize {
         let module = self.modules.len();
-        for (name, sym) in symbols {
-            self.insert(name, ProcessSymbol { module, ..sym });
+        for (name, file, sym) in symbols {
+            let file = file.map_or(0, |f| self.file_id(f));
+            self.insert(
+                name,
+                ProcessSymbol {
+                    module,
+                    file,
+                    ..sym
+                },
+            );
         }
         self.modules.push(info);
         module
@@ -721,6 +738,90 @@ pub fn index_file(path: &Path, bias: usize) -> Result<SymbolIndex, ResolveError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(name: &str) -> ModuleInfo {
+        ModuleInfo {
+            name: name.into(),
+            path: name.into(),
+            bias: 0,
+            is_main: false,
+            tls_modid: 0,
+        }
+    }
+
+    fn function(address: usize, global: bool) -> ProcessSymbol {
+        ProcessSymbol {
+            module: 0,
+            address,
+            size: 0x10,
+            kind: SymbolKind::Function,
+            global,
+            file: 0,
+        }
+    }
+
+    #[test]
+    fn scoped_names_bind_only_to_the_static_of_their_file() {
+        let mut index = SymbolIndex::default();
+        let counter = ProcessSymbol {
+            kind: SymbolKind::Object,
+            ..function(0x3000, false)
+        };
+        type InFile<'a> = (&'a [u8], Option<&'a [u8]>, ProcessSymbol);
+        let exe: [InFile; 3] = [
+            (b"helper", Some(b"a.c"), function(0x1000, false)),
+            (b"helper", Some(b"b.c"), function(0x2000, false)),
+            (b"count.0", Some(b"b.c"), counter),
+        ];
+        index.add_symbols_in_files(info("exe"), exe);
+        let lib: [InFile; 2] = [
+            (b"helper", None, function(0x9000, true)),
+            (b"helper", Some(b"c.c"), function(0x9100, false)),
+        ];
+        index.add_symbols_in_files(info("lib"), lib);
+
+        // Unscoped, the global binds, as with the dynamic linker.
+        assert_eq!(index.lookup("helper").unwrap().unwrap().address, 0x9000);
+        let at = |file| {
+            index
+                .lookup_in("helper", Some(file))
+                .unwrap()
+                .map(|s| s.address)
+        };
+        assert_eq!(at("a.c"), Some(0x1000));
+        assert_eq!(at("b.c"), Some(0x2000));
+        assert_eq!(at("c.c"), Some(0x9100));
+        assert_eq!(at("d.c"), None);
+        let c = index.lookup_in("helper", Some("c.c")).unwrap().unwrap();
+        assert_eq!(c.module, 1);
+        let count = index.lookup_in("count.0", Some("b.c")).unwrap().unwrap();
+        assert_eq!(count.address, 0x3000);
+        assert_eq!(index.lookup_in("count.0", Some("a.c")).unwrap(), None);
+
+        let replaced = index.replacement_target_in("helper", Some("b.c")).unwrap();
+        assert_eq!(replaced.unwrap().address, 0x2000);
+        let unscoped = index.replacement_target_in("helper", None).unwrap_err();
+        assert!(matches!(unscoped, ResolveError::Ambiguous { .. }));
+        let e = index
+            .replacement_target_in("count.0", Some("b.c"))
+            .unwrap_err();
+        assert!(matches!(e, ResolveError::NoStatic { .. }), "{e:?}");
+        let e = index
+            .replacement_target_in("helper", Some("d.c"))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("static function helper of source file d.c"),
+            "{e}"
+        );
+
+        let id = count.file;
+        assert_eq!(index.file_name(id), Some("b.c"));
+        assert_ne!(c.file, id);
+        assert_eq!(index.file_name(c.file), Some("c.c"));
+        assert_eq!(index.file_name(0), None);
+        assert_eq!(index.file_name(99), None);
+    }
 
     #[test]
     fn clone_names_are_gcc_suffixes_with_numbers() {

@@ -78,7 +78,8 @@ fn seed_patches_reach_every_stage() {
             "c-aliases.o",
             Some("dispatch is an indirect function (IFUNC)"),
         ),
-        ("c-ambiguous.o", Some("symbol helper_static is ambiguous")),
+        // Two statics named alike, one in the module of the replaced function: that one.
+        ("c-ambiguous.o", None),
         ("c-data.o", None),
         ("c-ifunc.o", Some("cannot resolve indirect function strchr")),
         ("c-price-O0.o", None),
