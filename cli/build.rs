@@ -63,7 +63,34 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
         None => None,
         Some(against) => Some(check_against(against, &original, &replaced)?),
     };
-    std::fs::write(&args.output, &patch.object).map_err(|source| CliError::WritePatch {
+    // Against a program, the patch is bound to it (`dsu pack`): the agent refuses it in a
+    // process that runs another build or other code.
+    let mut object = patch.object.clone();
+    let mut bound = Vec::new();
+    if let Some(against) = &args.against {
+        let label = match against {
+            Against::Pid(pid) => pid.to_string(),
+            Against::Binary(path) => {
+                let text = path.display().to_string();
+                if text.bytes().all(|b| b.is_ascii_digit()) {
+                    format!("./{text}")
+                } else {
+                    text
+                }
+            }
+        };
+        let (packed, expectations) = crate::pack::bind(&object, &label).map_err(|e| match e {
+            crate::pack::BindError::Cli(e) => e,
+            crate::pack::BindError::Object(reason) => CliError::File {
+                what: "cannot bind the patch to",
+                path: PathBuf::from(&label),
+                reason,
+            },
+        })?;
+        object = packed;
+        bound = expectations;
+    }
+    std::fs::write(&args.output, &object).map_err(|source| CliError::WritePatch {
         path: args.output.clone(),
         source,
     })?;
@@ -77,10 +104,17 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
             if replaced.len() == 1 { "" } else { "s" }
         ));
     }
+    if args.against.is_some() {
+        print_line(format_args!(
+            "bound: {} function{} (build id and code hash, as dsu pack does)",
+            bound.len(),
+            if bound.len() == 1 { "" } else { "s" }
+        ));
+    }
     print_line(format_args!(
         "wrote {} ({} bytes)",
         args.output.display(),
-        patch.object.len()
+        object.len()
     ));
     Ok(())
 }

@@ -45,25 +45,10 @@ pub fn run(args: &PackArgs) -> Result<(), CliError> {
             args.patch.display()
         );
     }
-    let patch = object::File::parse(object_bytes).map_err(|e| bad(e.to_string()))?;
-    let wanted: Vec<String> = patch
-        .symbols()
-        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.is_global())
-        .filter_map(|s| s.name().ok().map(str::to_owned))
-        .collect();
-    let modules = modules_of(&args.against)?;
-    let mut expectations = Vec::new();
-    for name in &wanted {
-        match find(name, &modules) {
-            Some(e) => expectations.push(e),
-            None => eprintln!(
-                "dsu: warning: {name} is not a function of {}: it is new, nothing to bind",
-                args.against
-            ),
-        }
-    }
-    let packed =
-        with_section(object_bytes, expect::encode(&expectations).into_bytes()).map_err(bad)?;
+    let (packed, expectations) = bind(object_bytes, &args.against).map_err(|e| match e {
+        BindError::Cli(e) => e,
+        BindError::Object(reason) => bad(reason),
+    })?;
     let out = args.out.as_ref().unwrap_or(&args.patch);
     write_file("cannot write packed patch", out, &packed, 0o644, false)?;
     for e in &expectations {
@@ -79,6 +64,67 @@ pub fn run(args: &PackArgs) -> Result<(), CliError> {
         expectations.len()
     ));
     Ok(())
+}
+
+/// Why a patch could not be bound.
+pub enum BindError {
+    Cli(CliError),
+    /// The patch object could not be read or rewritten.
+    Object(String),
+}
+
+/// `object_bytes` (a patch without signature) with a `.dsu.expect` section binding each global
+/// function it defines to its code in `against` (a pid, or a binary's path), and those
+/// expectations. A function the program does not have is new: nothing to bind (a warning). A
+/// name the program defines more than once (`static`s of several files) is not bound either:
+/// the first definition may not be the one the patch replaces (a warning).
+pub fn bind(object_bytes: &[u8], against: &str) -> Result<(Vec<u8>, Vec<Expectation>), BindError> {
+    let patch = object::File::parse(object_bytes).map_err(|e| BindError::Object(e.to_string()))?;
+    let wanted: Vec<String> = patch
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.is_global())
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .collect();
+    let modules = modules_of(against).map_err(BindError::Cli)?;
+    let mut expectations = Vec::new();
+    for name in &wanted {
+        if definitions(name, &modules) > 1 {
+            eprintln!(
+                "dsu: warning: {name} is defined more than once in {against}: not bound (the \
+                 agent still checks which one the patch replaces)"
+            );
+            continue;
+        }
+        match find(name, &modules) {
+            Some(e) => expectations.push(e),
+            None => eprintln!(
+                "dsu: warning: {name} is not a function of {against}: it is new, nothing to bind"
+            ),
+        }
+    }
+    let packed = with_section(object_bytes, expect::encode(&expectations).into_bytes())
+        .map_err(BindError::Object)?;
+    Ok((packed, expectations))
+}
+
+/// How many function definitions named `name` the `modules` have, at distinct addresses.
+fn definitions(name: &str, modules: &[(PathBuf, Vec<u8>)]) -> usize {
+    modules
+        .iter()
+        .filter_map(|(_, data)| object::File::parse(&**data).ok())
+        .map(|file| {
+            let mut at: Vec<u64> = file
+                .symbols()
+                .chain(file.dynamic_symbols())
+                .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
+                .filter(|s| s.name() == Ok(name))
+                .map(|s| s.address())
+                .collect();
+            at.sort_unstable();
+            at.dedup();
+            at.len()
+        })
+        .sum()
 }
 
 /// The module files to look in: the binary, or the process's executable and the files it

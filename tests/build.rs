@@ -308,6 +308,16 @@ fn a_fix_calling_an_unchanged_static_helper_uses_the_programs_helper() {
         &["--against", &fx.pid.to_string()],
     );
     assert!(summary.contains("matches "), "{summary}");
+    assert!(summary.contains("bound: 1 function "), "{summary}");
+    // Bound as `dsu pack` binds: the program's build id and price's code hash.
+    use object::{Object, ObjectSection};
+    let bytes = std::fs::read(&patch).unwrap();
+    let object = object::File::parse(&*bytes).unwrap();
+    let expect = object
+        .section_by_name(".dsu.expect")
+        .expect("no .dsu.expect section");
+    let text = String::from_utf8(expect.data().unwrap().to_vec()).unwrap();
+    assert!(text.contains("price"), "{text}");
     assert_eq!(listed(&summary, "changed"), ["price"], "{summary}");
     assert_eq!(
         listed(&summary, "references kept"),

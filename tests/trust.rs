@@ -369,3 +369,94 @@ fn a_bad_trusted_keys_file_is_an_install_error_naming_its_line() {
     let (success, _, stderr) = run(&["status", "-p", &fx.pid.to_string()]);
     assert!(!success, "an agent answered: {stderr}");
 }
+
+/// `plain.c` started through a `main` that installs the agent with the C call
+/// `dsu_install_trusting(getenv("TEST_KEYS"), atoi(getenv("TEST_BINDING")))`, linked with
+/// `libdsu_agent.a`.
+const TRUSTING_MAIN_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include "dsu.h"
+int plain_main(int argc, char **argv);
+int main(int argc, char **argv) {
+    const char *binding = getenv("TEST_BINDING");
+    int rc = dsu_install_trusting(getenv("TEST_KEYS"), binding ? atoi(binding) : 0);
+    if (rc != 0) {
+        printf("install %d\n", rc);
+        return 1;
+    }
+    return plain_main(argc, argv);
+}
+"#;
+
+#[test]
+fn a_c_program_trusts_the_keys_it_names_through_the_c_api() {
+    let dir = scratch("trust-capi");
+    let archive = cargo_bin("libdsu_agent.a");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
+    let mut flags = vec![format!("-I{}", include.display())];
+    let plain = dir.join("plain.o");
+    std::fs::write(dir.join("plain.c"), PLAIN_C).unwrap();
+    support::run(
+        Command::new("cc")
+            .args(["-c", "-O2", "-Dmain=plain_main", "-o"])
+            .arg(&plain)
+            .arg(dir.join("plain.c")),
+    );
+    flags.push(plain.display().to_string());
+    flags.push(archive.display().to_string());
+    flags.extend(support::NATIVE_LIBS.iter().map(|l| l.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let program = cc_program(&dir, "trusting", &[("trusting.c", TRUSTING_MAIN_C)], &flags);
+
+    let key = dir.join("ops.key");
+    ok(&["keygen", "--out", &path(&key)]);
+    let pub_key = dir.join("ops.key.pub");
+    let patch = cc_object(&dir, "x10", C_X10, &[]);
+    let signed = dir.join("signed.o");
+    ok(&[
+        "sign",
+        &path(&patch),
+        "--key",
+        &path(&key),
+        "-o",
+        &path(&signed),
+    ]);
+
+    let mut log = Syslog::bind(&dir);
+    let mut fx = start(&dir, &program, &log, &[("TEST_KEYS", &pub_key)]);
+    refused(&mut fx, &mut log, &patch, "the patch is unsigned");
+    let (success, stderr) = apply(fx.pid, &signed);
+    assert!(success, "{stderr}");
+    assert_eq!(fx.compute(), 70);
+    drop(fx);
+
+    // Binding required too: the signed patch carries no expectations.
+    let dir2 = dir.join("bound");
+    std::fs::create_dir_all(&dir2).unwrap();
+    let mut log = Syslog::bind(&dir2);
+    let binding = std::ffi::OsString::from("1");
+    let mut fx = start_with_env(&dir2, &program, &log, &pub_key, &binding);
+    refused(
+        &mut fx,
+        &mut log,
+        &signed,
+        "requires every patch to be bound",
+    );
+}
+
+/// [`start`] with `TEST_KEYS` and `TEST_BINDING` for the C-API program.
+fn start_with_env(
+    dir: &Path,
+    program: &Path,
+    log: &Syslog,
+    keys: &Path,
+    binding: &std::ffi::OsStr,
+) -> Fixture {
+    start(
+        dir,
+        program,
+        log,
+        &[("TEST_KEYS", keys), ("TEST_BINDING", Path::new(binding))],
+    )
+}

@@ -22,6 +22,14 @@ extern "C" {
  * agent). Idempotent. */
 int dsu_install(void);
 
+/* Installs the agent as dsu_install() does, trusting only patches signed (dsu sign) by a key
+ * listed in the file keys_file (one public key per line, as dsu keygen writes KEY.pub), and,
+ * when require_binding is not 0, only patches bound to this program's build (dsu pack).
+ * keys_file NULL: $DSU_TRUSTED_KEYS, else /etc/dsu/trusted-keys when it exists, else any
+ * patch. Returns as dsu_install(); -EINVAL for a bad key file (its path and line are printed
+ * on stderr) or a path that is not UTF-8. See docs/security.md. */
+int dsu_install_trusting(const char *keys_file, int require_binding);
+
 /* Stacks no thread runs on. A program that switches stacks (makecontext/swapcontext,
  * boost.context, its own coroutines) declares each stack it creates, so that an update never
  * replaces a function a suspended coroutine will return into: every update scans the declared

@@ -22,6 +22,38 @@ pub extern "C" fn dsu_install() -> c_int {
     }
 }
 
+/// Installs the agent trusting only patches signed by a key of the file `keys_file` (one
+/// public key per line, as `dsu keygen` writes them), and, when `require_binding` is not 0,
+/// only patches bound to this program (`dsu pack`). `keys_file` NULL: the default
+/// (`DSU_TRUSTED_KEYS`, else `/etc/dsu/trusted-keys` when present). Returns as
+/// [`dsu_install`]; `-EINVAL` for a `keys_file` that is not UTF-8 or a bad key file.
+///
+/// # Safety
+/// `keys_file` is NULL or points to a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dsu_install_trusting(
+    keys_file: *const std::ffi::c_char,
+    require_binding: c_int,
+) -> c_int {
+    let mut builder = crate::Builder::new().require_binding(require_binding != 0);
+    if !keys_file.is_null() {
+        // SAFETY: not null, and NUL-terminated by this function's contract.
+        let path = unsafe { std::ffi::CStr::from_ptr(keys_file) };
+        let Ok(path) = path.to_str() else {
+            return -libc::EINVAL;
+        };
+        builder = builder.trusted_keys_file(path);
+    }
+    match std::panic::catch_unwind(move || builder.install()) {
+        Ok(Ok(_)) => 0,
+        Ok(Err(e)) => {
+            eprintln!("dsu: install failed: {e}");
+            e.errno()
+        }
+        Err(_) => -libc::EIO,
+    }
+}
+
 /// Runs when `libdsu_agent.so` is loaded. It installs the agent only when the library was
 /// brought in by `LD_PRELOAD` (an unmodified program), so a program that links the library
 /// and calls `dsu_install()` itself keeps control of when that happens.
