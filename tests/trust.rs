@@ -424,7 +424,7 @@ fn a_c_program_trusts_the_keys_it_names_through_the_c_api() {
     ]);
 
     let mut log = Syslog::bind(&dir);
-    let mut fx = start(&dir, &program, &log, &[("TEST_KEYS", &pub_key)]);
+    let mut fx = start_linked(&dir, &program, &log, &pub_key, "0".as_ref());
     refused(&mut fx, &mut log, &patch, "the patch is unsigned");
     let (success, stderr) = apply(fx.pid, &signed);
     assert!(success, "{stderr}");
@@ -435,8 +435,7 @@ fn a_c_program_trusts_the_keys_it_names_through_the_c_api() {
     let dir2 = dir.join("bound");
     std::fs::create_dir_all(&dir2).unwrap();
     let mut log = Syslog::bind(&dir2);
-    let binding = std::ffi::OsString::from("1");
-    let mut fx = start_with_env(&dir2, &program, &log, &pub_key, &binding);
+    let mut fx = start_linked(&dir2, &program, &log, &pub_key, "1".as_ref());
     refused(
         &mut fx,
         &mut log,
@@ -445,18 +444,12 @@ fn a_c_program_trusts_the_keys_it_names_through_the_c_api() {
     );
 }
 
-/// [`start`] with `TEST_KEYS` and `TEST_BINDING` for the C-API program.
-fn start_with_env(
-    dir: &Path,
-    program: &Path,
-    log: &Syslog,
-    keys: &Path,
-    binding: &std::ffi::OsStr,
-) -> Fixture {
-    start(
-        dir,
-        program,
-        log,
-        &[("TEST_KEYS", keys), ("TEST_BINDING", Path::new(binding))],
-    )
+/// The C-API program (its agent linked, not preloaded) with `TEST_KEYS` and `TEST_BINDING`.
+fn start_linked(dir: &Path, program: &Path, log: &Syslog, keys: &Path, binding: &Path) -> Fixture {
+    let env = [
+        ("DSU_SYSLOG_SOCKET", log.path.as_path()),
+        ("TEST_KEYS", keys),
+        ("TEST_BINDING", binding),
+    ];
+    Fixture::start(dir, program, &[""], &env)
 }
