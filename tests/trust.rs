@@ -323,6 +323,19 @@ fn dsu_apply_refuses_a_symlinked_or_writable_patch_file() {
         assert!(stderr.contains(&format!("writable by {who}")), "{stderr}");
         log.last_has(&["op=apply outcome=refused", &format!("writable by {who}")]);
     }
+
+    // Another user's patch: only root can make one here.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::fs::set_permissions(&patch, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&patch, Some(65534), None).unwrap();
+        let (success, stderr) = apply_logged(&patch);
+        assert!(!success);
+        assert!(stderr.contains("is owned by uid 65534"), "{stderr}");
+        log.last_has(&["op=apply outcome=refused", "owned by uid 65534"]);
+    } else {
+        eprintln!("skipped the other user's patch: it needs root to create");
+    }
     assert_eq!(fx.code("compute"), before);
     assert_eq!(fx.compute(), ORIGINAL);
 }
