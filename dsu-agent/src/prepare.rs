@@ -862,8 +862,10 @@ mod tests {
             (b"b", sym(0x90, 0x70, function)),
             (b"f", sym(entry, 0x06, function)),
             (b"c", sym(0x106, 0x7c, function)),
-            (b"d", sym(0x188, 0x10, function)),
-            (b"far", sym(0x400, 0x10, function)),
+            // d starts just inside the symbols looked at (the window and 64 bytes), far just
+            // outside: a narrower window loses the far gap, a wider one finds another.
+            (b"d", sym(0x1c8, 0x04, function)),
+            (b"far", sym(0x1e0, 0x10, function)),
             // A thread-local symbol's value is an offset, not an address here.
             (b"tls", sym(AT + 0x78, 4, SymbolKind::ThreadLocal)),
         ];
@@ -875,7 +877,7 @@ mod tests {
             bytes.get(off..off + len).map(<[u8]>::to_vec)
         };
         let gaps = free_gaps(&index, 0, AT + entry, &Reader::unpatched(&read));
-        assert_eq!(gaps, [(AT + 0x70, AT + 0x90), (AT + 0x182, AT + 0x188)]);
+        assert_eq!(gaps, [(AT + 0x70, AT + 0x90), (AT + 0x182, AT + 0x1c8)]);
         // The far one is reached at its very start, the near one from 0x86 on.
         let around = Surroundings {
             gaps: gaps.clone(),

@@ -163,11 +163,7 @@ impl SymbolIndex {
         // module the index does not hold.
         let mut symbols = Vec::new();
         read_symbols(&cache, info.bias, |name, file, sym| {
-            symbols.push((
-                name.to_vec(),
-                file.map(<[u8]>::to_vec),
-                ProcessSymbol { module, ..sym },
-            ));
+            symbols.push((name.to_vec(), file.map(<[u8]>::to_vec), sym));
         })
         .map_err(err)?;
         let symbols = symbols
@@ -758,6 +754,43 @@ mod tests {
             global,
             file: 0,
         }
+    }
+
+    #[test]
+    fn extents_overlap_a_range_exactly() {
+        let mut index = SymbolIndex::default();
+        let symbols: [(&[u8], ProcessSymbol); 3] = [
+            (b"a", function(0x100, false)),
+            (b"b", function(0x110, false)),
+            (
+                b"tls",
+                ProcessSymbol {
+                    kind: SymbolKind::ThreadLocal,
+                    ..function(0x110, false)
+                },
+            ),
+        ];
+        index.add_symbols(info("m"), symbols);
+        index.add_symbols(info("other"), [(&b"c"[..], function(0x110, true))]);
+        // a ends where the range starts, b starts where it ends: neither overlaps.
+        assert_eq!(index.extents_overlapping(0, 0x110, 0x120), [(0x110, 0x10)]);
+        assert_eq!(index.extents_overlapping(0, 0x100, 0x110), [(0x100, 0x10)]);
+        assert_eq!(index.extents_overlapping(1, 0x100, 0x120), [(0x110, 0x10)]);
+    }
+
+    #[test]
+    fn an_indirect_function_binds_to_the_implementation_this_process_calls() {
+        let index = SymbolIndex::of_process().unwrap();
+        let found = index.resolve("strlen").unwrap().unwrap();
+        assert_eq!(found.kind, SymbolKind::Function);
+        let called = dsu_sys::dl::dlsym_in(false, std::path::Path::new("libc.so.6"), "strlen");
+        assert_eq!(Some(found.address), called);
+        let found = index.lookup("strlen").unwrap().unwrap();
+        assert_eq!(
+            found.kind,
+            SymbolKind::IndirectFunction,
+            "lookup runs nothing"
+        );
     }
 
     #[test]
