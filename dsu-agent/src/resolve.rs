@@ -152,7 +152,6 @@ impl SymbolIndex {
 
     /// Reads one module's `.symtab` and `.dynsym`.
     pub fn add_module(&mut self, info: ModuleInfo) -> Result<(), ResolveError> {
-        let module = self.modules.len();
         let err = |reason: String| ResolveError::Module {
             module: info.name.clone(),
             reason,
