@@ -122,6 +122,10 @@ pub struct SymbolIndex {
     /// Source file names of `static` symbols; id `n` is `files[n - 1]`.
     files: Vec<Box<str>>,
     file_ids: HashMap<Box<str>, u32>,
+    /// Names that look like compiler clones (`NAME.constprop.N`, ...), by the name before
+    /// their first clone suffix: an update looks its targets' clones up here instead of
+    /// scanning every name.
+    clone_names: HashMap<Box<str>, Vec<Box<str>>>,
 }
 
 impl SymbolIndex {
@@ -310,6 +314,14 @@ impl SymbolIndex {
         let Ok(name) = std::str::from_utf8(name) else {
             return;
         };
+        if !self.by_name.contains_key(name)
+            && let Some(base) = clone_base(name)
+        {
+            self.clone_names
+                .entry(base.into())
+                .or_default()
+                .push(name.into());
+        }
         let entries = self.by_name.entry(name.into()).or_default();
         // `.symtab` and `.dynsym` list exported symbols twice.
         if !entries
@@ -471,11 +483,11 @@ impl SymbolIndex {
     /// `NAME.part.N`, and combinations): specialised copies the compiler made, which some callers
     /// call instead of `name`. Sorted by name.
     pub fn clones_of(&self, module: usize, name: &str) -> Vec<(&str, &ProcessSymbol)> {
-        let mut out: Vec<(&str, &ProcessSymbol)> = self
-            .by_name
+        let candidates = self.clone_names.get(name).map_or(&[][..], Vec::as_slice);
+        let mut out: Vec<(&str, &ProcessSymbol)> = candidates
             .iter()
-            .filter(|(n, _)| is_clone_of(n, name))
-            .flat_map(|(n, defs)| defs.iter().map(move |d| (&**n, d)))
+            .filter(|n| is_clone_of(n, name))
+            .flat_map(|n| self.definitions(n).iter().map(move |d| (&**n, d)))
             .filter(|(_, d)| d.module == module && d.kind == SymbolKind::Function)
             .collect();
         out.sort_unstable_by_key(|(n, d)| (*n, d.address));
@@ -501,6 +513,16 @@ impl SymbolIndex {
     pub fn module_name(&self, module: usize) -> &str {
         self.modules.get(module).map_or("?", |m| m.name.as_str())
     }
+}
+
+/// The name before the first clone suffix of `name` (`f` for `f.isra.0.constprop.1`), when it
+/// has one.
+fn clone_base(name: &str) -> Option<&str> {
+    [".constprop.", ".isra.", ".part."]
+        .iter()
+        .filter_map(|suffix| name.find(suffix))
+        .min()
+        .map(|at| &name[..at])
 }
 
 /// Whether `candidate` names a compiler clone of function `name`: `name.` then `constprop`,
