@@ -135,25 +135,7 @@ fn check_against(
         Against::Binary(path) => (path.clone(), read(path)?),
         Against::Pid(pid) => {
             // The module that defines the functions: the executable or a loaded library.
-            let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
-            let maps = std::fs::read_to_string(&maps_path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    CliError::NoProcess { pid: *pid }
-                } else {
-                    CliError::proc(maps_path.clone(), e)
-                }
-            })?;
-            let mut modules: Vec<PathBuf> = Vec::new();
-            for line in maps.lines() {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                if fields.len() >= 6
-                    && fields[1].contains('x')
-                    && fields[5].starts_with('/')
-                    && !modules.iter().any(|m| m.as_os_str() == fields[5])
-                {
-                    modules.push(PathBuf::from(fields[5]));
-                }
-            }
+            let modules = crate::target::executable_files(*pid)?;
             let found = modules.into_iter().find_map(|path| {
                 let bytes = std::fs::read(&path).ok()?;
                 dsu_build::against::defines_any(original, &bytes, replaced).then_some((path, bytes))

@@ -137,18 +137,12 @@ fn modules_of(against: &str) -> Result<Vec<(PathBuf, Vec<u8>)>, CliError> {
     let Ok(pid) = against.parse::<u32>() else {
         return Ok(vec![read(PathBuf::from(against))?]);
     };
-    let proc = |p: &str| PathBuf::from(format!("/proc/{pid}/{p}"));
-    let exe = std::fs::read_link(proc("exe")).map_err(|e| CliError::proc(proc("exe"), e))?;
-    let maps =
-        std::fs::read_to_string(proc("maps")).map_err(|e| CliError::proc(proc("maps"), e))?;
+    let exe_link = PathBuf::from(format!("/proc/{pid}/exe"));
+    let exe = std::fs::read_link(&exe_link).map_err(|e| CliError::proc(exe_link, e))?;
     let mut paths = vec![exe];
-    for line in maps.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() >= 6 && fields[1].contains('x') && fields[5].starts_with('/') {
-            let path = PathBuf::from(fields[5]);
-            if !paths.contains(&path) {
-                paths.push(path);
-            }
+    for path in crate::target::executable_files(pid)? {
+        if !paths.contains(&path) {
+            paths.push(path);
         }
     }
     paths

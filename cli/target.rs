@@ -287,6 +287,30 @@ fn parse_environ(environ: &[u8]) -> HashMap<String, OsString> {
     env
 }
 
+/// The files process `pid` maps executable, each once, in the order of its memory map (the
+/// executable first, as the loader maps it first), read with `dsu_sys::maps`.
+pub fn executable_files(pid: u32) -> Result<Vec<PathBuf>, CliError> {
+    let path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let text = fs::read(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            CliError::NoProcess { pid }
+        } else {
+            CliError::proc(path.clone(), e)
+        }
+    })?;
+    let maps = dsu_sys::maps::parse_bytes(&text).map_err(|e| CliError::proc(path.clone(), e))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for m in maps {
+        if let Some(file) = m.path.filter(|p| m.perms.exec && p.starts_with('/')) {
+            let file = PathBuf::from(file);
+            if !files.contains(&file) {
+                files.push(file);
+            }
+        }
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
