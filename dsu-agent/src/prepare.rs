@@ -335,11 +335,7 @@ pub fn plan_redirect(
     around: &Surroundings<'_>,
     taken: &[(usize, usize)],
 ) -> Result<Redirect, PrepareError> {
-    let skip = if code.starts_with(&ENDBR64) {
-        ENDBR64.len()
-    } else {
-        0
-    };
+    let skip = entry_skip(code);
     let site = address + skip;
     let need = (skip + JMP_REL32_LEN) as u64;
     // A function shorter than the jump takes it over its alignment padding, which no code runs.
@@ -396,6 +392,21 @@ pub fn plan_redirect(
         original,
         trampoline,
     })
+}
+
+/// How many bytes at the start of `code` an entry jump leaves alone: its `endbr64`.
+fn entry_skip(code: &[u8]) -> usize {
+    if code.starts_with(&ENDBR64) {
+        ENDBR64.len()
+    } else {
+        0
+    }
+}
+
+/// Whether [`plan_redirect`] gives function `code`, with `padding` free after it, a short jump
+/// to a trampoline: it is shorter than an entry jump even over its padding.
+pub fn needs_trampoline(code: &[u8], padding: &[u8]) -> bool {
+    code.len() + padding.len() < entry_skip(code) + JMP_REL32_LEN
 }
 
 /// The first place in `gaps`, outside every `taken` span, that a short jump at `site` reaches

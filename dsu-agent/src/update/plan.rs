@@ -6,7 +6,7 @@
 
 #![allow(unsafe_code)]
 
-use dsu_sys::x86::{ENDBR64, JMP_REL32_LEN};
+use dsu_sys::x86::ENDBR64;
 
 use super::UpdateError;
 use super::record::{AppliedFunction, AppliedPatch, Strategy};
@@ -137,14 +137,8 @@ pub(super) fn plan_functions(
     // In-place writes and entry jumps first: the trampolines of short jumps (the functions
     // shorter than a jump even over their padding) then go where no other edit does.
     let short = |i: usize| {
-        let t = &linked.targets[i];
-        let need = JMP_REL32_LEN
-            + if pristine[i].starts_with(&ENDBR64) {
-                ENDBR64.len()
-            } else {
-                0
-            };
-        t.in_place.is_none() && pristine[i].len() + around[i].padding.len() < need
+        linked.targets[i].in_place.is_none()
+            && prepare::needs_trampoline(&pristine[i], &around[i].padding)
     };
     let order = (0..linked.targets.len())
         .filter(|&i| !short(i))
