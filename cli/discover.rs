@@ -8,8 +8,13 @@
 //! `/proc/self/fd/N/agent.sock`, N being the directory opened `O_PATH`, which
 //! `/proc/PID/fd/N` names. When the target lives in another mount namespace (a container),
 //! the directory is reached through `/proc/PID/root`.
+//!
+//! [`socket_dir`] looks at one process; [`scan`] at every process of the host this user may
+//! look into, reading `/proc` once and each network namespace's socket table once (keyed on
+//! the `/proc/PID/ns/net` inode), so that it stays cheap with thousands of processes.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,7 @@ use std::path::{Path, PathBuf};
 use dsu_agent::control::socket::SOCKET_FILE;
 
 use crate::error::CliError;
+use crate::fan_out::{self, fan_out};
 
 /// `__SO_ACCEPTCON` in the `Flags` column: a listening socket.
 const LISTENING: u32 = 0x0001_0000;
@@ -25,30 +31,124 @@ const LISTENING: u32 = 0x0001_0000;
 /// it; `None` when the process has no such socket.
 pub fn socket_dir(pid: u32) -> Result<Option<PathBuf>, CliError> {
     let fd_dir = PathBuf::from(format!("/proc/{pid}/fd"));
-    let entries = fs::read_dir(&fd_dir).map_err(|e| proc_error(pid, fd_dir.clone(), e))?;
+    let inodes = socket_inodes(pid).map_err(|e| proc_error(pid, fd_dir, e))?;
+    if inodes.is_empty() {
+        return Ok(None);
+    }
+    let net_path = PathBuf::from(format!("/proc/{pid}/net/unix"));
+    let table = fs::read_to_string(&net_path).map_err(|e| proc_error(pid, net_path, e))?;
+    let sockets = listening_agent_sockets(&table);
+    let Some((_, bound)) = sockets.iter().find(|(inode, _)| inodes.contains(inode)) else {
+        return Ok(None);
+    };
+    control_dir(pid, bound).map(Some)
+}
+
+/// A process with a listening agent socket, as [`scan`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub pid: u32,
+    /// The control directory, as this process reaches it.
+    pub dir: PathBuf,
+    /// The inode of the listening socket: a `fork()`ed child shares its parent's.
+    pub socket: u64,
+}
+
+/// Every process this user may look into that holds a listening agent socket, in pid order.
+/// Processes that cannot be read (another user's, when not root) or that exit meanwhile are
+/// left out without a word: this is a survey, not a request about one process.
+pub fn scan() -> Vec<Found> {
+    // Network namespace inode -> its listening agent sockets (socket inode -> bound path).
+    let mut tables: HashMap<u64, HashMap<u64, String>> = HashMap::new();
+    let mut candidates = Vec::new();
+    for pid in all_pids() {
+        let Some(namespace) = net_namespace(pid) else {
+            continue;
+        };
+        let sockets = match tables.entry(namespace) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+                    continue;
+                };
+                entry.insert(listening_agent_sockets(&table).into_iter().collect())
+            }
+        };
+        // A process of a namespace without agents costs one readlink.
+        if !sockets.is_empty() {
+            candidates.push((pid, namespace));
+        }
+    }
+    // The descriptors of each candidate: most of the work, spread over the cores.
+    fan_out(
+        &candidates,
+        fan_out::cores(),
+        |&(pid, namespace)| find_agent_socket(pid, &tables[&namespace]),
+        |_| (),
+    )
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Process `pid`'s agent socket among `sockets` (the listening agent sockets of its network
+/// namespace), the lowest inode if it holds several.
+fn find_agent_socket(pid: u32, sockets: &HashMap<u64, String>) -> Option<Found> {
+    let inodes = socket_inodes(pid).ok()?;
+    let (socket, bound) = inodes
+        .iter()
+        .filter_map(|inode| Some((*inode, sockets.get(inode)?)))
+        .min_by_key(|(inode, _)| *inode)?;
+    let dir = control_dir(pid, bound).ok()?;
+    Some(Found { pid, dir, socket })
+}
+
+/// The numeric entries of `/proc`: every process (thread group), in increasing order.
+fn all_pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The inode of process `pid`'s network namespace (`net:[N]`), if this user may see it.
+fn net_namespace(pid: u32) -> Option<u64> {
+    let link = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inodes of the sockets among process `pid`'s descriptors.
+fn socket_inodes(pid: u32) -> io::Result<HashSet<u64>> {
     let mut inodes = HashSet::new();
-    for entry in entries.flatten() {
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
         if let Ok(target) = fs::read_link(entry.path())
             && let Some(inode) = socket_inode(&target.to_string_lossy())
         {
             inodes.insert(inode);
         }
     }
-    if inodes.is_empty() {
-        return Ok(None);
-    }
-    let net_path = PathBuf::from(format!("/proc/{pid}/net/unix"));
-    let table = fs::read_to_string(&net_path).map_err(|e| proc_error(pid, net_path, e))?;
-    let Some(bound) = listening_agent_socket(&table, &inodes) else {
-        return Ok(None);
-    };
-    let dir = match fd_relative_dir(&bound) {
+    Ok(inodes)
+}
+
+/// The control directory of an agent of process `pid` whose socket is bound at `bound`, as
+/// this process reaches it.
+fn control_dir(pid: u32, bound: &str) -> Result<PathBuf, CliError> {
+    let dir = match fd_relative_dir(bound) {
         Some(fd) => {
             let link = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
             fs::read_link(&link).map_err(|e| proc_error(pid, link, e))?
         }
         None => {
-            let dir = Path::new(&bound)
+            let dir = Path::new(bound)
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default();
@@ -62,7 +162,7 @@ pub fn socket_dir(pid: u32) -> Result<Option<PathBuf>, CliError> {
             }
         }
     };
-    Ok(Some(reachable(pid, &dir)))
+    Ok(reachable(pid, &dir))
 }
 
 /// `dir` as the target sees it, made reachable from here: through `/proc/PID/root` when the
@@ -77,10 +177,12 @@ pub fn reachable(pid: u32, dir: &Path) -> PathBuf {
 
 /// Compares `/proc/self/ns/mnt` with the target's; unknown (no permission) counts as the same.
 fn same_mount_namespace(pid: u32) -> bool {
-    let mine = fs::read_link("/proc/self/ns/mnt");
+    // Read once: a host-wide command asks for every process.
+    static MINE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let mine = MINE.get_or_init(|| fs::read_link("/proc/self/ns/mnt").ok());
     let theirs = fs::read_link(format!("/proc/{pid}/ns/mnt"));
     match (mine, theirs) {
-        (Ok(mine), Ok(theirs)) => mine == theirs,
+        (Some(mine), Ok(theirs)) => *mine == theirs,
         _ => true,
     }
 }
@@ -100,20 +202,25 @@ fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// The bound path of the listening socket among `inodes` whose name is `agent.sock`.
-/// Columns: `Num RefCount Protocol Flags Type St Inode Path`, all hex but the inode.
-fn listening_agent_socket(table: &str, inodes: &HashSet<u64>) -> Option<String> {
+/// The listening sockets whose path ends in `/agent.sock`, in the order of the table, as
+/// (inode, bound path). Columns: `Num RefCount Protocol Flags Type St Inode Path`, all hex but
+/// the inode.
+fn listening_agent_sockets(table: &str) -> Vec<(u64, String)> {
     let suffix = format!("/{SOCKET_FILE}");
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let flags = u32::from_str_radix(fields.get(3)?, 16).ok()?;
-        let inode: u64 = fields.get(6)?.parse().ok()?;
-        // A path with spaces spans the remaining fields.
-        let path = fields.get(7..)?.join(" ");
-        // An abstract socket (`@name`) has no directory, whatever its name says.
-        let bound = !path.starts_with('@') && path.ends_with(&suffix);
-        (flags & LISTENING != 0 && inodes.contains(&inode) && bound).then_some(path)
-    })
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = u32::from_str_radix(fields.get(3)?, 16).ok()?;
+            let inode: u64 = fields.get(6)?.parse().ok()?;
+            // A path with spaces spans the remaining fields.
+            let path = fields.get(7..)?.join(" ");
+            // An abstract socket (`@name`) has no directory, whatever its name says.
+            let bound = !path.starts_with('@') && path.ends_with(&suffix);
+            (flags & LISTENING != 0 && bound).then_some((inode, path))
+        })
+        .collect()
 }
 
 /// N for a path bound as `/proc/self/fd/N/agent.sock`.
@@ -137,20 +244,24 @@ mod tests {
         0000000000000000: 00000002 00000000 00010000 0001 01 4246 @/run/x/agent.sock\n";
 
     #[test]
-    fn the_listening_agent_socket_is_found_by_inode() {
-        let inodes = |list: &[u64]| list.iter().copied().collect::<HashSet<u64>>();
-        assert_eq!(
-            listening_agent_socket(TABLE, &inodes(&[4243, 4242])).as_deref(),
-            Some("/run/user/1000/dsu/77/agent.sock")
-        );
+    fn only_listening_agent_sockets_with_a_directory_are_listed() {
         // Connected (not listening), foreign and abstract names do not count.
         assert_eq!(
-            listening_agent_socket(TABLE, &inodes(&[4243, 4244, 4246])),
-            None
+            listening_agent_sockets(TABLE),
+            [
+                (4242, "/run/user/1000/dsu/77/agent.sock".to_owned()),
+                (4245, "/proc/self/fd/9/agent.sock".to_owned()),
+            ]
         );
-        let long = listening_agent_socket(TABLE, &inodes(&[4245])).unwrap();
-        assert_eq!(fd_relative_dir(&long), Some(9));
+        assert_eq!(fd_relative_dir("/proc/self/fd/9/agent.sock"), Some(9));
         assert_eq!(fd_relative_dir("/run/x/agent.sock"), None);
+    }
+
+    #[test]
+    fn namespace_links_name_inodes() {
+        let me = std::process::id();
+        assert!(net_namespace(me).is_some());
+        assert_eq!(net_namespace(u32::MAX), None);
     }
 
     #[test]

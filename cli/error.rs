@@ -260,6 +260,21 @@ fn agent_message(outcome: &Outcome) -> String {
     }
 }
 
+/// What `dsu ps` says when no process with an agent is selected: `filter` as given, `uid` the
+/// one `dsu` runs as (only root sees other users' processes).
+pub fn nothing_found(filter: Option<&str>, uid: u32) -> String {
+    let mut text = match filter {
+        Some(filter) => format!("no process with a dsu agent matches {filter}"),
+        None => "no process with a dsu agent found".to_owned(),
+    };
+    if uid != 0 {
+        text.push_str(&format!(
+            " among the processes of uid {uid} (other users' need root)"
+        ));
+    }
+    text
+}
+
 /// Folds a message onto one line: the agent's errors are text we did not write.
 pub fn one_line(text: &str) -> String {
     text.trim()

@@ -6,10 +6,13 @@
 mod build;
 mod discover;
 mod error;
+mod fan_out;
+mod fleet;
 mod inspect;
 mod output;
 mod pack;
 mod patch;
+mod ps;
 mod request;
 mod sys;
 mod target;
@@ -39,6 +42,7 @@ use crate::target::Target;
                   cc -c -fPIC -O2 fix.c -o fix.o && dsu apply -p 4242 fix.o\n  \
                   dsu status -p 4242\n  \
                   dsu revert -p 4242\n  \
+                  dsu ps\n  \
                   dsu inspect fix.o --against 4242\n  \
                   dsu build orig/shop.o fixed/shop.o -o fix.o"
 )]
@@ -55,6 +59,8 @@ enum Command {
     Revert(RevertArgs),
     /// Show the agent and the answer to its last request.
     Status(StatusArgs),
+    /// List the processes with a dsu agent: pid, user, build id, patches, executable.
+    Ps(ps::PsArgs),
     /// Show what a patch replaces, adds and needs.
     Inspect(inspect::InspectArgs),
     /// Build a patch from the object of a source file before and after a fix.
@@ -134,6 +140,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => apply(args),
         Command::Revert(args) => revert(args),
         Command::Status(args) => status(args),
+        Command::Ps(args) => ps::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Build(args) => build::run(args),
         Command::Keygen(args) => trust::keygen(args),

@@ -232,6 +232,13 @@ enum AgentInfoError {
     Malformed(String),
 }
 
+/// The pid `agent.json` in `dir` names, if it can be read: the process the agent runs in.
+pub fn agent_pid(dir: &Path) -> Option<u32> {
+    read_agent_info(&dir.join(AGENT_FILE))
+        .ok()
+        .map(|agent| agent.pid)
+}
+
 fn read_agent_info(path: &Path) -> Result<AgentInfo, AgentInfoError> {
     let bytes = fs::read(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => AgentInfoError::Missing,
@@ -265,7 +272,7 @@ fn parent_pid(pid: u32) -> Option<u32> {
 }
 
 /// The effective uid (second field of `Uid:`): the owner of what the agent creates.
-fn parse_status_uid(status: &str) -> Option<u32> {
+pub fn parse_status_uid(status: &str) -> Option<u32> {
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
