@@ -158,10 +158,47 @@ pub enum CliError {
     EarlierProcess { path: PathBuf, pid: u32 },
     #[error("process {pid} exited before its agent answered")]
     Exited { pid: u32 },
+    /// `--all`: no process with an agent is selected.
+    #[error(
+        "{}{}",
+        nothing_found(.filter.as_deref(), *.uid),
+        match .others {
+            0 => String::new(),
+            1 => "; 1 other process has one (`dsu ps` lists it)".to_owned(),
+            n => format!("; {n} other processes have one (`dsu ps` lists them)"),
+        }
+    )]
+    NoMatch {
+        /// The filter as given (`--exe PATH`), if any.
+        filter: Option<String>,
+        /// Agent processes found that the filter left out.
+        others: usize,
+        /// The uid `dsu` runs as: without root only its processes are seen.
+        uid: u32,
+    },
 
     // Exit 1: the agent answered, and not with "applied".
     #[error("{}", agent_message(.outcome))]
     Agent { outcome: Box<Outcome> },
+
+    // Exit 1: a host-wide command (`--all`) that did not succeed in every selected process.
+    #[error("{failed} of {targeted} processes failed to {op}; the summary above lists them")]
+    RolloutFailed {
+        /// `apply the patch` or `revert`.
+        op: &'static str,
+        failed: usize,
+        targeted: usize,
+    },
+    #[error(
+        "the canary stage failed ({}); the other {untouched} processes were left alone",
+        .pids.iter().map(|p| format!("process {p}")).collect::<Vec<_>>().join(", ")
+    )]
+    CanaryFailed {
+        /// The canaries that failed.
+        pids: Vec<u32>,
+        /// The selected processes never attempted.
+        untouched: usize,
+    },
 
     // Exit 4: no answer in time.
     #[error(
@@ -228,11 +265,14 @@ impl CliError {
             | CliError::NoListener { .. }
             | CliError::Send { .. }
             | CliError::HungUp { .. }
-            | CliError::Exited { .. } => exit::UNREACHABLE,
+            | CliError::Exited { .. }
+            | CliError::NoMatch { .. } => exit::UNREACHABLE,
             CliError::Agent { .. }
             | CliError::Inspect(_)
             | CliError::InspectProblems { .. }
-            | CliError::Build(_) => exit::REFUSED,
+            | CliError::Build(_)
+            | CliError::RolloutFailed { .. }
+            | CliError::CanaryFailed { .. } => exit::REFUSED,
             CliError::TimedOut { .. } => exit::TIMED_OUT,
         }
     }
@@ -260,8 +300,8 @@ fn agent_message(outcome: &Outcome) -> String {
     }
 }
 
-/// What `dsu ps` says when no process with an agent is selected: `filter` as given, `uid` the
-/// one `dsu` runs as (only root sees other users' processes).
+/// What `dsu ps` and `--all` say when no process with an agent is selected: `filter` as given,
+/// `uid` the one `dsu` runs as (only root sees other users' processes).
 pub fn nothing_found(filter: Option<&str>, uid: u32) -> String {
     let mut text = match filter {
         Some(filter) => format!("no process with a dsu agent matches {filter}"),

@@ -14,6 +14,7 @@ mod pack;
 mod patch;
 mod ps;
 mod request;
+mod rollout;
 mod sys;
 mod target;
 mod trust;
@@ -43,6 +44,7 @@ use crate::target::Target;
                   dsu status -p 4242\n  \
                   dsu revert -p 4242\n  \
                   dsu ps\n  \
+                  dsu apply --all --exe /usr/bin/shop fix.o\n  \
                   dsu inspect fix.o --against 4242\n  \
                   dsu build orig/shop.o fixed/shop.o -o fix.o"
 )]
@@ -88,7 +90,7 @@ struct TargetArgs {
 #[derive(Debug, Args)]
 struct ApplyArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    target: rollout::Targets,
     /// The patch: an ELF relocatable object (`cc -c -fPIC`, `rustc --emit=obj`).
     #[arg(value_name = "PATCH")]
     patch: PathBuf,
@@ -100,12 +102,14 @@ struct ApplyArgs {
     /// keep the old code.
     #[arg(long)]
     allow_stale_clones: bool,
+    #[command(flatten)]
+    canary: rollout::CanaryArgs,
 }
 
 #[derive(Debug, Args)]
 struct RevertArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    target: rollout::Targets,
     /// Patch id (the `seq` of its apply, as `dsu status` shows); the newest if omitted.
     #[arg(value_name = "ID")]
     id: Option<u64>,
@@ -157,6 +161,9 @@ fn main() -> ExitCode {
 }
 
 fn apply(args: &ApplyArgs) -> Result<(), CliError> {
+    let Some(target_args) = args.target.single() else {
+        return rollout::apply(args);
+    };
     // Local checks first: a bad file is refused before the process is touched, and on record
     // like the agent's refusals.
     let bytes = patch::read_patch(&args.patch).inspect_err(|e| {
@@ -164,14 +171,14 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
         let uid = sys::effective_uid();
         let line = dsu_agent::audit::tool_refusal_line(
             "apply",
-            args.target.pid,
+            target_args.pid,
             uid,
             &args.patch,
             &e.to_string(),
         );
         audit.send(&line);
     })?;
-    let target = locate(&args.target)?;
+    let target = locate(&target_args)?;
     let op = RequestOp::Apply {
         // Over the socket only a label: the agent keeps the bytes as consumed/<seq>.patch.
         file: args.patch.display().to_string(),
@@ -187,7 +194,10 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
 }
 
 fn revert(args: &RevertArgs) -> Result<(), CliError> {
-    let target = locate(&args.target)?;
+    let Some(target_args) = args.target.single() else {
+        return rollout::revert(args);
+    };
+    let target = locate(&target_args)?;
     let op = RequestOp::Revert { patch_id: args.id };
     let outcome = request::exchange(&target, op, None, args.timeout, false)?;
     report(target.pid, outcome)

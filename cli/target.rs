@@ -112,7 +112,7 @@ pub struct Process {
 }
 
 impl Process {
-    fn open(pid: u32) -> Result<Process, CliError> {
+    pub fn open(pid: u32) -> Result<Process, CliError> {
         let raw = libc::pid_t::try_from(pid).map_err(|_| CliError::NoProcess { pid })?;
         match sys::pidfd_open(raw) {
             Ok(fd) => Ok(Process {

@@ -69,17 +69,17 @@ pub fn socket_from_env() -> Option<PathBuf> {
 }
 
 /// The line of a request the `dsu` tool refused itself, before any agent saw it (a patch
-/// file that is a link, another user's, or writable by others): `op`, the target `pid`, the
-/// requesting `uid`, the patch's path and the reason.
+/// file that is a link, another user's, or writable by others): `op`, the `target` (a pid, or
+/// `all` for `dsu apply --all`), the requesting `uid`, the patch's path and the reason.
 pub fn tool_refusal_line(
     op: &str,
-    pid: u32,
+    target: impl std::fmt::Display,
     uid: u32,
     patch: &std::path::Path,
     error: &str,
 ) -> String {
     format!(
-        "<{}>dsu[{}]: op={op} outcome=refused target={pid} uid={uid} patch={:?} error={error:?}",
+        "<{}>dsu[{}]: op={op} outcome=refused target={target} uid={uid} patch={:?} error={error:?}",
         AUTHPRIV * 8 + WARNING,
         std::process::id(),
         patch.display().to_string(),
