@@ -239,6 +239,7 @@ fn empty_status(pid: u32) -> StatusReport {
         pid,
         patches: Vec::new(),
         agent: None,
+        kept: Vec::new(),
     }
 }
 
