@@ -197,6 +197,9 @@ pub enum CliError {
     Build(#[from] dsu_build::BuildError),
     #[error("the patch has {count} problem{} against {against} (listed above)", if *.count == 1 { "" } else { "s" })]
     InspectProblems { count: usize, against: String },
+    // Exit 1: a patch that cannot be kept (`--persist`) or whose kept copy cannot be removed.
+    #[error(transparent)]
+    Persist(#[from] crate::persist::PersistError),
 }
 
 impl CliError {
@@ -232,7 +235,8 @@ impl CliError {
             CliError::Agent { .. }
             | CliError::Inspect(_)
             | CliError::InspectProblems { .. }
-            | CliError::Build(_) => exit::REFUSED,
+            | CliError::Build(_)
+            | CliError::Persist(_) => exit::REFUSED,
             CliError::TimedOut { .. } => exit::TIMED_OUT,
         }
     }

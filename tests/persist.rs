@@ -1,5 +1,6 @@
-//! Kept patches end to end (issue 14): a process of a build that has patches kept for it comes
-//! up patched from its first output, and kept files the agent cannot trust are refused with
+//! Kept patches end to end (issue 14): `dsu apply --persist` keeps a patch for the program's
+//! build, a process of that build started afterwards comes up patched from its first output,
+//! `dsu revert` removes the kept copy, and kept files the agent cannot trust are refused with
 //! the reason on record while the program starts regardless.
 //!
 //! Every process and `dsu` here runs with `DSU_PATCH_DIR` in the test's scratch directory, so
@@ -69,8 +70,9 @@ const C_X10_PLUS_1: &str = "
 uint64_t dsu_fixture_compute(uint64_t x) { return x * 10 + 1; }
 ";
 
-/// The build id the test programs are linked with.
+/// The build id the test programs are linked with, and another program's.
 const BUILD_ID: &str = "d5a0000000000000000000000000000000000001";
+const OTHER_BUILD_ID: &str = "d5a0000000000000000000000000000000000002";
 
 /// `FIRST_C` built as `name` with build id `build_id` and extra `flags`.
 fn program(dir: &Path, name: &str, build_id: &str, flags: &[&str]) -> PathBuf {
@@ -197,7 +199,10 @@ impl Setup {
 
     /// Runs `dsu` with this test's `DSU_PATCH_DIR` and system log.
     fn dsu(&self, args: &[&str]) -> Run {
-        let patch_dir = &self.patches;
+        self.dsu_env(args, &self.patches)
+    }
+
+    fn dsu_env(&self, args: &[&str], patch_dir: &Path) -> Run {
         let child = Command::new(cargo_bin("dsu"))
             .args(args)
             .env("DSU_PATCH_DIR", patch_dir)
@@ -210,6 +215,7 @@ impl Setup {
         let out = support::finish(child, Duration::from_secs(60));
         Run {
             success: out.status.success(),
+            code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
@@ -229,6 +235,7 @@ impl Setup {
 
 struct Run {
     success: bool,
+    code: Option<i32>,
     stdout: String,
     stderr: String,
 }
@@ -283,6 +290,23 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// The entries of `dir`, sorted (none when it does not exist).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -311,6 +335,98 @@ fn refused_at_start(setup: &Setup, process: &Process, file: &Path, reason: &str)
         "agent log:\n{}",
         process.log()
     );
+}
+
+#[test]
+fn a_patch_kept_with_persist_applies_in_processes_started_later_until_reverted() {
+    let mut setup = Setup::new("persist-cycle");
+    let shop = program(&setup.dir, "shop", BUILD_ID, &[]);
+    let other = program(&setup.dir, "other", OTHER_BUILD_ID, &[]);
+    let patch = cc_object(&setup.dir, "x10", C_X10, &[]);
+    let mut first = setup.start(&shop, &[]);
+    assert_eq!(first.first, ORIGINAL);
+
+    let out = setup.ok(&[
+        "apply",
+        "-p",
+        &first.pid.to_string(),
+        "--persist",
+        &path(&patch),
+    ]);
+    assert_eq!(first.compute(), 70);
+    let build_dir = setup.patches.join(BUILD_ID);
+    let sha = dsu_agent::trust::expect::code_hash(&std::fs::read(&patch).unwrap());
+    let kept = build_dir.join(format!("0001-{}.o", &sha[..16]));
+    assert!(
+        out.contains(&format!("kept as {} for build {BUILD_ID}", kept.display())),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        std::fs::read(&patch).unwrap()
+    );
+    let (dir_mode, file_mode) = if is_root() {
+        (0o755, 0o644)
+    } else {
+        (0o700, 0o600)
+    };
+    assert_eq!((mode(&build_dir), mode(&kept)), (dir_mode, file_mode));
+
+    // A process of the same build runs the fix from its first output, and shows the patch.
+    let second = setup.start(&shop, &[]);
+    assert_eq!(second.first, 70, "log:\n{}", second.log());
+    let status = setup.status(second.pid);
+    assert_eq!(status["patches"][0]["file"], path(&kept), "{status}");
+    assert_eq!(status["patches"][0]["sha256"], sha.as_str());
+    assert_eq!(
+        status["kept"],
+        serde_json::json!([{"file": path(&kept), "outcome": "applied", "patch_id": 1}])
+    );
+    let text = setup.ok(&["status", "-p", &second.pid.to_string()]);
+    assert!(
+        text.contains(&format!("  {}: applied as patch 1", kept.display())),
+        "{text}"
+    );
+    assert!(
+        setup
+            .log
+            .lines()
+            .iter()
+            .any(|l| l.contains("op=apply outcome=applied")
+                && l.contains(&format!("kept={:?}", path(&kept)))),
+        "the start-up apply is not in the system log"
+    );
+
+    // Keeping the same patch again adds no second copy.
+    let again = setup.ok(&[
+        "apply",
+        "-p",
+        &second.pid.to_string(),
+        "--persist",
+        &path(&patch),
+    ]);
+    assert!(
+        again.contains(&format!("already kept as {}", kept.display())),
+        "{again}"
+    );
+    assert_eq!(entries(&build_dir).len(), 1);
+
+    // Another program (another build id) is left alone.
+    let unrelated = setup.start(&other, &[]);
+    assert_eq!(unrelated.first, ORIGINAL);
+    assert_eq!(setup.status(unrelated.pid)["kept"], serde_json::Value::Null);
+
+    // Reverting it in the first process removes the kept copy: later processes start without.
+    let out = setup.ok(&["revert", "-p", &first.pid.to_string()]);
+    assert!(
+        out.contains(&format!("removed kept patch {}", kept.display())),
+        "{out}"
+    );
+    assert!(!kept.exists());
+    assert_eq!(first.compute(), ORIGINAL);
+    let third = setup.start(&shop, &[]);
+    assert_eq!(third.first, ORIGINAL, "log:\n{}", third.log());
+    assert_eq!(setup.status(third.pid)["patches"], serde_json::json!([]));
 }
 
 #[test]
@@ -521,4 +637,73 @@ fn a_rust_program_installing_the_agent_comes_up_patched() {
         &[("DSU_PATCH_DIR", &setup.patches)],
     );
     assert_eq!(fx.compute(), 70, "log:\n{}", fx.log());
+}
+
+#[test]
+fn dsu_apply_persist_refuses_what_it_cannot_keep_before_applying() {
+    let mut setup = Setup::new("persist-refuse");
+    let patch = cc_object(&setup.dir, "x10", C_X10, &[]);
+    let anonymous = cc_program(
+        &setup.dir,
+        "anonymous",
+        &[("anonymous.c", FIRST_C)],
+        &["-Wl,--build-id=none"],
+    );
+    let mut process = setup.start(&anonymous, &[]);
+    let pid = process.pid.to_string();
+    let run = setup.dsu(&["apply", "-p", &pid, "--persist", &path(&patch)]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "process {pid} runs {}, which has no GNU build id",
+            anonymous.display()
+        )) && run.stderr.contains("nothing was applied"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(process.compute(), ORIGINAL);
+
+    let shop = program(&setup.dir, "shop", BUILD_ID, &[]);
+    let mut process = setup.start(&shop, &[]);
+    let pid = process.pid.to_string();
+    let run = setup.dsu_env(
+        &["apply", "-p", &pid, "--persist", &path(&patch)],
+        Path::new("off"),
+    );
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("kept patches are turned off (DSU_PATCH_DIR=off); nothing was applied"),
+        "{}",
+        run.stderr
+    );
+
+    let dir = setup.build_dir(BUILD_ID);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = setup.dsu(&["apply", "-p", &pid, "--persist", &path(&patch)]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "kept patch directory {} is writable by others (mode 0777)",
+            dir.display()
+        )) && run
+            .stderr
+            .contains("the agent would refuse to read it (nothing was applied)"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(process.compute(), ORIGINAL);
+    assert!(entries(&dir).is_empty());
+
+    let run = setup.dsu(&[
+        "apply",
+        "-p",
+        &pid,
+        "--persist",
+        "--allow-stale-clones",
+        &path(&patch),
+    ]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("cannot be used with"), "{}", run.stderr);
+    assert!(!run.success);
 }
