@@ -234,6 +234,9 @@ pub enum CliError {
     Build(#[from] dsu_build::BuildError),
     #[error("the patch has {count} problem{} against {against} (listed above)", if *.count == 1 { "" } else { "s" })]
     InspectProblems { count: usize, against: String },
+    // Exit 1: a patch that cannot be kept (`--persist`) or whose kept copy cannot be removed.
+    #[error(transparent)]
+    Persist(#[from] crate::persist::PersistError),
 }
 
 impl CliError {
@@ -272,7 +275,8 @@ impl CliError {
             | CliError::InspectProblems { .. }
             | CliError::Build(_)
             | CliError::RolloutFailed { .. }
-            | CliError::CanaryFailed { .. } => exit::REFUSED,
+            | CliError::CanaryFailed { .. }
+            | CliError::Persist(_) => exit::REFUSED,
             CliError::TimedOut { .. } => exit::TIMED_OUT,
         }
     }

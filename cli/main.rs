@@ -12,6 +12,7 @@ mod inspect;
 mod output;
 mod pack;
 mod patch;
+mod persist;
 mod ps;
 mod request;
 mod rollout;
@@ -104,6 +105,10 @@ struct ApplyArgs {
     allow_stale_clones: bool,
     #[command(flatten)]
     canary: rollout::CanaryArgs,
+    /// Also keep the patch for the program's build, so that processes of it started later
+    /// apply it at start-up (`dsu revert` removes it).
+    #[arg(long, conflicts_with = "allow_stale_clones")]
+    persist: bool,
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +184,11 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
         audit.send(&line);
     })?;
     let target = locate(&target_args)?;
+    let keep_for = if args.persist {
+        Some(persist::before_apply(target.pid)?)
+    } else {
+        None
+    };
     let op = RequestOp::Apply {
         // Over the socket only a label: the agent keeps the bytes as consumed/<seq>.patch.
         file: args.patch.display().to_string(),
@@ -190,7 +200,12 @@ fn apply(args: &ApplyArgs) -> Result<(), CliError> {
         args.timeout,
         args.allow_stale_clones,
     )?;
-    report(target.pid, outcome)
+    let patch_id = outcome.patch_id.unwrap_or(outcome.seq);
+    report(target.pid, outcome)?;
+    match keep_for {
+        Some(build_id) => persist::after_apply(target.pid, patch_id, &bytes, &build_id),
+        None => Ok(()),
+    }
 }
 
 fn revert(args: &RevertArgs) -> Result<(), CliError> {
@@ -200,7 +215,12 @@ fn revert(args: &RevertArgs) -> Result<(), CliError> {
     let target = locate(&target_args)?;
     let op = RequestOp::Revert { patch_id: args.id };
     let outcome = request::exchange(&target, op, None, args.timeout, false)?;
-    report(target.pid, outcome)
+    let reverted = outcome.record.as_ref().and_then(|r| r.patch_sha256.clone());
+    report(target.pid, outcome)?;
+    match reverted {
+        Some(sha256) => persist::after_revert(target.pid, &sha256),
+        None => Ok(()),
+    }
 }
 
 /// How long `dsu status` waits for the agent (plus the exchange's grace) before it shows
@@ -256,6 +276,7 @@ fn empty_status(pid: u32) -> StatusReport {
         pid,
         patches: Vec::new(),
         agent: None,
+        kept: Vec::new(),
     }
 }
 

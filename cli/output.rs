@@ -1,6 +1,8 @@
 //! Human-readable lines for agent answers.
 
-use dsu_agent::report::{AgentInfo, AgentState, FunctionReport, Outcome, Status, StatusReport};
+use dsu_agent::report::{
+    AgentInfo, AgentState, FunctionReport, KeptReport, Outcome, Status, StatusReport,
+};
 
 /// Writes `line` and a newline to stdout. A reader that went away (`dsu inspect | head`) is
 /// not an error, as with other command-line tools: the rest of the output is dropped quietly.
@@ -115,6 +117,7 @@ pub fn status_lines(
             }
         }
     }
+    lines.extend(kept_lines(&status.kept));
     let Some(outcome) = last else {
         lines.push("no request answered yet".to_owned());
         return lines;
@@ -144,6 +147,25 @@ pub fn status_lines(
             .iter()
             .map(|f| format!("  {}", function_line(f))),
     );
+    lines
+}
+
+/// What became of the kept patches the agent found at install, one line each.
+fn kept_lines(kept: &[KeptReport]) -> Vec<String> {
+    if kept.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec![format!("{} kept patch(es) tried at start-up:", kept.len())];
+    lines.extend(kept.iter().map(|k| match (k.patch_id, &k.error) {
+        (Some(id), _) => format!("  {}: applied as patch {id}", k.file),
+        (None, Some(error)) => format!(
+            "  {}: {}: {}",
+            k.file,
+            k.outcome.as_str(),
+            crate::error::one_line(error)
+        ),
+        (None, None) => format!("  {}: {}", k.file, k.outcome.as_str()),
+    }));
     lines
 }
 

@@ -506,6 +506,7 @@ fn status_shows_the_agent_the_patches_and_the_last_answer() {
             trigger_taken_over: true,
             socket: Some(dir.join("agent.sock").display().to_string()),
         }),
+        kept: vec![],
     };
     let agent = fake_status_agent(&dir, status.clone(), 3);
     let text = stdout(&dsu_with(&["status", "-p", &pid, "--control-dir"], &[&dir]));

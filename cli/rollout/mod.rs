@@ -15,6 +15,7 @@
 mod progress;
 mod summary;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use crate::fleet::{self, AgentProcess, Filter};
 use crate::target::{Process, Target};
 use crate::{patch, request, sys};
 use progress::Progress;
-use summary::{Entry, Fate, Summary};
+use summary::{Entry, Fate, KeptChange, Summary};
 
 /// Requests in flight at once by default. The time per process is mostly the agent's own work
 /// in its own process, so more than the cores keeps them busy; not many more, since every
@@ -183,6 +184,12 @@ pub fn apply(args: &crate::ApplyArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let bytes = patch::read_patch(&args.patch).inspect_err(|e| record_refusal(&args.patch, e))?;
     let selection = select(&args.target)?;
+    if args.persist {
+        // As `-p --persist`: a patch that could not be kept is not applied either.
+        for build_id in build_ids(&selection.targets())? {
+            crate::persist::check_place(build_id)?;
+        }
+    }
     let request = Request::Apply {
         bytes: &bytes,
         file: args.patch.display().to_string(),
@@ -234,6 +241,11 @@ pub fn apply(args: &crate::ApplyArgs) -> Result<(), CliError> {
         done.extend(run(rest, &request, args.timeout, jobs, &mut progress));
     }
     progress.finish();
+    let (kept, keep_error) = if args.persist && !stopped {
+        keep_for_builds(&targets, &done, &bytes)
+    } else {
+        (Vec::new(), None)
+    };
     let summary = Summary {
         op: "apply",
         what: args.patch.display().to_string(),
@@ -243,8 +255,12 @@ pub fn apply(args: &crate::ApplyArgs) -> Result<(), CliError> {
         entries: selection.entries(done, first),
         canary,
         elapsed: started.elapsed(),
+        kept,
     };
     summary.print(args.target.json);
+    if let Some(e) = keep_error {
+        return Err(e);
+    }
     if stopped {
         let pids = summary
             .entries
@@ -275,6 +291,7 @@ pub fn revert(args: &crate::RevertArgs) -> Result<(), CliError> {
         &mut progress,
     );
     progress.finish();
+    let (kept, forget_error) = forget_for_builds(&targets, &done);
     let summary = Summary {
         op: "revert",
         what: args
@@ -286,8 +303,12 @@ pub fn revert(args: &crate::RevertArgs) -> Result<(), CliError> {
         entries: selection.entries(done, 0),
         canary: None,
         elapsed: started.elapsed(),
+        kept,
     };
     summary.print(args.target.json);
+    if let Some(e) = forget_error {
+        return Err(e);
+    }
     outcome(&summary, "revert", targets.len())
 }
 
@@ -348,8 +369,102 @@ fn attempt(p: &AgentProcess, request: &Request<'_>, timeout: Duration) -> Result
     }
     Ok(Fate::Done {
         patch_id: outcome.patch_id.unwrap_or(outcome.seq),
+        sha256: outcome.record.and_then(|r| r.patch_sha256),
         warnings: outcome.warnings,
     })
+}
+
+/// The distinct build ids of `targets`; every one must have a build id, kept patches being
+/// filed by it.
+fn build_ids<'a>(targets: &[&'a AgentProcess]) -> Result<BTreeSet<&'a str>, CliError> {
+    targets
+        .iter()
+        .map(|p| {
+            p.build_id.as_deref().ok_or_else(|| {
+                crate::persist::PersistError::NoBuildId {
+                    pid: p.pid,
+                    exe: PathBuf::from(&p.exe),
+                }
+                .into()
+            })
+        })
+        .collect()
+}
+
+/// `apply --all --persist`, after the rollout: keeps the patch once for each build it was
+/// applied in. The first failure to keep is returned after the summary is printed.
+fn keep_for_builds(
+    targets: &[&AgentProcess],
+    done: &[Fate],
+    bytes: &[u8],
+) -> (Vec<KeptChange>, Option<CliError>) {
+    let mut builds: BTreeMap<&str, (u32, u64)> = BTreeMap::new();
+    for (p, fate) in targets.iter().zip(done) {
+        if let (Fate::Done { patch_id, .. }, Some(id)) = (fate, p.build_id.as_deref()) {
+            builds.entry(id).or_insert((p.pid, *patch_id));
+        }
+    }
+    let mut kept = Vec::new();
+    for (build_id, (pid, patch_id)) in builds {
+        match crate::persist::keep(bytes, build_id) {
+            Ok(file) => kept.push(KeptChange {
+                build_id: build_id.to_owned(),
+                path: file.path,
+                action: if file.new { "kept" } else { "already kept" },
+            }),
+            Err(e) => {
+                let e = crate::persist::PersistError::Keep {
+                    pid,
+                    patch_id,
+                    reason: e.one_line(),
+                };
+                return (kept, Some(e.into()));
+            }
+        }
+    }
+    (kept, None)
+}
+
+/// `revert --all`, after the reverts: removes the kept copies of each reverted patch for the
+/// builds it was reverted in.
+fn forget_for_builds(
+    targets: &[&AgentProcess],
+    done: &[Fate],
+) -> (Vec<KeptChange>, Option<CliError>) {
+    let mut pairs: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    for (p, fate) in targets.iter().zip(done) {
+        if let (
+            Fate::Done {
+                sha256: Some(sha), ..
+            },
+            Some(id),
+        ) = (fate, p.build_id.as_deref())
+        {
+            pairs.entry((id, sha.as_str())).or_insert(p.pid);
+        }
+    }
+    let mut removed = Vec::new();
+    if pairs.is_empty() || !crate::persist::anything_kept() {
+        return (removed, None);
+    }
+    for ((build_id, sha256), pid) in pairs {
+        match crate::persist::forget(sha256, build_id) {
+            Ok(paths) => removed.extend(paths.into_iter().map(|path| KeptChange {
+                build_id: build_id.to_owned(),
+                path,
+                action: "removed",
+            })),
+            Err((path, e)) => {
+                let e = crate::persist::PersistError::Forget {
+                    pid,
+                    path,
+                    reason: e.to_string(),
+                };
+                return (removed, Some(e.into()));
+            }
+        }
+    }
+    (removed, None)
 }
 
 /// Why a process has nothing to revert: no patch at all, or not patch `id`.
@@ -529,6 +644,7 @@ mod tests {
                 })
                 .collect(),
             agent: None,
+            kept: Vec::new(),
         }
     }
 

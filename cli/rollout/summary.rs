@@ -2,6 +2,7 @@
 //! stdout (counts, then one line per process skipped or failed) or one JSON document.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -16,6 +17,8 @@ pub enum Fate {
     Done {
         patch_id: u64,
         warnings: Vec<String>,
+        /// SHA-256 of the patch applied or reverted, as the agent recorded it.
+        sha256: Option<String>,
     },
     /// Not attempted, for this reason.
     Skipped(String),
@@ -34,6 +37,15 @@ pub struct Entry<'a> {
     pub process: &'a AgentProcess,
     pub done: Fate,
     pub canary: bool,
+}
+
+/// What `--persist` (apply) or a revert did to the patches kept for a build.
+#[derive(Debug, Serialize)]
+pub struct KeptChange {
+    pub build_id: String,
+    pub path: PathBuf,
+    /// `kept`, `already kept` or `removed`.
+    pub action: &'static str,
 }
 
 /// The canary stage, when there was one.
@@ -57,6 +69,8 @@ pub struct Summary<'a> {
     pub entries: Vec<Entry<'a>>,
     pub canary: Option<Canary>,
     pub elapsed: Duration,
+    /// Kept copies written or removed, once per build.
+    pub kept: Vec<KeptChange>,
 }
 
 impl Summary<'_> {
@@ -99,6 +113,22 @@ impl Summary<'_> {
                 )
             } else {
                 format!("canary: {pids}: failed; the rest were not attempted")
+            });
+        }
+        for change in &self.kept {
+            lines.push(match change.action {
+                "removed" => format!(
+                    "removed kept patch {}: processes of build {} started from now on run \
+                     without it",
+                    change.path.display(),
+                    change.build_id
+                ),
+                action => format!(
+                    "{action} as {} for build {}: processes of this build started from now on \
+                     apply it at start-up",
+                    change.path.display(),
+                    change.build_id
+                ),
             });
         }
         for entry in &self.entries {
@@ -152,14 +182,15 @@ impl Summary<'_> {
                 wait_ms: u64::try_from(c.wait.as_millis()).unwrap_or(u64::MAX),
                 passed: c.passed,
             }),
+            kept: &self.kept,
             processes: self
                 .entries
                 .iter()
                 .map(|e| {
                     let (status, patch_id, reason, warnings) = match &e.done {
-                        Fate::Done { patch_id, warnings } => {
-                            (self.verb(), Some(*patch_id), None, warnings.as_slice())
-                        }
+                        Fate::Done {
+                            patch_id, warnings, ..
+                        } => (self.verb(), Some(*patch_id), None, warnings.as_slice()),
                         Fate::Skipped(reason) => ("skipped", None, Some(reason.as_str()), &[][..]),
                         Fate::Failed(reason) => ("failed", None, Some(reason.as_str()), &[][..]),
                     };
@@ -204,6 +235,8 @@ pub struct Document<'a> {
     counts: Counts,
     elapsed_ms: u64,
     canary: Option<CanaryDocument<'a>>,
+    #[serde(skip_serializing_if = "<[KeptChange]>::is_empty")]
+    kept: &'a [KeptChange],
     processes: Vec<ProcessDocument<'a>>,
 }
 
@@ -294,6 +327,7 @@ mod tests {
                     done: Fate::Done {
                         patch_id: 1,
                         warnings: vec!["w".into()],
+                        sha256: None,
                     },
                     canary: true,
                 },
@@ -314,12 +348,18 @@ mod tests {
                 passed: true,
             }),
             elapsed: Duration::from_millis(250),
+            kept: vec![KeptChange {
+                build_id: "abcd".into(),
+                path: PathBuf::from("/k/abcd/0001-00.o"),
+                action: "kept",
+            }],
         };
         assert_eq!(
             summary.lines(),
             [
                 "apply fix.o: 1 applied, 1 skipped, 1 failed (3 processes with a dsu agent) in 0.25 s",
                 "canary: process 10: alive, answering and still patched after 1.5 s",
+                "kept as /k/abcd/0001-00.o for build abcd: processes of this build started from now on apply it at start-up",
                 "failed: process 11 (/bin/shop): refused: active",
                 "skipped: process 12 (/bin/other): executable /bin/other, not /bin/shop",
             ]
@@ -335,6 +375,10 @@ mod tests {
         assert_eq!(doc["processes"][1]["reason"], "refused: active");
         assert_eq!(doc["processes"][2]["status"], "skipped");
         assert_eq!(doc["canary"]["pids"], json!([10]));
+        assert_eq!(
+            doc["kept"],
+            json!([{"build_id": "abcd", "path": "/k/abcd/0001-00.o", "action": "kept"}])
+        );
     }
 
     #[test]

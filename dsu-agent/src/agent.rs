@@ -24,9 +24,10 @@ use crate::config::Builder;
 use crate::control::socket::{Client, Listener, SOCKET_FILE};
 use crate::control::{ControlDir, Op, Request, RequestOp, SocketInfo, cleanup};
 use crate::error::Error;
+use crate::persist::Kept;
 use crate::report::{
-    AgentState, FunctionReport, Outcome, PatchReport, RecordReport, StagesReport, Status,
-    StatusReport,
+    AgentState, FunctionReport, KeptReport, Outcome, PatchReport, RecordReport, StagesReport,
+    Status, StatusReport,
 };
 use crate::stop::StopWorld;
 use crate::trigger::{self, Trigger, Waiter, Waker};
@@ -60,6 +61,8 @@ struct Shared {
     exe: String,
     /// Whether the agent has trusted keys (a verified signature is then required).
     has_keys: bool,
+    /// What became of the patches kept for this program, tried at install.
+    kept: Mutex<Vec<KeptReport>>,
 }
 
 #[derive(Debug)]
@@ -100,6 +103,13 @@ pub(crate) fn install(mut config: Builder) -> Result<Agent, Error> {
     // than it was configured with.
     let trust = config.trust_policy()?;
     let audit = Audit::new(config.syslog_socket_path());
+    // Looked for before anything starts: without a directory this costs a failed `stat` per
+    // base, and install() then does not wait for the agent thread.
+    let kept = crate::persist::find(
+        &config.patch_bases().list(),
+        dsu_sys::ids::effective_uid(),
+        crate::persist::build_id::of_this_process,
+    );
     let dir = config
         .control_dir
         .clone()
@@ -166,6 +176,7 @@ pub(crate) fn install(mut config: Builder) -> Result<Agent, Error> {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         has_keys: !trust.keys.is_empty(),
+        kept: Mutex::new(Vec::new()),
     });
     let mut engine = Engine::new(stopper, writer);
     engine.set_trust(trust);
@@ -174,12 +185,19 @@ pub(crate) fn install(mut config: Builder) -> Result<Agent, Error> {
     // thread inherits the mask): the program's signals must reach the program's threads,
     // never the agent's.
     let saved = dsu_sys::signal::block_asynchronous().map_err(Error::Thread)?;
+    let wait_for_kept = !kept.is_empty();
+    let (kept_done, kept_applied) = mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("dsu-agent".into())
-        .spawn(move || run(&thread_shared, engine, waiter, listener));
+        .spawn(move || run(&thread_shared, engine, waiter, listener, kept, kept_done));
     let restored = dsu_sys::signal::set_mask(&saved);
     spawned.map_err(Error::Thread)?;
     restored.map_err(Error::Thread)?;
+    if wait_for_kept {
+        // The program's code runs the kept fixes from its first call after install(). An
+        // error means the agent thread ended; the program starts regardless.
+        let _ = kept_applied.recv();
+    }
     let agent = Agent { shared };
     *slot = Some(agent.clone());
     Ok(agent)
@@ -286,12 +304,22 @@ pub enum ApplyFileError {
     Update(#[from] UpdateError),
 }
 
-/// The agent thread: wait for a wake-up or a connection; run queued in-process jobs, then
-/// every request in the control directory, then every pending connection.
-fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter, listener: Option<Listener>) {
+/// The agent thread: apply the kept patches and tell install() (`kept_done`); then wait for a
+/// wake-up or a connection; run queued in-process jobs, then every request in the control
+/// directory, then every pending connection.
+fn run(
+    shared: &Shared,
+    mut engine: Engine,
+    mut waiter: Waiter,
+    listener: Option<Listener>,
+    kept: Vec<Kept>,
+    kept_done: mpsc::Sender<()>,
+) {
     // One sequence for every request, whatever its source: an applied patch's id is the seq of
     // the request that applied it.
     let mut seq = 0u64;
+    apply_kept(shared, &mut engine, kept, &mut seq);
+    let _ = kept_done.send(());
     engine.warm_up();
     publish_status(shared, &engine);
     while let Ok(woken) = waiter.wait(listener.as_ref().map(|l| l.as_fd())) {
@@ -305,6 +333,69 @@ fn run(shared: &Shared, mut engine: Engine, mut waiter: Waiter, listener: Option
             serve_socket(shared, &mut engine, listener, &mut seq);
         }
     }
+}
+
+/// The patches kept for this program, each applied as an apply request of the process's own
+/// uid (the same engine entry, so the same trust checks), whatever became of the others. Each
+/// takes a number, as a request does; a file refused before the engine saw it too.
+fn apply_kept(shared: &Shared, engine: &mut Engine, kept: Vec<Kept>, seq: &mut u64) {
+    use sha2::{Digest, Sha256};
+    if kept.is_empty() {
+        return;
+    }
+    let mut reports = Vec::with_capacity(kept.len());
+    // (sha256, patch id) of each kept patch applied: the same patch kept twice (system-wide and
+    // per user) applies once.
+    let mut applied: Vec<(String, u64)> = Vec::new();
+    let no_result = &Err::<Switched, _>(UpdateError::AgentGone);
+    for Kept { path, patch } in kept {
+        *seq += 1;
+        let label = path.display().to_string();
+        let mut outcome = Outcome::new(*seq, None, "apply".into(), Status::Applied, None);
+        let not_applied = |outcome: &mut Outcome, error: String| {
+            if shared.config.log {
+                eprintln!("dsu: {error}");
+            }
+            outcome.outcome = Status::Refused;
+            outcome.error = Some(error);
+        };
+        let record = match patch {
+            Ok(bytes) => {
+                let hash = crate::trust::keys::hex(&Sha256::digest(&bytes));
+                if let Some((_, id)) = applied.iter().find(|(h, _)| *h == hash) {
+                    let error = format!(
+                        "kept patch {label} is the same patch as patch {id}, applied already; \
+                         skipped"
+                    );
+                    not_applied(&mut outcome, error);
+                    record_of(shared, Some(own_uid()), Some(&bytes), no_result)
+                } else {
+                    let policy = shared.config.policy;
+                    let result = guarded(|| engine.apply(&bytes, *seq, &label, &policy));
+                    log_applied(shared, &label, &result);
+                    report_switch(&mut outcome, &result);
+                    if let Ok(done) = &result {
+                        applied.push((hash, done.patch.id));
+                    }
+                    record_of(shared, Some(own_uid()), Some(&bytes), &result)
+                }
+            }
+            Err(e) => {
+                not_applied(&mut outcome, format!("{e}; not applied"));
+                record_of(shared, Some(own_uid()), None, no_result)
+            }
+        };
+        outcome.record = Some(record);
+        shared.audit.send(&crate::audit::kept_line(&outcome, &path));
+        reports.push(KeptReport {
+            file: label,
+            outcome: outcome.outcome,
+            error: outcome.error,
+            patch_id: outcome.patch_id,
+        });
+    }
+    *shared.kept.lock().unwrap_or_else(|e| e.into_inner()) = reports;
+    remember_patches(shared, engine);
 }
 
 /// The in-process API's jobs.
@@ -542,6 +633,11 @@ fn status_report(shared: &Shared, engine: &Engine) -> StatusReport {
             trigger_taken_over: taken_over,
             socket: shared.socket.as_ref().map(|p| p.display().to_string()),
         }),
+        kept: shared
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
     }
 }
 

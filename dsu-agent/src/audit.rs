@@ -86,6 +86,12 @@ pub fn tool_refusal_line(
     )
 }
 
+/// The log line of an apply of the kept patch at `path` at install (`kept="PATH"` after the
+/// fields of [`line()`]): the record names the file, since no request did.
+pub fn kept_line(outcome: &Outcome, path: &std::path::Path) -> String {
+    format!("{} kept={:?}", line(outcome), path.display().to_string())
+}
+
 /// The log line of `outcome`.
 pub fn line(outcome: &Outcome) -> String {
     let severity = if outcome.outcome == Status::Applied {

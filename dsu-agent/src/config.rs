@@ -36,6 +36,9 @@ pub struct Builder {
     require_binding: Option<bool>,
     /// `None`: `DSU_SYSLOG_SOCKET`, else `/dev/log`; `Some(None)`: no system log.
     syslog: Option<Option<PathBuf>>,
+    /// `None`: `DSU_PATCH_DIR`, else the system-wide and per-user bases; `Some(None)`: no
+    /// kept patches.
+    patch_dir: Option<Option<PathBuf>>,
 }
 
 /// The builder's trigger signal setting.
@@ -61,6 +64,7 @@ impl Default for Builder {
             trusted_keys_file: None,
             require_binding: None,
             syslog: None,
+            patch_dir: None,
         }
     }
 }
@@ -154,8 +158,18 @@ impl Builder {
         self
     }
 
+    /// Where the patches kept for this program are read from at install (see
+    /// [`crate::persist`]): `Some(dir)` reads only `dir/<build id>/`, `None` reads none. By
+    /// default `DSU_PATCH_DIR` (`off` for none), else `/var/lib/dsu/patches/<build id>/` and
+    /// the user's `$XDG_DATA_HOME/dsu/patches/<build id>/` (or under
+    /// `$HOME/.local/share`, or the home directory `/etc/passwd` gives).
+    pub fn patch_dir(mut self, dir: Option<PathBuf>) -> Builder {
+        self.patch_dir = Some(dir);
+        self
+    }
+
     /// Installs the agent, or returns the one already installed (the first configuration
-    /// wins).
+    /// wins). Patches kept for this program are applied before it returns.
     pub fn install(self) -> Result<Agent, Error> {
         crate::agent::install(self)
     }
@@ -221,6 +235,16 @@ impl Builder {
             return choice.clone();
         }
         crate::audit::socket_from_env()
+    }
+
+    /// The bases of kept patches: the builder's choice, else the environment's.
+    pub(crate) fn patch_bases(&self) -> crate::persist::Bases {
+        use crate::persist::Bases;
+        match &self.patch_dir {
+            Some(Some(dir)) => Bases::Only(std::path::absolute(dir).unwrap_or(dir.clone())),
+            Some(None) => Bases::Off,
+            None => Bases::of_process(),
+        }
     }
 
     /// The signals to use, from the builder, the environment or the defaults.

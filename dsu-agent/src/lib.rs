@@ -30,6 +30,7 @@ pub mod inspect;
 pub mod link;
 pub mod load;
 pub mod names;
+pub mod persist;
 pub mod place;
 pub mod prepare;
 pub mod relocate;

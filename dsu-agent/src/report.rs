@@ -179,6 +179,24 @@ pub struct StatusReport {
     /// How the agent can be reached (absent in files of older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentState>,
+    /// The patches kept for this program that the agent found at install, in the order it
+    /// tried them, and what became of each (absent when there were none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<KeptReport>,
+}
+
+/// One kept patch (or a refused directory of them) the agent tried at install.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptReport {
+    /// The kept file, or the directory when the whole directory was refused.
+    pub file: String,
+    /// `applied`, or `refused`/`failed` with `error`.
+    pub outcome: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The patch id it was applied as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_id: Option<u64>,
 }
 
 /// How the agent can be reached right now.
