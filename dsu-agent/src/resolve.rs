@@ -5,11 +5,15 @@
 //! `.dynsym`, with each module's load bias. It is built before any thread is stopped.
 
 use std::collections::HashMap;
+
+/// A map keyed by symbol or file name, with a fast hash: every name of every module is
+/// hashed at start-up, and the names come from the process's own files.
+type NameMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use dsu_sys::file_map::FileMap;
 use object::elf;
-use object::read::ReadCache;
 use object::read::elf::{FileHeader, SectionHeader as _, Sym as _};
 use object::{Endianness, ReadRef};
 use thiserror::Error;
@@ -118,14 +122,17 @@ pub struct ModuleInfo {
 #[derive(Debug, Default)]
 pub struct SymbolIndex {
     modules: Vec<ModuleInfo>,
-    by_name: HashMap<Box<str>, Vec<ProcessSymbol>>,
+    by_name: NameMap<Vec<ProcessSymbol>>,
     /// Source file names of `static` symbols; id `n` is `files[n - 1]`.
     files: Vec<Box<str>>,
-    file_ids: HashMap<Box<str>, u32>,
+    file_ids: NameMap<u32>,
     /// Names that look like compiler clones (`NAME.constprop.N`, ...), by the name before
     /// their first clone suffix: an update looks its targets' clones up here instead of
     /// scanning every name.
-    clone_names: HashMap<Box<str>, Vec<Box<str>>>,
+    clone_names: NameMap<Vec<Box<str>>>,
+    /// The source file name of the last [`SymbolIndex::file_id`] call and its id: a module
+    /// lists a file's `static` symbols together.
+    last_file: Option<(Box<[u8]>, u32)>,
 }
 
 impl SymbolIndex {
@@ -161,17 +168,16 @@ impl SymbolIndex {
             reason,
         };
         let file = File::open(&info.path).map_err(|e| err(e.to_string()))?;
-        let cache = ReadCache::new(file);
+        // Mapped, not read through `ReadCache`: a system call per symbol name was most of an
+        // agent's start-up.
+        let map = FileMap::of(&file).map_err(|e| err(e.to_string()))?;
         // Collected first: a file that fails half-way adds nothing, so no symbol ever names a
         // module the index does not hold.
         let mut symbols = Vec::new();
-        read_symbols(&cache, info.bias, |name, file, sym| {
-            symbols.push((name.to_vec(), file.map(<[u8]>::to_vec), sym));
+        read_symbols(map.bytes(), info.bias, |name, file, sym| {
+            symbols.push((name, file, sym));
         })
         .map_err(err)?;
-        let symbols = symbols
-            .iter()
-            .map(|(n, f, s)| (&n[..], f.as_deref(), s.clone()));
         self.add_symbols_in_files(info, symbols);
         Ok(())
     }
@@ -196,6 +202,8 @@ impl SymbolIndex {
         symbols: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>, ProcessSymbol)>,
     ) -> usize {
         let module = self.modules.len();
+        let symbols = symbols.into_iter();
+        self.by_name.reserve(symbols.size_hint().0);
         for (name, file, sym) in symbols {
             let file = file.map_or(0, |f| self.file_id(f));
             self.insert(
@@ -213,6 +221,17 @@ impl SymbolIndex {
 
     /// The id of source file name `file` (see [`ProcessSymbol::file`]).
     fn file_id(&mut self, file: &[u8]) -> u32 {
+        if let Some((last, id)) = &self.last_file
+            && **last == *file
+        {
+            return *id;
+        }
+        let id = self.file_id_of(file);
+        self.last_file = Some((file.into(), id));
+        id
+    }
+
+    fn file_id_of(&mut self, file: &[u8]) -> u32 {
         let file: Box<str> = String::from_utf8_lossy(file).into();
         if let Some(&id) = self.file_ids.get(&file) {
             return id;
@@ -314,22 +333,23 @@ impl SymbolIndex {
         let Ok(name) = std::str::from_utf8(name) else {
             return;
         };
-        if !self.by_name.contains_key(name)
-            && let Some(base) = clone_base(name)
-        {
+        if let Some(entries) = self.by_name.get_mut(name) {
+            // `.symtab` and `.dynsym` list exported symbols twice.
+            if !entries
+                .iter()
+                .any(|e| e.module == symbol.module && e.address == symbol.address)
+            {
+                entries.push(symbol);
+            }
+            return;
+        }
+        if let Some(base) = clone_base(name) {
             self.clone_names
                 .entry(base.into())
                 .or_default()
                 .push(name.into());
         }
-        let entries = self.by_name.entry(name.into()).or_default();
-        // `.symtab` and `.dynsym` list exported symbols twice.
-        if !entries
-            .iter()
-            .any(|e| e.module == symbol.module && e.address == symbol.address)
-        {
-            entries.push(symbol);
-        }
+        self.by_name.insert(name.into(), vec![symbol]);
     }
 
     /// All definitions of `name`.
@@ -518,6 +538,10 @@ impl SymbolIndex {
 /// The name before the first clone suffix of `name` (`f` for `f.isra.0.constprop.1`), when it
 /// has one.
 fn clone_base(name: &str) -> Option<&str> {
+    // Most names have no dot: asked of every symbol of every module at start-up.
+    if !name.contains('.') {
+        return None;
+    }
     [".constprop.", ".isra.", ".part."]
         .iter()
         .filter_map(|suffix| name.find(suffix))
@@ -548,7 +572,7 @@ pub fn is_clone_of(candidate: &str, name: &str) -> bool {
 fn read_symbols<'a, R: ReadRef<'a>>(
     data: R,
     bias: usize,
-    mut add: impl FnMut(&[u8], Option<&[u8]>, ProcessSymbol),
+    mut add: impl FnMut(&'a [u8], Option<&'a [u8]>, ProcessSymbol),
 ) -> Result<(), String> {
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
     let endian = header.endian().map_err(|e| e.to_string())?;

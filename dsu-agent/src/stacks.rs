@@ -273,12 +273,13 @@ fn scan_module(path: &std::path::Path, name: &str) -> Option<Switching> {
     use object::read::elf::{FileHeader, Sym};
     use object::{Endianness, elf};
 
-    let file = std::fs::File::open(path).ok()?;
-    let data = object::ReadCache::new(file);
-    let header = elf::FileHeader64::<Endianness>::parse(&data).ok()?;
+    // Mapped: read through `object::ReadCache`, each name was a system call.
+    let map = dsu_sys::file_map::FileMap::open(path).ok()?;
+    let data = map.bytes();
+    let header = elf::FileHeader64::<Endianness>::parse(data).ok()?;
     let endian = header.endian().ok()?;
-    let sections = header.sections(endian, &data).ok()?;
-    let table = sections.symbols(endian, &data, elf::SHT_DYNSYM).ok()?;
+    let sections = header.sections(endian, data).ok()?;
+    let table = sections.symbols(endian, data, elf::SHT_DYNSYM).ok()?;
     for sym in table.iter() {
         let Ok(sym_name) = table.symbol_name(endian, sym) else {
             continue;

@@ -12,6 +12,7 @@
 pub mod code;
 pub mod cpu;
 pub mod dl;
+pub mod file_map;
 pub mod frames;
 pub mod futex;
 pub mod gdb_jit;
