@@ -824,6 +824,42 @@ mod tests {
     }
 
     #[test]
+    fn neighbours_are_found_however_far_a_symbol_reaches() {
+        let sized = |address, size| ProcessSymbol {
+            size,
+            ..function(address, false)
+        };
+        let mut index = SymbolIndex::default();
+        index.add_symbols(
+            info("m"),
+            [
+                (&b"big"[..], sized(0x1000, 0x800)),
+                (b"bare", sized(0x1400, 0)),
+                (b"small", sized(0x1500, 0x10)),
+                (b"far", sized(0x3000, 0x10)),
+            ],
+        );
+        assert_eq!(index.next_start_after(0, 0x1500), Some(0x3000));
+        index.add_symbols(info("other"), [(&b"x"[..], function(0x1600, true))]);
+        assert_eq!(index.next_start_after(1, 0x1500), Some(0x1600));
+        assert_eq!(index.next_start_after(0, 0x1000), Some(0x1400));
+        assert_eq!(index.next_start_after(0, 0x3000), None);
+        assert_eq!(index.next_start_after(0, usize::MAX), None);
+        // A symbol starting far before the range still overlaps it; one without a size
+        // counts as one byte.
+        assert_eq!(
+            index.extents_overlapping(0, 0x1508, 0x1600),
+            [(0x1000, 0x800), (0x1500, 0x10)]
+        );
+        assert_eq!(
+            index.extents_overlapping(0, 0x1400, 0x1401),
+            [(0x1000, 0x800), (0x1400, 0)]
+        );
+        assert_eq!(index.extents_overlapping(0, 0x1800, 0x3000), []);
+        assert_eq!(index.extents_overlapping(1, 0x1000, 0x2000), [(0x1600, 0x10)]);
+    }
+
+    #[test]
     fn an_indirect_function_binds_to_the_implementation_this_process_calls() {
         let index = SymbolIndex::of_process().unwrap();
         let found = index.resolve("strlen").unwrap().unwrap();
