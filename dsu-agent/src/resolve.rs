@@ -133,6 +133,49 @@ pub struct SymbolIndex {
     /// The source file name of the last [`SymbolIndex::file_id`] call and its id: a module
     /// lists a file's `static` symbols together.
     last_file: Option<(Box<[u8]>, u32)>,
+    /// Every symbol but thread-local ones by module and address: the neighbours of a function
+    /// an update places code around, without a pass over every name (a pass costs more than
+    /// the rest of a small update). Built by [`SymbolIndex::sort_by_address`] ahead of the
+    /// first update, else on first use.
+    by_address: std::sync::OnceLock<ByAddress>,
+}
+
+/// The index's symbols sorted by `(module, address)`, and each module's largest size.
+#[derive(Debug, Default)]
+struct ByAddress {
+    /// `(module, address, size)`.
+    extents: Vec<(usize, usize, u64)>,
+    max_size: HashMap<usize, u64>,
+}
+
+impl ByAddress {
+    fn of(by_name: &NameMap<Vec<ProcessSymbol>>) -> ByAddress {
+        let mut extents: Vec<(usize, usize, u64)> = by_name
+            .values()
+            .flatten()
+            .filter(|s| s.kind != SymbolKind::ThreadLocal)
+            .map(|s| (s.module, s.address, s.size))
+            .collect();
+        extents.sort_unstable();
+        extents.dedup();
+        let mut max_size = HashMap::new();
+        for &(module, _, size) in &extents {
+            let max = max_size.entry(module).or_insert(0);
+            *max = size.max(*max);
+        }
+        ByAddress { extents, max_size }
+    }
+
+    /// The extents of `module` from the first at or after `from`, in address order.
+    fn from(&self, module: usize, from: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
+        let at = self
+            .extents
+            .partition_point(|&(m, a, _)| (m, a) < (module, from));
+        self.extents[at..]
+            .iter()
+            .take_while(move |&&(m, _, _)| m == module)
+            .map(|&(_, a, s)| (a, s))
+    }
 }
 
 impl SymbolIndex {
@@ -333,6 +376,7 @@ impl SymbolIndex {
         let Ok(name) = std::str::from_utf8(name) else {
             return;
         };
+        self.by_address.take();
         if let Some(entries) = self.by_name.get_mut(name) {
             // `.symtab` and `.dynsym` list exported symbols twice.
             if !entries
@@ -474,29 +518,39 @@ impl SymbolIndex {
     /// whose values are offsets): the end of the bytes that may belong to the symbol at
     /// `address`.
     pub fn next_start_after(&self, module: usize, address: usize) -> Option<usize> {
-        self.by_name
-            .values()
-            .flatten()
-            .filter(|s| s.module == module && s.kind != SymbolKind::ThreadLocal)
-            .map(|s| s.address)
-            .filter(|&a| a > address)
-            .min()
+        self.by_address()
+            .from(module, address.checked_add(1)?)
+            .map(|(a, _)| a)
+            .next()
+    }
+
+    /// Sorts the symbols by address for [`SymbolIndex::next_start_after`] and
+    /// [`SymbolIndex::extents_overlapping`] now rather than in the first update that asks.
+    pub fn sort_by_address(&self) {
+        self.by_address();
+    }
+
+    fn by_address(&self) -> &ByAddress {
+        self.by_address.get_or_init(|| ByAddress::of(&self.by_name))
     }
 
     /// `(start, size)` of every symbol of `module` (any kind but thread-local) whose bytes
     /// overlap `[lo, hi)` (a symbol without a size counts as one byte), sorted by start.
     pub fn extents_overlapping(&self, module: usize, lo: usize, hi: usize) -> Vec<(usize, u64)> {
-        let mut out: Vec<(usize, u64)> = self
-            .by_name
-            .values()
-            .flatten()
-            .filter(|s| s.module == module && s.kind != SymbolKind::ThreadLocal)
-            .filter(|s| s.address < hi && s.address.saturating_add(s.size.max(1) as usize) > lo)
-            .map(|s| (s.address, s.size))
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+        let by_address = self.by_address();
+        // No symbol starting before `lo - max_size` reaches `lo`.
+        let reach = by_address
+            .max_size
+            .get(&module)
+            .copied()
+            .unwrap_or(0)
+            .max(1);
+        let from = lo.saturating_sub(usize::try_from(reach).unwrap_or(usize::MAX));
+        by_address
+            .from(module, from)
+            .take_while(|&(a, _)| a < hi)
+            .filter(|&(a, s)| a.saturating_add(s.max(1) as usize) > lo)
+            .collect()
     }
 
     /// The compiler clones of function `name` in `module` (`NAME.constprop.N`, `NAME.isra.N`,
@@ -839,6 +893,7 @@ mod tests {
                 (b"far", sized(0x3000, 0x10)),
             ],
         );
+        // Asked before the module below is added: the sorted view must be rebuilt after it.
         assert_eq!(index.next_start_after(0, 0x1500), Some(0x3000));
         index.add_symbols(info("other"), [(&b"x"[..], function(0x1600, true))]);
         assert_eq!(index.next_start_after(1, 0x1500), Some(0x1600));
@@ -856,7 +911,10 @@ mod tests {
             [(0x1000, 0x800), (0x1400, 0)]
         );
         assert_eq!(index.extents_overlapping(0, 0x1800, 0x3000), []);
-        assert_eq!(index.extents_overlapping(1, 0x1000, 0x2000), [(0x1600, 0x10)]);
+        assert_eq!(
+            index.extents_overlapping(1, 0x1000, 0x2000),
+            [(0x1600, 0x10)]
+        );
     }
 
     #[test]

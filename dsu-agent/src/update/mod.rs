@@ -130,6 +130,7 @@ impl Engine {
         // threads there are then).
         let _ = self.live.prepare();
         let Ok(index) = self.index() else { return };
+        index.sort_by_address();
         let Some(main) = index.modules().iter().find(|m| m.is_main) else {
             return;
         };
