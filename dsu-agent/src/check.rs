@@ -288,7 +288,7 @@ impl Checker {
     /// library pinned (kept loaded) until the checker is dropped. Takes the loader's lock:
     /// build and drop it while threads run (a checker dropped during a stop keeps its pins).
     pub fn for_loaded_modules() -> Checker {
-        let (pins, modules) = Pins::take(dsu_sys::modules::loaded());
+        let (pins, modules) = Pins::take(dsu_sys::modules::loaded_in_memory());
         // SAFETY: the records come straight from the dynamic loader and describe modules loaded
         // now; the executable and the vDSO stay for the life of the process, the libraries are
         // pinned by `pins`, which lives as long as the checker.

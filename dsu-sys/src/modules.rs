@@ -59,6 +59,16 @@ impl LoadedModule {
 /// Lists the loaded modules in load order (the executable first). Takes the loader's lock:
 /// never call it while threads are stopped.
 pub fn loaded() -> Vec<LoadedModule> {
+    let mut modules = loaded_in_memory();
+    for module in &mut modules {
+        module.path = file_of(module);
+    }
+    modules
+}
+
+/// [`loaded`] without looking for the modules' files (`path` is `None`): what the loader
+/// knows, with no system call. For a caller that needs the names, biases or segments only.
+pub fn loaded_in_memory() -> Vec<LoadedModule> {
     let mut state = Iteration {
         modules: Vec::new(),
         panic: None,
@@ -70,11 +80,7 @@ pub fn loaded() -> Vec<LoadedModule> {
         // Only an allocation failure can get here; re-raise it now that we are outside C.
         panic::resume_unwind(payload);
     }
-    let mut modules = state.modules;
-    for module in &mut modules {
-        module.path = file_of(module);
-    }
-    modules
+    state.modules
 }
 
 /// State shared with the `dl_iterate_phdr` callback.

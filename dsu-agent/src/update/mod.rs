@@ -158,7 +158,7 @@ impl Engine {
 
     /// The symbol index, rebuilt when the set of loaded modules changed (a `dlopen`).
     fn index(&mut self) -> Result<Arc<SymbolIndex>, ResolveError> {
-        let key: ModuleKey = dsu_sys::modules::loaded()
+        let key: ModuleKey = dsu_sys::modules::loaded_in_memory()
             .into_iter()
             .map(|m| (m.name, m.bias))
             .collect();
@@ -991,7 +991,7 @@ fn module_build_id(
     module: &str,
 ) -> Option<Vec<u8>> {
     let bias = index.modules().iter().find(|m| m.name == module)?.bias;
-    let loaded = dsu_sys::modules::loaded();
+    let loaded = dsu_sys::modules::loaded_in_memory();
     let notes = &loaded.iter().find(|m| m.bias == bias)?.notes;
     notes.iter().find_map(|&(at, len)| {
         let bytes = prepare::read_bytes(maps, at, len)?;
