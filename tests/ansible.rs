@@ -20,31 +20,15 @@ mod support;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, finish, scratch};
+use support::{
+    C_X10, C_X10_AND_SPIN, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, finish,
+    scratch, start_preloaded,
+};
 
 const BUSY_C: &str = include_str!("fixtures/busy.c");
-
-const C_X10: &str = "
-unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
-";
-
-/// `compute` (70) and a `spin` that returns 5, keeping the fixture's contract: mark the
-/// state inside (1), spin until it is stop (2).
-const C_X10_AND_SPIN: &str = "
-#include <stdatomic.h>
-unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
-unsigned long dsu_fixture_spin(atomic_uint *state) {
-    unsigned starting = 0;
-    atomic_compare_exchange_strong(state, &starting, 1);
-    while (atomic_load_explicit(state, memory_order_relaxed) != 2) {
-    }
-    return 5;
-}
-";
 
 /// How to get `ansible-playbook`, in the failure or the skip notice.
 const INSTALL: &str = "install ansible-core: `apt-get install --no-install-recommends \
@@ -97,16 +81,7 @@ impl Setup {
     /// `count` processes of the busy program, without worker threads, each with its own
     /// control directory and its agent warmed up.
     fn start(&self, count: usize) -> Vec<Fixture> {
-        let preload = cargo_bin("libdsu_agent.so");
-        (0..count)
-            .map(|i| {
-                let dir = self.dir.join(format!("busy-{i}"));
-                fs::create_dir_all(&dir).unwrap();
-                let fx = Fixture::start(&dir, &self.busy, &["0"], &[("LD_PRELOAD", &preload)]);
-                wait_warm(&fx);
-                fx
-            })
-            .collect()
+        start_preloaded(&self.dir, &self.busy, count)
     }
 
     fn patch(&self, name: &str, source: &str) -> PathBuf {
@@ -168,24 +143,6 @@ impl Setup {
             .map(|e| e.unwrap().path())
             .collect();
         assert!(left.is_empty(), "the playbook left {left:?}");
-    }
-}
-
-/// How long an agent may take to warm up in a debug build, on a machine that may be busy.
-const WARM_UP: Duration = Duration::from_secs(120);
-
-/// Waits until the agent of `fx` has written `status.json`, as it does once warmed up: a
-/// request sent earlier waits for the warm-up, which could outlast a test's `--timeout`.
-fn wait_warm(fx: &Fixture) {
-    let deadline = Instant::now() + WARM_UP;
-    while !fx.control.join("status.json").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent of process {} did not write status.json within {WARM_UP:?}; its log:\n{}",
-            fx.pid,
-            fx.log()
-        );
-        thread::sleep(Duration::from_millis(10));
     }
 }
 

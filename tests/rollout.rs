@@ -15,31 +15,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use support::{Fixture, ORIGINAL, WAIT, cargo_bin, cc_object, cc_program, dsu, finish, scratch};
+use support::{
+    C_X10, C_X10_AND_SPIN, Fixture, ORIGINAL, WAIT, cargo_bin, cc_object, cc_program, dsu, finish,
+    scratch, start_preloaded,
+};
 
 const BUSY_C: &str = include_str!("fixtures/busy.c");
 const PLAIN_C: &str = include_str!("fixtures/plain.c");
-
-const C_X10: &str = "
-unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
-";
-
-/// `compute` (70) and a `spin` that returns 5, keeping the fixture's contract: mark the
-/// state inside (1), spin until it is stop (2).
-const C_X10_AND_SPIN: &str = "
-#include <stdatomic.h>
-unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
-unsigned long dsu_fixture_spin(atomic_uint *state) {
-    unsigned starting = 0;
-    atomic_compare_exchange_strong(state, &starting, 1);
-    while (atomic_load_explicit(state, memory_order_relaxed) != 2) {
-    }
-    return 5;
-}
-";
 
 /// The two programs of a test, built in its scratch directory, and a patch.
 struct Programs {
@@ -63,49 +48,11 @@ impl Programs {
     /// `count` processes of `program` started at once (each waits for its agent), without
     /// worker threads for `busy`. Each has its own control directory.
     fn start(&self, program: &Path, count: usize) -> Vec<Fixture> {
-        let preload = cargo_bin("libdsu_agent.so");
-        let name = program.file_name().unwrap().to_str().unwrap();
-        thread::scope(|scope| {
-            let started: Vec<_> = (0..count)
-                .map(|i| {
-                    let dir = self.dir.join(format!("{name}-{i}"));
-                    fs::create_dir_all(&dir).unwrap();
-                    let preload = &preload;
-                    scope.spawn(move || {
-                        Fixture::start(&dir, program, &["0"], &[("LD_PRELOAD", preload)])
-                    })
-                })
-                .collect();
-            let started: Vec<Fixture> = started.into_iter().map(|t| t.join().unwrap()).collect();
-            for fx in &started {
-                wait_warm(fx);
-            }
-            started
-        })
+        start_preloaded(&self.dir, program, count)
     }
 
     fn patch(&self, name: &str, source: &str) -> PathBuf {
         cc_object(&self.dir, name, source, &[])
-    }
-}
-
-/// How long an agent may take to warm up: dozens start at once here, each indexing its
-/// process's symbols and calls in a debug build, on a machine that may be busy.
-const WARM_UP: Duration = Duration::from_secs(120);
-
-/// Waits until the agent of `fx` has warmed up: its thread writes `status.json` once it has,
-/// before it serves its first request. A request sent earlier waits for the warm-up, which
-/// with dozens of agents starting at once can outlast a test's `--timeout`.
-fn wait_warm(fx: &Fixture) {
-    let deadline = Instant::now() + WARM_UP;
-    while !fx.control.join("status.json").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent of process {} did not write status.json within {WARM_UP:?}; its log:\n{}",
-            fx.pid,
-            fx.log()
-        );
-        thread::sleep(Duration::from_millis(10));
     }
 }
 

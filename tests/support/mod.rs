@@ -582,3 +582,67 @@ impl Drop for Fixture {
         let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.pid));
     }
 }
+
+/// A patch of the busy fixture's `compute`: `dsu_fixture_compute(7)` becomes 70.
+pub const C_X10: &str = "
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
+";
+
+/// `compute` (70) and a `spin` that returns 5, keeping the fixture's contract: mark the
+/// state inside (1), spin until it is stop (2).
+pub const C_X10_AND_SPIN: &str = "
+#include <stdatomic.h>
+unsigned long dsu_fixture_compute(unsigned long x) { return x * 10; }
+unsigned long dsu_fixture_spin(atomic_uint *state) {
+    unsigned starting = 0;
+    atomic_compare_exchange_strong(state, &starting, 1);
+    while (atomic_load_explicit(state, memory_order_relaxed) != 2) {
+    }
+    return 5;
+}
+";
+
+/// `count` processes of `program` (a fixture, run with argument `0`: no worker threads)
+/// preloaded with the agent, started at once, each with its own control directory under
+/// `dir` and its agent warmed up.
+pub fn start_preloaded(dir: &Path, program: &Path, count: usize) -> Vec<Fixture> {
+    let preload = cargo_bin("libdsu_agent.so");
+    let name = program.file_name().unwrap().to_str().unwrap();
+    std::thread::scope(|scope| {
+        let started: Vec<_> = (0..count)
+            .map(|i| {
+                let dir = dir.join(format!("{name}-{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let preload = &preload;
+                scope.spawn(move || {
+                    Fixture::start(&dir, program, &["0"], &[("LD_PRELOAD", preload)])
+                })
+            })
+            .collect();
+        let started: Vec<Fixture> = started.into_iter().map(|t| t.join().unwrap()).collect();
+        for fx in &started {
+            wait_warm(fx);
+        }
+        started
+    })
+}
+
+/// How long an agent may take to warm up: dozens start at once in some tests, each indexing
+/// its process's symbols and calls in a debug build, on a machine that may be busy.
+pub const WARM_UP: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits until the agent of `fx` has warmed up: its thread writes `status.json` once it has,
+/// before it serves its first request. A request sent earlier waits for the warm-up, which
+/// with dozens of agents starting at once can outlast a test's `--timeout`.
+pub fn wait_warm(fx: &Fixture) {
+    let deadline = std::time::Instant::now() + WARM_UP;
+    while !fx.control.join("status.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent of process {} did not write status.json within {WARM_UP:?}; its log:\n{}",
+            fx.pid,
+            fx.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
