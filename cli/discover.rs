@@ -23,6 +23,7 @@ use dsu_agent::control::socket::SOCKET_FILE;
 
 use crate::error::CliError;
 use crate::fan_out::{self, fan_out};
+use crate::sys;
 
 /// `__SO_ACCEPTCON` in the `Flags` column: a listening socket.
 const LISTENING: u32 = 0x0001_0000;
@@ -36,7 +37,7 @@ pub fn socket_dir(pid: u32) -> Result<Option<PathBuf>, CliError> {
         return Ok(None);
     }
     let net_path = PathBuf::from(format!("/proc/{pid}/net/unix"));
-    let table = fs::read_to_string(&net_path).map_err(|e| proc_error(pid, net_path, e))?;
+    let table = sys::read_proc_text(&net_path).map_err(|e| proc_error(pid, net_path, e))?;
     let sockets = listening_agent_sockets(&table);
     let Some((_, bound)) = sockets.iter().find(|(inode, _)| inodes.contains(inode)) else {
         return Ok(None);
@@ -68,7 +69,7 @@ pub fn scan() -> Vec<Found> {
         let sockets = match tables.entry(namespace) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+                let Ok(table) = sys::read_proc_text(format!("/proc/{pid}/net/unix")) else {
                     continue;
                 };
                 entry.insert(listening_agent_sockets(&table).into_iter().collect())

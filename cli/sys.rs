@@ -1,11 +1,27 @@
-//! The few system calls `dsu` makes that `std` does not wrap: a pidfd and waiting on it.
+//! The few system calls `dsu` makes that `std` does not wrap (a pidfd and waiting on it), and
+//! reading `/proc` files in as few calls as `std` would need for a regular file.
 //!
 //! Each function is one call with its `unsafe` block, returning `io::Result`. They are here
 //! rather than in `dsu-sys` because the agent never needs them.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::time::Duration;
+
+/// The first read of a `/proc` file asks for this much: a `status` file is about 1.5 KiB.
+const PROC_READ: usize = 4096;
+
+/// The text of a `/proc` file. These report a size of 0, so `fs::read_to_string` starts with
+/// 32-byte reads and doubles, a system call each (eight for a `status` file, each formatting
+/// the file again); a host-wide command reads several per process. One buffer sized for the
+/// usual file makes that one read and the one that sees the end.
+pub fn read_proc_text(path: impl AsRef<Path>) -> io::Result<String> {
+    let mut buf = Vec::with_capacity(PROC_READ);
+    File::open(path)?.read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
 
 /// This process's effective uid.
 pub fn effective_uid() -> u32 {
@@ -42,4 +58,26 @@ pub fn kill(pid: libc::pid_t, signal: i32) -> io::Result<()> {
 /// wait returns all false, like a timeout: callers loop anyway.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
     dsu_sys::net::poll_readable(fds, Some(timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proc_file_is_read_whole_and_bad_text_is_refused() {
+        let status = read_proc_text("/proc/self/status").unwrap();
+        assert!(status.contains("\nUid:"), "{status}");
+        // Longer than the first read: the rest is read too.
+        let path = std::env::temp_dir().join(format!("dsu-proc-text-{}", std::process::id()));
+        let text = "0123456789abcdef\n".repeat(3 * PROC_READ / 16);
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(read_proc_text(&path).unwrap(), text);
+        std::fs::write(&path, b"\xff\xfe").unwrap();
+        let e = read_proc_text(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let _ = std::fs::remove_file(&path);
+        let e = read_proc_text("/proc/self/no-such-file").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
 }
