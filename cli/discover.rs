@@ -15,14 +15,18 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use dsu_agent::control::socket::SOCKET_FILE;
 
 use crate::error::CliError;
 use crate::fan_out::{self, fan_out};
+use crate::sys;
 
 /// `__SO_ACCEPTCON` in the `Flags` column: a listening socket.
 const LISTENING: u32 = 0x0001_0000;
@@ -36,7 +40,7 @@ pub fn socket_dir(pid: u32) -> Result<Option<PathBuf>, CliError> {
         return Ok(None);
     }
     let net_path = PathBuf::from(format!("/proc/{pid}/net/unix"));
-    let table = fs::read_to_string(&net_path).map_err(|e| proc_error(pid, net_path, e))?;
+    let table = sys::read_proc_text(&net_path).map_err(|e| proc_error(pid, net_path, e))?;
     let sockets = listening_agent_sockets(&table);
     let Some((_, bound)) = sockets.iter().find(|(inode, _)| inodes.contains(inode)) else {
         return Ok(None);
@@ -68,7 +72,7 @@ pub fn scan() -> Vec<Found> {
         let sockets = match tables.entry(namespace) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+                let Ok(table) = sys::read_proc_text(format!("/proc/{pid}/net/unix")) else {
                     continue;
                 };
                 entry.insert(listening_agent_sockets(&table).into_iter().collect())
@@ -128,10 +132,21 @@ fn net_namespace(pid: u32) -> Option<u64> {
 
 /// The inodes of the sockets among process `pid`'s descriptors.
 fn socket_inodes(pid: u32) -> io::Result<HashSet<u64>> {
+    let path = format!("/proc/{pid}/fd");
+    // Each link is read relative to the open directory: a full path would walk `/proc/PID/fd`
+    // again for every descriptor, the larger part of a scan's time for a process with many.
+    let dir = fs::File::open(&path)?;
     let mut inodes = HashSet::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
-        if let Ok(target) = fs::read_link(entry.path())
-            && let Some(inode) = socket_inode(&target.to_string_lossy())
+    let mut target = [0u8; 64];
+    for entry in fs::read_dir(&path)?.flatten() {
+        let Ok(name) = CString::new(entry.file_name().into_vec()) else {
+            continue;
+        };
+        // A link that fills the buffer was cut short: not a socket's, which is short.
+        if let Ok(n) = sys::readlink_at(dir.as_fd(), &name, &mut target)
+            && n < target.len()
+            && let Ok(link) = std::str::from_utf8(&target[..n])
+            && let Some(inode) = socket_inode(link)
         {
             inodes.insert(inode);
         }
@@ -262,6 +277,18 @@ mod tests {
         let me = std::process::id();
         assert!(net_namespace(me).is_some());
         assert_eq!(net_namespace(u32::MAX), None);
+    }
+
+    #[test]
+    fn the_sockets_among_a_process_descriptors_are_found() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let inode = |fd: i32| fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let found = socket_inodes(std::process::id()).unwrap();
+        assert!(found.contains(&inode(a.as_raw_fd())), "{found:?}");
+        assert!(found.contains(&inode(b.as_raw_fd())), "{found:?}");
+        assert!(socket_inodes(u32::MAX).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use object::read::elf::{FileHeader, ProgramHeader};
 
 use crate::discover;
 use crate::fan_out::{self, fan_out};
-use crate::target;
+use crate::{sys, target};
 
 /// A process with a dsu agent, as [`list`] found it.
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ fn without_forked_children(found: Vec<discover::Found>) -> Vec<discover::Found> 
 /// meanwhile.
 fn describe(found: &discover::Found) -> Option<AgentProcess> {
     let pid = found.pid;
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = sys::read_proc_text(format!("/proc/{pid}/status")).ok()?;
     let uid = target::parse_status_uid(&status)?;
     let exe_link = PathBuf::from(format!("/proc/{pid}/exe"));
     let exe = fs::read_link(&exe_link)

@@ -50,11 +50,27 @@ impl Target {
                 Err(e) => return Err(not_ours(pid, uid, e)),
             },
         };
+        Target::check(process, uid, dir, !by_socket && control_dir.is_none())
+    }
+
+    /// Process `pid`, found by a host-wide scan with its agent's directory `dir` and its
+    /// effective uid: the checks of [`Target::locate`] without reading `/proc/PID/status`
+    /// again. The pidfd is opened after the scan read the uid; a process that took the pid
+    /// meanwhile is another process than `agent.json` names (its start time differs), and is
+    /// refused as with `locate`.
+    pub fn found(pid: u32, dir: &Path, uid: u32) -> Result<Target, CliError> {
+        Target::check(Process::open(pid)?, uid, dir.to_owned(), false)
+    }
+
+    /// The checks of the control directory `dir` and its `agent.json` against the process.
+    /// `searched`: the directory came from the agent's rule, not from a socket or the user.
+    fn check(process: Process, uid: u32, dir: PathBuf, searched: bool) -> Result<Target, CliError> {
+        let pid = process.pid;
         let agent_path = dir.join(AGENT_FILE);
         let no_agent = || CliError::NoAgent {
             pid,
             path: agent_path.clone(),
-            searched: !by_socket && control_dir.is_none(),
+            searched,
         };
         match fs::symlink_metadata(&dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(no_agent()),
@@ -164,7 +180,7 @@ impl Process {
 
 /// Whether `/proc/PID/stat` shows an exited process its parent has not reaped yet.
 fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(proc_path(pid, "stat")).is_ok_and(|stat| {
+    sys::read_proc_text(proc_path(pid, "stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .and_then(|(_, after)| after.split_whitespace().next())
             .is_some_and(|state| state == "Z" || state == "X")
@@ -253,7 +269,7 @@ fn proc_path(pid: u32, file: &str) -> PathBuf {
 
 fn read_proc(pid: u32, file: &str) -> Result<String, CliError> {
     let path = proc_path(pid, file);
-    fs::read_to_string(&path).map_err(|e| read_error(pid, path, e))
+    sys::read_proc_text(&path).map_err(|e| read_error(pid, path, e))
 }
 
 /// A vanished `/proc/<pid>` means the process is gone; anything else is reported as is.
@@ -266,7 +282,7 @@ fn read_error(pid: u32, path: PathBuf, e: io::Error) -> CliError {
 
 /// The parent of `pid` (`PPid:` of its status), if it can be read.
 fn parent_pid(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(proc_path(pid, "status")).ok()?;
+    let status = sys::read_proc_text(proc_path(pid, "status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("PPid:"))?;
     line.trim().parse().ok()
 }

@@ -4,11 +4,11 @@
 # docs/benchmarks.md, section "dsu apply against libpulp's ulp trigger".
 #
 # What it does:
-#   1. libpulp: reuses the install prefix in LIBPULP_PREFIX (bin/ulp, lib/libpulp.so), or
-#      builds the checkout in LIBPULP_SRC with its own autotools recipe (./bootstrap when
-#      there is no ./configure, then configure + make + make install) out of tree into
-#      target/libpulp-bench/libpulp-{build,prefix}. Neither set, or not found: prints why and
-#      exits 0 (nothing is measured).
+#   1. libpulp (scripts/libpulp-build.sh): reuses the install prefix in LIBPULP_PREFIX
+#      (bin/ulp, lib/libpulp.so), or builds the checkout in LIBPULP_SRC with its own autotools
+#      recipe (./bootstrap when there is no ./configure, then configure + make + make install)
+#      out of tree into target/libpulp-bench/libpulp-{build,prefix}. Neither set, or not
+#      found: prints why and exits 0 (nothing is measured).
 #   2. dsu: target/release/dsu and libdsu_agent.so, built with
 #      `cargo build --release --workspace` when missing.
 #   3. One C program for both tools: an executable that calls `bench_compute` of a shared
@@ -56,60 +56,9 @@ skip() {
 }
 
 # ---------------------------------------------------------------------------- libpulp
-src=${LIBPULP_SRC:-}
-prefix=${LIBPULP_PREFIX:-}
-if [[ -n "$src" && ! -d "$src" ]]; then
-    [[ -z "$prefix" ]] && skip "LIBPULP_SRC=$src is not a directory"
-    src=""
-fi
-[[ -n "$src" ]] && src=$(cd "$src" && pwd)
-if [[ -n "$prefix" ]]; then
-    [[ -x "$prefix/bin/ulp" && -e "$prefix/lib/libpulp.so" ]] ||
-        skip "LIBPULP_PREFIX=$prefix has no bin/ulp and lib/libpulp.so"
-    prefix=$(cd "$prefix" && pwd)
-elif [[ -n "$src" ]]; then
-    prefix=$scratch/libpulp-prefix
-    build=$scratch/libpulp-build
-    rev=$(git -C "$src" rev-parse HEAD 2>/dev/null || echo unknown)
-    if [[ -x "$prefix/bin/ulp" && "$(cat "$prefix/.source-rev" 2>/dev/null)" == "$rev" && "$rev" != unknown ]]; then
-        say "libpulp: reusing $prefix (built from $rev)"
-    else
-        say "libpulp: building $src into $prefix (log: $scratch/libpulp-build.log)"
-        # Its configure wants: autoconf, automake, libtool, autoconf-archive, a C and a C++
-        # compiler, libelf and json-c development files, libseccomp headers, and a Python 3
-        # with the pexpect and psutil modules (for its test suite).
-        log=$scratch/libpulp-build.log
-        : >"$log"
-        python=${PYTHON:-}
-        if [[ -z "$python" ]]; then
-            # Every python3 on PATH, in order: the first may lack them (a pyenv shim).
-            for p in $(type -ap python3); do
-                if "$p" -c 'import pexpect, psutil' 2>/dev/null; then python=$p; break; fi
-            done
-        fi
-        [[ -n "$python" ]] || { echo "bench-libpulp: libpulp's configure needs a python3 with pexpect and psutil" >&2; exit 1; }
-        fail() { echo "bench-libpulp: libpulp: $1 failed; last lines of $log:" >&2; tail -20 "$log" >&2; exit 1; }
-        if [[ ! -x "$src/configure" ]]; then
-            (cd "$src" && nice -n 19 ./bootstrap) >>"$log" 2>&1 || fail "./bootstrap"
-        fi
-        rm -rf "$build" "$prefix"
-        mkdir -p "$build"
-        (cd "$build" && nice -n 19 "$src/configure" --prefix="$prefix" PYTHON="$python") >>"$log" 2>&1 || fail "configure"
-        (cd "$build" && nice -n 19 make -j"$jobs") >>"$log" 2>&1 || fail "make"
-        (cd "$build" && nice -n 19 make install) >>"$log" 2>&1 || fail "make install"
-        echo "$rev" >"$prefix/.source-rev"
-    fi
-else
-    skip "LIBPULP_SRC is not set"
-fi
-ulp=$prefix/bin/ulp
-libpulp=$prefix/lib/libpulp.so
-ulp_version=$("$ulp" -V 2>&1 | head -1)
-ulp_rev=""
-if [[ -n "$src" ]]; then
-    ulp_rev=$(git -C "$src" describe --tags --always --dirty 2>/dev/null || true)
-    ulp_rev="$ulp_rev $(git -C "$src" rev-parse HEAD 2>/dev/null || true)"
-fi
+# shellcheck source=scripts/libpulp-build.sh
+source "$root/scripts/libpulp-build.sh"
+libpulp_setup "$root" "$jobs" || skip "$libpulp_why"
 
 # ---------------------------------------------------------------------------- dsu
 dsu=$root/target/release/dsu

@@ -341,7 +341,7 @@ fn run(
 
 /// The request in one process: located as `-p` would, then sent.
 fn attempt(p: &AgentProcess, request: &Request<'_>, timeout: Duration) -> Result<Fate, CliError> {
-    let target = Target::locate(p.pid, Some(&p.dir))?;
+    let target = Target::found(p.pid, &p.dir, p.uid)?;
     let (op, patch, allow_stale_clones) = match request {
         Request::Apply {
             bytes,
@@ -581,7 +581,7 @@ fn exits_during(watched: &[Option<Process>], wait: Duration) -> Vec<usize> {
 
 /// Whether the canary's agent answers a status request that lists patch `id`.
 fn still_patched(p: &AgentProcess, id: u64, timeout: Duration) -> Result<(), String> {
-    let target = Target::locate(p.pid, Some(&p.dir)).map_err(|e| e.one_line())?;
+    let target = Target::found(p.pid, &p.dir, p.uid).map_err(|e| e.one_line())?;
     let answer = request::exchange(&target, RequestOp::Status, None, timeout, false)
         .map_err(|e| format!("no answer to a status request: {}", e.one_line()))?;
     match answer.status {
