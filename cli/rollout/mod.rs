@@ -32,9 +32,11 @@ use progress::Progress;
 use summary::{Entry, Fate, KeptChange, Summary};
 
 /// Requests in flight at once by default. The time per process is mostly the agent's own work
-/// in its own process, so more than the cores keeps them busy; not many more, since every
-/// update stops its process's threads and they then wait for a core.
-const DEFAULT_JOBS: &str = "16";
+/// in its own process, and waiting for it to wake, so many more than the cores keep them busy:
+/// at 4000 processes on two cores 32 and 64 were alike and 16 was 15-40% slower
+/// (`docs/benchmarks.md`); not many more, since every update stops its process's running
+/// threads and they then wait for a core.
+const DEFAULT_JOBS: &str = "32";
 
 /// `-p PID` or `--all`: exactly one.
 #[derive(Debug, Args)]
