@@ -407,4 +407,75 @@ mod tests {
         assert!(kept.is_empty(), "a sticky parent is safe: {kept:?}");
         let _ = fs::remove_dir_all(&root);
     }
+
+    #[test]
+    fn a_base_that_cannot_be_listed_is_reported_not_taken_for_empty() {
+        // A base that is a file: its build directory cannot be looked up (ENOTDIR), which
+        // is not "no directory" (only ENOENT is).
+        let root = scratch("not-a-dir");
+        let base = root.join("base");
+        write(&base, b"not a directory", 0o600);
+        let kept = find(std::slice::from_ref(&base), me(), || Some("beef".into()));
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            matches!(&kept[0].patch, Err(KeptError::Read { source, .. })
+                if source.raw_os_error() == Some(libc::ENOTDIR)),
+            "{kept:?}"
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_kept_patch_of_the_size_limit_is_read_whole_and_one_byte_more_is_refused() {
+        let root = scratch("size");
+        let path = root.join("0001-big.o");
+        // Sparse: no disk space, but every byte is read.
+        let file = fs::File::create(&path).unwrap();
+        file.set_len(MAX_PATCH_SIZE).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read(&path, me()).unwrap().len() as u64, MAX_PATCH_SIZE);
+        file.set_len(MAX_PATCH_SIZE + 1).unwrap();
+        assert!(
+            matches!(read(&path, me()), Err(KeptError::TooLarge { limit, .. }) if limit == MAX_PATCH_SIZE)
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_parent_is_trusted_when_root_or_the_user_owns_it_and_no_one_else_writes_it() {
+        // Checked for another uid than the test's: root can give files away (CI runs as
+        // root); another user cannot, and then only the parts that need no chown run.
+        let user = 4242;
+        let root = scratch("parent-owner");
+        let parent = root.join("parent");
+        let dir = parent.join("beef");
+        fs::create_dir_all(&dir).unwrap();
+        for d in [&parent, &dir] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let check = |uid| check_dir(&dir, &fs::symlink_metadata(&dir).unwrap(), uid);
+        let refused_parent = |r: Result<(), KeptError>| match r {
+            Err(KeptError::Parent { owner, mode, .. }) => (owner, mode),
+            other => panic!("expected the parent refused, got {other:?}"),
+        };
+        if me() == 0 {
+            let chown = |p: &Path, uid| std::os::unix::fs::chown(p, Some(uid), None).unwrap();
+            chown(&dir, user);
+            // A root-owned parent and a user-owned one are both trusted.
+            check(user).unwrap();
+            chown(&parent, user);
+            check(user).unwrap();
+            // A third user's parent is not, even with a safe mode; nor the user's own when
+            // others may write it (the mode reported without the file-type bits).
+            chown(&parent, user + 1);
+            assert_eq!(refused_parent(check(user)), (user + 1, 0o755));
+            chown(&parent, user);
+            fs::set_permissions(&parent, fs::Permissions::from_mode(0o2777)).unwrap();
+            assert_eq!(refused_parent(check(user)), (user, 0o2777));
+        } else {
+            fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+            assert_eq!(refused_parent(check(me())), (me(), 0o777));
+        }
+        let _ = fs::remove_dir_all(&root);
+    }
 }
