@@ -142,13 +142,41 @@ pub fn after_apply(pid: u32, patch_id: u64, bytes: &[u8], build_id: &str) -> Res
         patch_id,
         reason: e.one_line(),
     })?;
-    let verb = if kept.new { "kept" } else { "already kept" };
-    print_line(format_args!(
-        "{verb} as {} for build {build_id}: processes of this build started from now on apply \
-         it at start-up",
-        kept.path.display()
-    ));
+    let change = KeptChange {
+        build_id: build_id.to_owned(),
+        path: kept.path,
+        action: if kept.new { "kept" } else { "already kept" },
+    };
+    print_line(change.line());
     Ok(())
+}
+
+/// What `--persist` (apply) or a revert did to the patches kept for a build.
+#[derive(Debug, serde::Serialize)]
+pub struct KeptChange {
+    pub build_id: String,
+    pub path: PathBuf,
+    /// `kept`, `already kept` or `removed`.
+    pub action: &'static str,
+}
+
+impl KeptChange {
+    /// The line `dsu` prints for it.
+    pub fn line(&self) -> String {
+        match self.action {
+            "removed" => format!(
+                "removed kept patch {}: processes of build {} started from now on run without it",
+                self.path.display(),
+                self.build_id
+            ),
+            action => format!(
+                "{action} as {} for build {}: processes of this build started from now on apply \
+                 it at start-up",
+                self.path.display(),
+                self.build_id
+            ),
+        }
+    }
 }
 
 /// Keeps the patch `bytes` (exactly, any signature trailer included) for build `build_id`
@@ -215,11 +243,12 @@ pub fn after_revert(pid: u32, sha256: &str) -> Result<(), CliError> {
         path,
         reason: e.to_string(),
     })? {
-        print_line(format_args!(
-            "removed kept patch {}: processes of build {build_id} started from now on run \
-             without it",
-            path.display()
-        ));
+        let change = KeptChange {
+            build_id: build_id.clone(),
+            path,
+            action: "removed",
+        };
+        print_line(change.line());
     }
     Ok(())
 }

@@ -2,13 +2,13 @@
 //! stdout (counts, then one line per process skipped or failed) or one JSON document.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::fleet::AgentProcess;
 use crate::output;
+pub use crate::persist::KeptChange;
 
 /// What became of the request in one process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,15 +37,6 @@ pub struct Entry<'a> {
     pub process: &'a AgentProcess,
     pub done: Fate,
     pub canary: bool,
-}
-
-/// What `--persist` (apply) or a revert did to the patches kept for a build.
-#[derive(Debug, Serialize)]
-pub struct KeptChange {
-    pub build_id: String,
-    pub path: PathBuf,
-    /// `kept`, `already kept` or `removed`.
-    pub action: &'static str,
 }
 
 /// The canary stage, when there was one.
@@ -115,22 +106,7 @@ impl Summary<'_> {
                 format!("canary: {pids}: failed; the rest were not attempted")
             });
         }
-        for change in &self.kept {
-            lines.push(match change.action {
-                "removed" => format!(
-                    "removed kept patch {}: processes of build {} started from now on run \
-                     without it",
-                    change.path.display(),
-                    change.build_id
-                ),
-                action => format!(
-                    "{action} as {} for build {}: processes of this build started from now on \
-                     apply it at start-up",
-                    change.path.display(),
-                    change.build_id
-                ),
-            });
-        }
+        lines.extend(self.kept.iter().map(KeptChange::line));
         for entry in &self.entries {
             let (word, reason) = match &entry.done {
                 Fate::Skipped(reason) => ("skipped", reason),
