@@ -57,7 +57,11 @@ pub enum SurveyError {
 pub struct Survey {
     dirents: Vec<u8>,
     listed: Vec<i32>,
+    /// Threads to stop: first the `unsettled` ones (seen running; they may block again before
+    /// the stop, see [`Survey::settle_running`]), then those a check of their copy could not
+    /// prove inactive (reading them again would only repeat that check).
     running: Vec<i32>,
+    unsettled: usize,
     waiting: Vec<Waiting>,
 }
 
@@ -102,6 +106,7 @@ impl Survey {
             dsu_sys::raw::yield_now();
         };
         self.running.clear();
+        self.unsettled = 0;
         self.waiting.clear();
         for i in 0..n {
             let tid = self.listed[i];
@@ -121,7 +126,10 @@ impl Survey {
                 return Err(SurveyError::PrepareAgain);
             }
             match state {
-                SyscallState::Running => self.running.push(tid),
+                SyscallState::Running => {
+                    self.running.push(tid);
+                    self.unsettled += 1;
+                }
                 SyscallState::Blocked { nr, sp, pc } => self.waiting.push(Waiting {
                     tid,
                     nr,
@@ -150,26 +158,37 @@ impl Survey {
         }
     }
 
-    /// Moves the running threads that have blocked since the survey to the waiting ones: a
-    /// thread that waits most of the time runs only for moments, and signalling it right as
-    /// it blocks again would interrupt its system call. Allocates nothing.
+    /// Moves the threads seen running that have blocked since to the waiting ones: a thread
+    /// that waits most of the time runs only for moments, and signalling it right as it
+    /// blocks again would interrupt its system call. Threads marked with
+    /// [`Survey::mark_unproven`] stay. Allocates nothing.
     pub fn settle_running(&mut self) {
         let mut i = 0;
-        while i < self.running.len() {
+        while i < self.unsettled {
             let tid = self.running[i];
             match Self::reread(tid) {
                 Some(w) if self.waiting.len() < self.waiting.capacity() => {
                     self.waiting.push(w);
-                    self.running.swap_remove(i);
+                    // `remove`, not `swap_remove`: the unproven threads after `unsettled`
+                    // keep their place.
+                    self.running.remove(i);
+                    self.unsettled -= 1;
                 }
                 _ => i += 1,
             }
         }
     }
 
-    /// Threads found on a CPU or ready to run.
+    /// Threads to stop: found on a CPU or ready to run, or marked.
     pub fn running(&self) -> &[i32] {
         &self.running
+    }
+
+    /// Whether any thread to stop was seen running (or marked so) and may block again:
+    /// worth another [`Survey::settle_running`] after a nap. Threads only
+    /// [`Survey::mark_unproven`] are not: napping would not change their check.
+    pub fn any_unsettled(&self) -> bool {
+        self.unsettled > 0
     }
 
     /// Threads found blocked in the kernel.
@@ -177,9 +196,23 @@ impl Survey {
         &self.waiting
     }
 
-    /// Adds `tid` to the running threads (a waiting thread that ran meanwhile, to be stopped
-    /// and checked precisely). Allocates nothing; false when there is no room.
+    /// Adds `tid` to the threads to stop as one seen running (a waiting thread that kept
+    /// running during its checks): a later [`Survey::settle_running`] reads it again.
+    /// Allocates nothing; false when there is no room.
     pub fn mark_running(&mut self, tid: i32) -> bool {
+        if self.running.len() == self.running.capacity() {
+            return false;
+        }
+        self.running.insert(self.unsettled, tid);
+        self.unsettled += 1;
+        true
+    }
+
+    /// Adds `tid` to the threads to stop as one whose copy did not prove it inactive (a walk
+    /// that needs a register the kernel does not report): stopped and checked from its
+    /// registers, never read again before that. Allocates nothing; false when there is no
+    /// room.
+    pub fn mark_unproven(&mut self, tid: i32) -> bool {
         if self.running.len() == self.running.capacity() {
             return false;
         }
@@ -195,5 +228,130 @@ impl Survey {
             Ok(None) => true,
             Err(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::sync::{Arc, mpsc};
+
+    /// A thread blocked in `recv` until the sender is dropped, and its tid; returned once the
+    /// kernel reports it blocked.
+    fn blocked_thread() -> (i32, mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let handle = std::thread::spawn(move || {
+            tid_tx.send(threads::gettid()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        while Survey::reread(tid).is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (tid, stop_tx, handle)
+    }
+
+    /// A survey with room, and nothing in it (the test harness's other threads come and go).
+    fn empty_survey() -> Survey {
+        let mut survey = Survey::new();
+        survey.prepare().unwrap();
+        survey
+    }
+
+    #[test]
+    fn a_blocked_thread_is_waiting_and_the_caller_is_left_out() {
+        let (tid, stop, handle) = blocked_thread();
+        let mut survey = empty_survey();
+        survey
+            .take(threads::gettid(), Duration::from_secs(1))
+            .unwrap();
+        let me = threads::gettid();
+        assert!(!survey.running().contains(&me) && survey.waiting().iter().all(|w| w.tid != me));
+        let w = survey
+            .waiting()
+            .iter()
+            .find(|w| w.tid == tid)
+            .expect("listed as waiting");
+        assert!(w.nr >= 0 && w.sp != 0 && w.pc != 0, "{w:?}");
+        assert!(Survey::still_waiting(w));
+        assert!(!survey.running().contains(&tid));
+        drop(stop);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn an_unproven_thread_stays_to_be_stopped_and_is_not_read_again() {
+        let (tid, stop, handle) = blocked_thread();
+        let mut survey = empty_survey();
+        assert!(survey.mark_unproven(tid));
+        assert!(
+            !survey.any_unsettled(),
+            "an unproven thread is no reason to nap"
+        );
+        survey.settle_running();
+        assert_eq!(
+            survey.running(),
+            &[tid][..],
+            "settling must not take it back"
+        );
+        assert!(survey.waiting().is_empty(), "nor list it as waiting again");
+        drop(stop);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_marked_running_that_blocked_is_settled_back_to_waiting() {
+        let (tid, stop, handle) = blocked_thread();
+        let (other, stop_other, handle_other) = blocked_thread();
+        let mut survey = empty_survey();
+        assert!(survey.mark_unproven(other));
+        assert!(survey.mark_running(tid));
+        assert_eq!(survey.running(), &[tid, other][..]);
+        assert!(survey.any_unsettled());
+        survey.settle_running();
+        assert_eq!(survey.running(), &[other][..], "the unproven one stays");
+        assert_eq!(
+            survey.waiting().iter().map(|w| w.tid).collect::<Vec<_>>(),
+            [tid]
+        );
+        assert!(!survey.any_unsettled());
+        drop((stop, stop_other));
+        handle.join().unwrap();
+        handle_other.join().unwrap();
+    }
+
+    #[test]
+    fn a_spinning_thread_is_running_and_stays_so_when_settled() {
+        let spin = Arc::new(AtomicBool::new(true));
+        let tid = Arc::new(AtomicI32::new(0));
+        let handle = {
+            let (spin, tid) = (spin.clone(), tid.clone());
+            std::thread::spawn(move || {
+                tid.store(threads::gettid(), Ordering::SeqCst);
+                while spin.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        while tid.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        let tid = tid.load(Ordering::SeqCst);
+        let mut survey = empty_survey();
+        survey
+            .take(threads::gettid(), Duration::from_secs(1))
+            .unwrap();
+        assert!(survey.running().contains(&tid));
+        assert!(survey.any_unsettled());
+        survey.settle_running();
+        assert!(
+            survey.running().contains(&tid),
+            "still spinning: still to be stopped"
+        );
+        assert!(survey.any_unsettled());
+        spin.store(false, Ordering::Relaxed);
+        handle.join().unwrap();
     }
 }

@@ -269,8 +269,13 @@ const SETTLE_NAP: std::time::Duration = std::time::Duration::from_micros(30);
 enum Verdict {
     Active(Activity),
     Inactive,
-    /// Not proven either way: stop the thread and check it from its registers.
+    /// It kept running during its checks: stop it (unless it blocks again before the stop)
+    /// and check it from its registers.
     Stop,
+    /// Its copy does not prove it inactive (the walk needed a register the kernel does not
+    /// report): stop it and check it from its registers; checking the copy again would not
+    /// help.
+    Unproven,
 }
 
 /// Takes the attempt's breakpoints away; `outcome` when every original byte is back, else a
@@ -383,7 +388,7 @@ pub(super) fn live(
     let mut checked = 0;
     for round in 0..=SETTLE_ROUNDS {
         if round > 0 {
-            if bufs.survey.running().is_empty() {
+            if !bufs.survey.any_unsettled() {
                 break;
             }
             dsu_sys::raw::nap(SETTLE_NAP);
@@ -418,7 +423,7 @@ pub(super) fn live(
                     // from its registers rather than refuse on a guess.
                     Ok(Some(a)) if !matches!(a.how, How::StackScan { .. }) => Verdict::Active(a),
                     Ok(None) => Verdict::Inactive,
-                    _ => Verdict::Stop,
+                    _ => Verdict::Unproven,
                 };
                 break;
             }
@@ -427,6 +432,11 @@ pub(super) fn live(
                 Verdict::Inactive => {}
                 Verdict::Stop => {
                     if !bufs.survey.mark_running(w.tid) {
+                        return Ok(abandon(window, Outcome::PrepareAgain));
+                    }
+                }
+                Verdict::Unproven => {
+                    if !bufs.survey.mark_unproven(w.tid) {
                         return Ok(abandon(window, Outcome::PrepareAgain));
                     }
                 }
