@@ -41,6 +41,21 @@ pub fn child(args: &Args) -> Result<Value, String> {
         .apply_bytes(patch.clone(), "first")
         .map_err(|e| format!("apply: {e}"))?;
     let first_wall = us(t.elapsed());
+    let f = first.stages;
+    let first_stages: serde_json::Map<String, Value> = STAGES[1..]
+        .iter()
+        .zip([
+            first.elapsed,
+            f.link,
+            f.prepare,
+            f.survey,
+            f.stop,
+            f.check,
+            f.write,
+            f.resume,
+        ])
+        .map(|(name, d)| (name.to_string(), json!(crate::stats::round3(us(d)))))
+        .collect();
     let strategies: Vec<&str> = first
         .patch
         .functions
@@ -87,6 +102,7 @@ pub fn child(args: &Args) -> Result<Value, String> {
         "reps": reps,
         "first_apply_wall_us": crate::stats::round3(first_wall),
         "first_apply_prepare_us": crate::stats::round3(us(first.stages.prepare)),
+        "first_apply_stages_us": first_stages,
         "us": Value::Object(stages),
         "revert_wall_us": Summary::of(&revert_wall).json(),
     }))
