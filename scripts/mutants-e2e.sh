@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Mutation testing against the end-to-end tests.
+#
+# `cargo mutants` runs `cargo test` on each mutant, which does not rebuild what the end-to-end
+# tests run (the agent's `.so` and `.a`, `dsu`, the example programs: `tests/support` refuses
+# stale ones). So this script takes the mutants from `cargo mutants --list`, and for each one:
+# applies it in a worktree of HEAD, builds what the tests need, runs the chosen test files,
+# and records whether they caught it. Commit first: the worktree is of HEAD.
+#
+#   scripts/mutants-e2e.sh [cargo mutants selection: --file F --re R ...]
+#
+# Environment:
+#   TESTS    test files to run (default: the ones that exercise the update's checks)
+#   OUT      where results go (default target/mutants-e2e); OUT/outcomes.txt gets one line
+#            per mutant: caught | missed | unviable | timeout, then its name
+#   LIMIT    seconds for one mutant's tests before it counts as a timeout (default 150)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+TESTS=${TESTS:-"apply waiting stacks foreign_stack own_ground many_threads bounded_wait placement entry_branches races unwind_tables modules"}
+OUT=${OUT:-$root/target/mutants-e2e}
+LIMIT=${LIMIT:-150}
+tree=$OUT/tree
+mkdir -p "$OUT"
+
+mutants=$OUT/mutants.json
+cargo mutants -p dsu-agent --list --json --diff "$@" >"$mutants"
+count=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$mutants")
+echo "== $count mutants; tests: $TESTS"
+
+if [ ! -d "$tree" ]; then
+    git worktree add --detach "$tree" HEAD >/dev/null
+fi
+git -C "$tree" checkout -q --detach HEAD
+git -C "$tree" reset -q --hard "$(git rev-parse HEAD)"
+
+test_args=()
+for t in $TESTS; do test_args+=(--test "$t"); done
+
+build() {
+    # What the tests run: the agent's libraries, `dsu`, the examples, the test binaries.
+    (cd "$tree" && cargo build -q -p dsu-agent 2>&1 &&
+        cargo build -q -p dsu --bins --examples 2>&1 &&
+        cargo test -q -p dsu --no-run "${test_args[@]}" 2>&1)
+}
+run_tests() {
+    (cd "$tree" && timeout "$LIMIT" cargo test -q -p dsu "${test_args[@]}" -- --test-threads=2 2>&1)
+}
+
+echo "== baseline: building the unmutated tree and running the tests"
+build >"$OUT/baseline.log" || { echo "baseline build failed: $OUT/baseline.log"; exit 1; }
+run_tests >>"$OUT/baseline.log" || { echo "baseline tests failed: $OUT/baseline.log"; exit 1; }
+
+outcomes=$OUT/outcomes.txt
+: >"$outcomes"
+mkdir -p "$OUT/log"
+for i in $(seq 0 $((count - 1))); do
+    name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[int(sys.argv[2])]["name"])' "$mutants" "$i")
+    python3 -c 'import json,sys; sys.stdout.write(json.load(open(sys.argv[1]))[int(sys.argv[2])]["diff"])' "$mutants" "$i" >"$OUT/current.diff"
+    log=$OUT/log/$i.log
+    started=$(date +%s)
+    if ! (cd "$tree" && patch -s -p0 <"$OUT/current.diff") >"$log" 2>&1; then
+        outcome=unviable
+    elif ! build >>"$log"; then
+        outcome=unviable
+    else
+        status=0
+        run_tests >>"$log" || status=$?
+        case $status in
+            0) outcome=missed ;;
+            124) outcome=timeout ;;
+            *) outcome=caught ;;
+        esac
+    fi
+    git -C "$tree" checkout -q -- .
+    echo "$outcome $name" | tee -a "$outcomes"
+    echo "($(($(date +%s) - started)) s)" >>"$log"
+done
+echo "== $(grep -c '^caught' "$outcomes" || true) caught, $(grep -c '^missed' "$outcomes" || true) missed," \
+    "$(grep -c '^timeout' "$outcomes" || true) timeouts, $(grep -c '^unviable' "$outcomes" || true) unviable: $outcomes"
