@@ -87,6 +87,26 @@ pub fn blocks_signal(tid: i32, sig: i32) -> io::Result<Option<bool>> {
     Ok(Some(signal_bit(sig).is_some_and(|bit| mask & bit != 0)))
 }
 
+/// The pid of the process tracing this one (`TracerPid` of `/proc/self/status`; 0: none).
+/// One read into a stack buffer (the field is near the start of the file). Async-signal-safe.
+pub fn tracer_pid() -> io::Result<i32> {
+    let mut buf = [0u8; 4096];
+    let n = match read_whole(b"/proc/self/status\0", &mut buf) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(CAPACITY_EXCEEDED) => buf.len(),
+        Err(e) => return Err(e),
+    };
+    parse_tracer_pid(&buf[..n]).ok_or_else(|| io::ErrorKind::InvalidData.into())
+}
+
+/// Pure: the `TracerPid:` line of a `status` file.
+fn parse_tracer_pid(status: &[u8]) -> Option<i32> {
+    let line = status
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"TracerPid:"))?;
+    i32::try_from(parse_decimal(line.trim_ascii())?).ok()
+}
+
 /// The thread's name (`comm`), or `?` when it cannot be read. Allocates: for messages, not for
 /// use while threads are held.
 pub fn name(tid: i32) -> String {
@@ -184,6 +204,17 @@ fn parse_mask(status: &[u8], key: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    #[test]
+    fn tracer_pid_lines_parse() {
+        let status = b"Name:\tx\nTgid:\t7\nTracerPid:\t4242\nUid:\t0\n";
+        assert_eq!(parse_tracer_pid(status), Some(4242));
+        assert_eq!(parse_tracer_pid(b"TracerPid:\t0\n"), Some(0));
+        assert_eq!(parse_tracer_pid(b"Name:\tx\n"), None);
+        assert_eq!(parse_tracer_pid(b"TracerPid:\t\n"), None);
+        // Not traced while the tests run (a debugger attached would make this fail).
+        assert_eq!(tracer_pid().unwrap(), 0);
+    }
 
     #[test]
     fn syscall_lines_parse() {

@@ -631,9 +631,13 @@ impl Engine {
         let mut tally = attempt::Tally::new(names.len());
         loop {
             attempts += 1;
-            self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
-            if live {
-                self.live.prepare().map_err(UpdateError::StopPrepare)?;
+            // Sized just above for the first attempt; again for each later one (threads come
+            // and go while the update waits).
+            if attempts > 1 {
+                self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
+                if live {
+                    self.live.prepare().map_err(UpdateError::StopPrepare)?;
+                }
             }
             if attempts == 1 {
                 // Up to the first attempt only: time spent waiting for active functions to
@@ -821,13 +825,9 @@ fn is_agent_code(name: &str, module: &str) -> bool {
 }
 
 /// Whether a tracer (a debugger) is attached: it would take our breakpoints for its own.
+/// One read into a stack buffer: `read_to_string` on a `/proc` file (size 0) took eight.
 fn traced() -> bool {
-    std::fs::read_to_string("/proc/self/status").map_or(true, |status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("TracerPid:"))
-            .is_none_or(|pid| pid.trim() != "0")
-    })
+    dsu_sys::tasks::tracer_pid().map_or(true, |pid| pid != 0)
 }
 
 /// The refusal after the timeout: the function that held the update back most often (not
