@@ -104,7 +104,7 @@ fn parse_tracer_pid(status: &[u8]) -> Option<i32> {
     let line = status
         .split(|&b| b == b'\n')
         .find_map(|l| l.strip_prefix(b"TracerPid:"))?;
-    i32::try_from(parse_decimal(line.trim_ascii())?).ok()
+    parse_decimal(line.trim_ascii())
 }
 
 /// The thread's name (`comm`), or `?` when it cannot be read. Allocates: for messages, not for
