@@ -1,0 +1,91 @@
+//! A thread that waits inside a target where the survey cannot settle it from the kernel's
+//! stack and instruction pointers alone: the update must not go ahead on a guess.
+//!
+//! - Under a frame whose caller cannot be found without the frame pointer (built without
+//!   optimisation), the walk of the waiting thread's stack copy stops early; the conservative
+//!   scan of the rest of the copy finds the target's return address, so the thread is stopped
+//!   and checked from its registers, where the target is found active.
+//! - Interrupted inside the target by a signal whose handler waits: the signal frame's
+//!   interrupted instruction lies in the target, and the thread is not held at one of the
+//!   update's breakpoints, so it is active.
+//!
+//! Each case: the update is refused while the worker waits there, and applies once it left.
+//! The target is `tests/fixtures/unproven.c`, started with `LD_PRELOAD=libdsu_agent.so`,
+//! patched with the real `dsu`.
+
+mod support;
+
+use std::path::Path;
+
+use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, scratch};
+
+const UNPROVEN_C: &str = include_str!("fixtures/unproven.c");
+
+fn start(dir: &Path) -> Fixture {
+    let library = cargo_bin("libdsu_agent.so");
+    let program = cc_program(
+        dir,
+        "unproven",
+        &[("unproven.c", UNPROVEN_C)],
+        &["-pthread"],
+    );
+    Fixture::start(dir, &program, &[], &[("LD_PRELOAD", &library)])
+}
+
+/// `dsu apply` with a short timeout: refused, naming the target, nothing changed.
+fn refused_while_inside(fx: &mut Fixture, patch: &Path) {
+    let pid = fx.pid.to_string();
+    let patch = patch.to_str().unwrap();
+    let out = dsu(&["apply", "-p", &pid, patch, "--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "applied while the worker waits inside the target; process log:\n{}",
+        fx.log()
+    );
+    assert!(stderr.contains("dsu_fixture_compute"), "{stderr}");
+    assert_eq!(fx.compute(), ORIGINAL, "changed by a refused update");
+}
+
+fn applies(fx: &mut Fixture, patch: &Path) {
+    let pid = fx.pid.to_string();
+    let out = dsu(&[
+        "apply",
+        "-p",
+        &pid,
+        patch.to_str().unwrap(),
+        "--timeout",
+        "5",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\nprocess log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    assert_eq!(fx.compute(), 70);
+}
+
+#[test]
+fn a_waiting_thread_the_copy_cannot_walk_is_checked_from_its_registers() {
+    let dir = scratch("unproven-frame-pointer");
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let mut fx = start(&dir);
+    fx.expect("hold", "held");
+    refused_while_inside(&mut fx, &patch);
+    fx.expect("release", "released");
+    applies(&mut fx, &patch);
+    assert!(fx.alive());
+}
+
+#[test]
+fn a_thread_interrupted_inside_the_target_by_a_waiting_handler_is_active() {
+    let dir = scratch("unproven-signal-frame");
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let mut fx = start(&dir);
+    fx.expect("spin", "interrupted");
+    refused_while_inside(&mut fx, &patch);
+    fx.expect("resume", "resumed");
+    applies(&mut fx, &patch);
+    assert!(fx.alive());
+}
