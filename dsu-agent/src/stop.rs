@@ -125,9 +125,6 @@ pub struct ParkedThread {
     pub tid: i32,
     /// The registers at the instruction the stop signal interrupted.
     pub regs: Registers,
-    /// Bounds of the stack that `regs.rsp` points into; `None` when it points into no readable
-    /// mapping (then nothing about the thread's calls can be verified).
-    pub stack: Option<StackBounds>,
     /// The thread's alternate signal stack, when it has one.
     pub alt_stack: Option<AltStack>,
     /// Its thread pointer (`%fs:0`). A thread of the C library keeps its control block at the
@@ -522,7 +519,7 @@ impl StopWorld {
             }
         }
         self.collect(array, round)?;
-        self.bound_stacks()
+        self.refresh_maps()
     }
 
     /// A round for the given threads only: signal each, wait until each has parked or exited.
@@ -543,22 +540,20 @@ impl StopWorld {
             .store(self.expected.len() as u32, Ordering::Release);
         self.wait_parked(array, round, deadline, timeout)?;
         self.collect(array, round)?;
-        self.bound_stacks()
+        self.refresh_maps()
     }
 
-    /// Looks up the stack mapping of every parked thread.
-    fn bound_stacks(&mut self) -> Result<(), StopError> {
+    /// Reads the memory map again while every parked thread is held, so the checks bound
+    /// each stack read by the mappings as they are now (a no-op where `PROCMAP_QUERY` answers
+    /// each question from the live map).
+    fn refresh_maps(&mut self) -> Result<(), StopError> {
         self.maps.refresh().map_err(|e| {
             if e.raw_os_error() == Some(threads::CAPACITY_EXCEEDED) {
                 StopError::PrepareAgain { what: "memory map" }
             } else {
                 StopError::Maps(e)
             }
-        })?;
-        for t in &mut self.parked {
-            t.stack = stack_bounds(&self.maps, t.regs.rsp as usize, t.alt_stack);
-        }
-        Ok(())
+        })
     }
 
     /// Sends the stop signal to `tid` and expects it to park; a thread that has exited is
@@ -725,7 +720,6 @@ impl StopWorld {
             self.parked.push(ParkedThread {
                 tid: tag_tid(tag),
                 regs: Registers::from_gregs(&data.gregs),
-                stack: None,
                 alt_stack: alt,
                 thread_pointer: data.thread_pointer,
             });

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dsu_agent::check::{Checker, How, Ranges};
-use dsu_agent::stop::{ParkedThread, StopError, StopWorld, Stopped};
+use dsu_agent::stop::{ParkedThread, StackBounds, StopError, StopWorld, Stopped, stack_bounds};
 use dsu_agent::unwind::WalkEnd;
 use dsu_sys::threads;
 use object::{Object, ObjectSection, ObjectSymbol};
@@ -152,6 +152,8 @@ fn close(fd: i32) {
 /// thread may hold the malloc lock) and checked after they run again.
 struct Snapshot {
     parked: Vec<ParkedThread>,
+    /// The stack mapping each parked thread's `rsp` points into, looked up while stopped.
+    stacks: Vec<Option<StackBounds>>,
     listed: Vec<i32>,
     dirents: Vec<u8>,
     count: usize,
@@ -164,6 +166,7 @@ impl Snapshot {
     fn new() -> Snapshot {
         Snapshot {
             parked: Vec::with_capacity(4096),
+            stacks: Vec::with_capacity(4096),
             listed: vec![0; 4096],
             dirents: vec![0; 16384],
             count: 0,
@@ -177,6 +180,13 @@ impl Snapshot {
         self.parked.clear();
         assert!(stopped.threads().len() <= self.parked.capacity());
         self.parked.extend_from_slice(stopped.threads());
+        self.stacks.clear();
+        self.stacks.extend(
+            stopped
+                .threads()
+                .iter()
+                .map(|t| stack_bounds(stopped.maps(), t.regs.rsp as usize, t.alt_stack)),
+        );
         self.count = threads::list_into(&mut self.dirents, &mut self.listed).unwrap();
         for i in 0..self.count {
             let tid = self.listed[i];
@@ -213,10 +223,8 @@ impl Snapshot {
                 *state as char
             );
         }
-        for t in &self.parked {
-            let bounds = t
-                .stack
-                .unwrap_or_else(|| panic!("thread {} has no stack", t.tid));
+        for (t, bounds) in self.parked.iter().zip(&self.stacks) {
+            let bounds = bounds.unwrap_or_else(|| panic!("thread {} has no stack", t.tid));
             let sp = t.regs.rsp as usize;
             assert!(
                 bounds.start <= sp && sp <= bounds.end,
