@@ -100,6 +100,56 @@ fn the_agents_own_functions_are_refused() {
     assert!(fx.alive());
 }
 
+/// The function every thread made by Rust's `std` starts in, the agent's thread included
+/// (its name mangled with the toolchain's hash, found in the program's symbols).
+fn std_thread_start(program: &Path) -> String {
+    let out = Command::new("nm")
+        .arg("--defined-only")
+        .arg(program)
+        .output()
+        .expect("run nm");
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = symbols
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|n| n.contains("3std") && n.ends_with("12thread_start"))
+        .collect();
+    assert_eq!(
+        names.len(),
+        1,
+        "std's thread_start in {}: {names:?}",
+        program.display()
+    );
+    names[0].to_string()
+}
+
+/// A function the agent thread itself runs in while it updates (here: std's thread start,
+/// below the agent's loop on its stack) is refused, naming it, before any thread is stopped:
+/// replaced in place, the agent thread would one day return into rewritten bytes.
+#[test]
+fn a_function_on_the_agent_threads_own_stack_is_refused() {
+    let dir = scratch("own-ground-agent-stack");
+    let program = cargo_bin("placement_target");
+    let name = std_thread_start(&program);
+    let patch = cc_object(
+        &dir,
+        "thread_start",
+        &format!("void *{name}(void *main) {{ return main; }}\n"),
+        &[],
+    );
+    let mut fx = Fixture::start(&dir, &program, &[], &[]);
+    let small = fx.send("small");
+    let out = dsu(&fx, &["apply", patch.to_str().unwrap(), "--timeout", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&name) && stderr.contains("agent thread's own stack"),
+        "{stderr}"
+    );
+    assert_eq!(fx.send("small"), small, "{}", fx.log());
+    assert!(fx.alive());
+}
+
 /// Larger than the original, so it lands in new code behind an entry jump, and the direct
 /// calls of the workers' loops are rewritten to reach it.
 const C_X10_REDIRECT: &str = "
