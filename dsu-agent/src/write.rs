@@ -221,3 +221,127 @@ pub fn inverse(edits: &[CodeEdit]) -> Vec<CodeEdit> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two pages, the second unmapped again: a write that reaches past the first fails.
+    struct Page {
+        base: usize,
+        size: usize,
+    }
+
+    impl Page {
+        fn new() -> Page {
+            // SAFETY: `sysconf` has no preconditions.
+            let size = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
+            // SAFETY: a fresh anonymous private mapping, no address hint; the second page is
+            // unmapped at once, so only the first is ever touched.
+            let base = unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    2 * size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                assert_eq!(libc::munmap(p.cast::<u8>().add(size).cast(), size), 0);
+                p as usize
+            };
+            Page { base, size }
+        }
+
+        fn bytes(&self, at: usize, len: usize) -> Vec<u8> {
+            assert!(at >= self.base && at + len <= self.base + self.size);
+            // SAFETY: inside the mapped first page (asserted).
+            unsafe { std::slice::from_raw_parts(at as *const u8, len) }.to_vec()
+        }
+
+        fn set(&self, at: usize, bytes: &[u8]) {
+            assert!(at >= self.base && at + bytes.len() <= self.base + self.size);
+            // SAFETY: inside the mapped, writable first page (asserted).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len()) };
+        }
+    }
+
+    impl Drop for Page {
+        fn drop(&mut self) {
+            // SAFETY: the first page, mapped in `new` and not used after this.
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.size) };
+        }
+    }
+
+    fn edit(site: usize, bytes: &[u8], original: &[u8]) -> CodeEdit {
+        CodeEdit {
+            site,
+            bytes: bytes.to_vec(),
+            original: original.to_vec(),
+        }
+    }
+
+    /// A write behind breakpoints that fails on its third edit (its tail runs off the mapping)
+    /// puts every byte back, breakpoints included, and says so.
+    #[test]
+    fn a_failed_write_behind_breakpoints_puts_every_byte_back() {
+        let page = Page::new();
+        let writer = CodeWriter::open().unwrap();
+        let last = page.base + page.size - 1;
+        let edits = [
+            edit(page.base, &[1, 2, 3, 4], &[0xa0, 0xa1, 0xa2, 0xa3]),
+            edit(page.base + 16, &[5, 6, 7], &[0xb0, 0xb1, 0xb2]),
+            edit(last, &[8, 9], &[0xc0, 0xc1]),
+        ];
+        page.set(page.base, &edits[0].original);
+        page.set(page.base + 16, &edits[1].original);
+        page.set(last, &edits[2].original[..1]);
+        // SAFETY: the sites lie in a data page of this test that nothing executes.
+        unsafe { place_breakpoints(&writer, &edits) }.unwrap();
+        assert_eq!(page.bytes(page.base, 1), [BREAKPOINT]);
+        assert_eq!(page.bytes(last, 1), [BREAKPOINT]);
+        // SAFETY: as above.
+        let failure = unsafe { finish_behind_breakpoints(&writer, &edits) }.unwrap_err();
+        assert_eq!(failure.index, 2);
+        assert!(failure.rolled_back, "every byte was put back");
+        assert_eq!(page.bytes(page.base, 4), edits[0].original);
+        assert_eq!(page.bytes(page.base + 16, 3), edits[1].original);
+        assert_eq!(page.bytes(last, 1), edits[2].original[..1]);
+    }
+
+    /// Breakpoints that cannot all be placed are taken away again.
+    #[test]
+    fn breakpoints_not_all_placed_are_removed() {
+        let page = Page::new();
+        let writer = CodeWriter::open().unwrap();
+        let edits = [
+            edit(page.base, &[1, 2], &[0xa0, 0xa1]),
+            edit(page.base + 8, &[3, 4], &[0xb0, 0xb1]),
+            edit(page.base + page.size, &[5], &[0xc0]),
+        ];
+        page.set(page.base, &edits[0].original);
+        page.set(page.base + 8, &edits[1].original);
+        // SAFETY: the sites lie in this test's data page, or just past it (that write fails).
+        let failure = unsafe { place_breakpoints(&writer, &edits) }.unwrap_err();
+        assert_eq!(failure.index, 2);
+        assert!(failure.rolled_back);
+        assert_eq!(page.bytes(page.base, 2), edits[0].original);
+        assert_eq!(page.bytes(page.base + 8, 2), edits[1].original);
+    }
+
+    #[test]
+    fn inverse_undoes_in_reverse_order() {
+        let edits = [edit(10, &[1, 2], &[3, 4]), edit(20, &[5], &[6])];
+        let back = inverse(&edits);
+        assert_eq!(back.len(), 2);
+        assert_eq!(
+            (back[0].site, &back[0].bytes[..], &back[0].original[..]),
+            (20, &[6][..], &[5][..])
+        );
+        assert_eq!(
+            (back[1].site, &back[1].bytes[..], &back[1].original[..]),
+            (10, &[3, 4][..], &[1, 2][..])
+        );
+    }
+}
