@@ -330,9 +330,45 @@ mod tests {
         assert_eq!(page.bytes(page.base + 8, 2), edits[1].original);
     }
 
+    /// A restore that cannot write says so, whatever was restored before or after it.
+    #[test]
+    fn a_restore_that_fails_is_reported() {
+        let page = Page::new();
+        let writer = CodeWriter::open().unwrap();
+        let ok = edit(page.base, &[1, 2], &[0xa0, 0xa1]);
+        let gone = edit(page.base + page.size, &[3, 4], &[0xb0, 0xb1]);
+        page.set(page.base, &[BREAKPOINT, 2]);
+        assert!(!restore_first_bytes(&writer, &[ok.clone(), gone.clone()]));
+        assert!(!restore_first_bytes(&writer, &[gone.clone(), ok.clone()]));
+        assert!(!restore_tails(&writer, &[ok.clone(), gone.clone()]));
+        assert!(!restore_tails(&writer, &[gone.clone(), ok.clone()]));
+        assert_eq!(
+            page.bytes(page.base, 2),
+            ok.original,
+            "the good one still restored"
+        );
+        // Tails that fail, first bytes that do not (and the other way round).
+        assert!(!roll_back(
+            &writer,
+            std::slice::from_ref(&gone),
+            std::slice::from_ref(&ok)
+        ));
+        assert!(!roll_back(
+            &writer,
+            std::slice::from_ref(&ok),
+            std::slice::from_ref(&gone)
+        ));
+        assert!(roll_back(
+            &writer,
+            std::slice::from_ref(&ok),
+            std::slice::from_ref(&ok)
+        ));
+    }
+
     #[test]
     fn inverse_undoes_in_reverse_order() {
         let edits = [edit(10, &[1, 2], &[3, 4]), edit(20, &[5], &[6])];
+        assert!(!edits[0].is_empty() && edit(30, &[], &[]).is_empty());
         let back = inverse(&edits);
         assert_eq!(back.len(), 2);
         assert_eq!(
