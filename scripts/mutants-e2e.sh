@@ -14,10 +14,11 @@
 #   OUT      where results go (default target/mutants-e2e); OUT/outcomes.txt gets one line
 #            per mutant: caught | missed | unviable | timeout, then its name
 #   LIMIT    seconds for one mutant's tests before it counts as a timeout (default 150)
+#   STRICT   1: exit 1 when any mutant is missed (CI runs a bounded subset this way)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-TESTS=${TESTS:-"apply waiting unproven stacks foreign_stack own_ground many_threads bounded_wait placement entry_branches races unwind_tables modules"}
+TESTS=${TESTS:-"apply waiting unproven in_place stacks foreign_stack own_ground many_threads bounded_wait placement entry_branches races unwind_tables modules"}
 OUT=${OUT:-$root/target/mutants-e2e}
 LIMIT=${LIMIT:-150}
 tree=$OUT/tree
@@ -76,5 +77,10 @@ for i in $(seq 0 $((count - 1))); do
     echo "$outcome $name" | tee -a "$outcomes"
     echo "($(($(date +%s) - started)) s)" >>"$log"
 done
-echo "== $(grep -c '^caught' "$outcomes" || true) caught, $(grep -c '^missed' "$outcomes" || true) missed," \
+missed=$(grep -c '^missed' "$outcomes" || true)
+echo "== $(grep -c '^caught' "$outcomes" || true) caught, $missed missed," \
     "$(grep -c '^timeout' "$outcomes" || true) timeouts, $(grep -c '^unviable' "$outcomes" || true) unviable: $outcomes"
+if [ "${STRICT:-0}" = 1 ] && [ "$missed" != 0 ]; then
+    echo "a check could be deleted with every test still passing: see the mutants marked missed"
+    exit 1
+fi
