@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-TESTS=${TESTS:-"apply waiting unproven in_place stacks foreign_stack own_ground many_threads bounded_wait placement entry_branches races unwind_tables modules"}
+TESTS=${TESTS:-"apply waiting unproven in_place debugger_attached stacks foreign_stack own_ground many_threads bounded_wait placement entry_branches races unwind_tables modules"}
 OUT=${OUT:-$root/target/mutants-e2e}
 LIMIT=${LIMIT:-150}
 tree=$OUT/tree
