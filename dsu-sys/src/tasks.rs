@@ -12,7 +12,7 @@
 
 use std::io;
 
-use crate::threads::{CAPACITY_EXCEEDED, parse_decimal, read_whole, write_decimal};
+use crate::threads::{parse_decimal, read_start, write_decimal};
 
 /// What a thread was doing when its `syscall` file was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +44,8 @@ fn read_task(tid: i32, file: &[u8], buf: &mut [u8]) -> io::Result<Option<usize>>
     debug_assert!(file.len() <= 20);
     let mut path = [0u8; 64];
     let len = task_path(tid, file, &mut path);
-    match read_whole(&path[..len], buf) {
+    match read_start(&path[..len], buf) {
         Ok(n) => Ok(Some(n)),
-        Err(e) if e.raw_os_error() == Some(CAPACITY_EXCEEDED) => Ok(Some(buf.len())),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => Ok(None),
         Err(e) => Err(e),
     }
@@ -91,11 +90,7 @@ pub fn blocks_signal(tid: i32, sig: i32) -> io::Result<Option<bool>> {
 /// One read into a stack buffer (the field is near the start of the file). Async-signal-safe.
 pub fn tracer_pid() -> io::Result<i32> {
     let mut buf = [0u8; 4096];
-    let n = match read_whole(b"/proc/self/status\0", &mut buf) {
-        Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(CAPACITY_EXCEEDED) => buf.len(),
-        Err(e) => return Err(e),
-    };
+    let n = read_start(b"/proc/self/status\0", &mut buf)?;
     parse_tracer_pid(&buf[..n]).ok_or_else(|| io::ErrorKind::InvalidData.into())
 }
 

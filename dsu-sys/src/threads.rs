@@ -139,6 +139,15 @@ pub(crate) fn read_whole(path: &[u8], buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Reads the start of a file (by NUL-terminated path) into `buf`: a file longer than `buf` is
+/// cut at its size, for callers that read fields near the start. Async-signal-safe.
+pub(crate) fn read_start(path: &[u8], buf: &mut [u8]) -> io::Result<usize> {
+    match read_whole(path, buf) {
+        Err(e) if e.raw_os_error() == Some(CAPACITY_EXCEEDED) => Ok(buf.len()),
+        read => read,
+    }
+}
+
 /// Lists thread ids of this process into `out`, using `buf` for raw directory entries; returns
 /// how many ids were written. Allocates nothing: async-signal-safe.
 ///
@@ -214,11 +223,7 @@ pub(crate) fn parse_decimal(s: &[u8]) -> Option<i32> {
 /// included. Allocates nothing: async-signal-safe.
 pub fn count() -> io::Result<usize> {
     let mut buf = [0u8; 1024];
-    let n = match read_whole(b"/proc/self/stat\0", &mut buf) {
-        Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(CAPACITY_EXCEEDED) => buf.len(),
-        Err(e) => return Err(e),
-    };
+    let n = read_start(b"/proc/self/stat\0", &mut buf)?;
     parse_stat_num_threads(&buf[..n]).ok_or_else(|| io::ErrorKind::InvalidData.into())
 }
 
@@ -287,6 +292,18 @@ pub(crate) fn write_decimal(mut v: u32, out: &mut [u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_start_cuts_a_longer_file_at_the_buffer() {
+        let mut small = [0u8; 16];
+        assert_eq!(read_start(b"/proc/self/status\0", &mut small).unwrap(), 16);
+        assert!(small.starts_with(b"Name:"));
+        let mut big = [0u8; 64 * 1024];
+        let n = read_start(b"/proc/self/status\0", &mut big).unwrap();
+        assert!(n > 16 && n < big.len() && big[..n].ends_with(b"\n"));
+        let missing = read_start(b"/proc/self/no-such-file\0", &mut big).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+    }
 
     #[test]
     fn decimal_round_trip() {
