@@ -16,7 +16,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, scratch};
+use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu_ok, scratch};
 
 const BUSY_C: &str = include_str!("fixtures/busy.c");
 const TRACER_C: &str = include_str!("fixtures/swallow_traps.c");
@@ -64,31 +64,12 @@ fn with_a_tracer_attached_updates_place_no_breakpoints() {
     let attached = lines.next().and_then(Result::ok).unwrap_or_default();
     assert!(attached.starts_with("attached "), "{attached:?}");
 
-    let pid = fx.pid.to_string();
+    let patch = patch.to_str().unwrap();
     for round in 0..5 {
-        let out = dsu(&[
-            "apply",
-            "-p",
-            &pid,
-            patch.to_str().unwrap(),
-            "--timeout",
-            "10",
-        ]);
-        assert!(
-            out.status.success(),
-            "round {round}: {}\nprocess log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            fx.log()
-        );
+        dsu_ok(&fx, "apply", &[patch, "--timeout", "10"]);
         assert_eq!(fx.compute(), 70, "round {round}");
         fx.workers_see(70);
-        let out = dsu(&["revert", "-p", &pid, "--timeout", "10"]);
-        assert!(
-            out.status.success(),
-            "round {round}: {}\nprocess log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            fx.log()
-        );
+        dsu_ok(&fx, "revert", &["--timeout", "10"]);
         assert_eq!(fx.compute(), ORIGINAL, "round {round}");
         fx.workers_see(ORIGINAL);
     }

@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, scratch};
+use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu_ok, scratch};
 
 const PLAIN_C: &str = include_str!("fixtures/plain.c");
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
@@ -33,15 +33,7 @@ fn a_replacement_without_endbr64_keeps_the_entrys_endbr64() {
     );
     assert_eq!(fx.send("compute"), format!("compute {ORIGINAL}"));
 
-    let pid = fx.pid.to_string();
-    let out = dsu(&["apply", "-p", &pid, patch.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\nprocess log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fx.log()
-    );
+    let stdout = dsu_ok(&fx, "apply", &[patch.to_str().unwrap()]);
     assert!(stdout.contains(", redirect,"), "not redirected: {stdout}");
     assert_eq!(fx.send("compute"), "compute 70");
     assert_eq!(

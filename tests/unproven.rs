@@ -17,7 +17,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, scratch};
+use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, dsu_ok, scratch};
 
 const UNPROVEN_C: &str = include_str!("fixtures/unproven.c");
 
@@ -48,21 +48,7 @@ fn refused_while_inside(fx: &mut Fixture, patch: &Path) {
 }
 
 fn applies(fx: &mut Fixture, patch: &Path) {
-    let pid = fx.pid.to_string();
-    let out = dsu(&[
-        "apply",
-        "-p",
-        &pid,
-        patch.to_str().unwrap(),
-        "--timeout",
-        "5",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}\nprocess log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fx.log()
-    );
+    dsu_ok(fx, "apply", &[patch.to_str().unwrap(), "--timeout", "5"]);
     assert_eq!(fx.compute(), 70);
 }
 

@@ -175,6 +175,22 @@ pub fn dsu(args: &[&str]) -> std::process::Output {
     finish(child, std::time::Duration::from_secs(60))
 }
 
+/// Runs `dsu SUBCOMMAND -p PID ARGS..` on `fx`'s process and fails the test, with the
+/// process's log, unless it succeeds; returns what it printed.
+pub fn dsu_ok(fx: &Fixture, subcommand: &str, args: &[&str]) -> String {
+    let pid = fx.pid.to_string();
+    let mut all = vec![subcommand, "-p", &pid];
+    all.extend_from_slice(args);
+    let out = dsu(&all);
+    assert!(
+        out.status.success(),
+        "dsu {all:?} failed: {}\nprocess log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fx.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Waits for `child`, killing it and failing the test if it runs longer than `limit`.
 pub fn finish(mut child: std::process::Child, limit: std::time::Duration) -> std::process::Output {
     use std::io::Read;
