@@ -4,8 +4,9 @@
 # `cargo mutants` runs `cargo test` on each mutant, which does not rebuild what the end-to-end
 # tests run (the agent's `.so` and `.a`, `dsu`, the example programs: `tests/support` refuses
 # stale ones). So this script takes the mutants from `cargo mutants --list`, and for each one:
-# applies it in a worktree of HEAD, builds what the tests need, runs the chosen test files,
-# and records whether they caught it. Commit first: the worktree is of HEAD.
+# applies it in a copy of the source tree (as it is, without target/ and .git), builds what
+# the tests need, runs the chosen test files, records whether they caught it, and puts the
+# mutated file back.
 #
 #   scripts/mutants-e2e.sh [cargo mutants selection: --file F --re R ...]
 #
@@ -29,11 +30,10 @@ cargo mutants -p dsu-agent --list --json --diff "$@" >"$mutants"
 count=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$mutants")
 echo "== $count mutants; tests: $TESTS"
 
-if [ ! -d "$tree" ]; then
-    git worktree add --detach "$tree" HEAD >/dev/null
-fi
-git -C "$tree" checkout -q --detach HEAD
-git -C "$tree" reset -q --hard "$(git rev-parse HEAD)"
+# A plain copy, not a git worktree: CI may run on a checkout without git metadata.
+rm -rf "$tree"
+mkdir -p "$tree"
+tar --exclude=./target --exclude=./fuzz/target --exclude=./.git -cf - . | tar -xf - -C "$tree"
 
 test_args=()
 for t in $TESTS; do test_args+=(--test "$t"); done
@@ -58,6 +58,7 @@ mkdir -p "$OUT/log"
 for i in $(seq 0 $((count - 1))); do
     name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[int(sys.argv[2])]["name"])' "$mutants" "$i")
     python3 -c 'import json,sys; sys.stdout.write(json.load(open(sys.argv[1]))[int(sys.argv[2])]["diff"])' "$mutants" "$i" >"$OUT/current.diff"
+    file=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[int(sys.argv[2])]["file"])' "$mutants" "$i")
     log=$OUT/log/$i.log
     started=$(date +%s)
     if ! (cd "$tree" && patch -s -p0 <"$OUT/current.diff") >"$log" 2>&1; then
@@ -73,7 +74,7 @@ for i in $(seq 0 $((count - 1))); do
             *) outcome=caught ;;
         esac
     fi
-    git -C "$tree" checkout -q -- .
+    cp "$root/$file" "$tree/$file"
     echo "$outcome $name" | tee -a "$outcomes"
     echo "($(($(date +%s) - started)) s)" >>"$log"
 done
