@@ -5,6 +5,7 @@
 //!   optimisation), the walk of the waiting thread's stack copy stops early; the conservative
 //!   scan of the rest of the copy finds the target's return address, so the thread is stopped
 //!   and checked from its registers, where the target is found active.
+//! - The same with the target's frame beyond the part of the stack the agent copies.
 //! - Interrupted inside the target by a signal whose handler waits: the signal frame's
 //!   interrupted instruction lies in the target, and the thread is not held at one of the
 //!   update's breakpoints, so it is active.
@@ -58,6 +59,20 @@ fn a_waiting_thread_the_copy_cannot_walk_is_checked_from_its_registers() {
     let patch = cc_object(&dir, "c_x10", C_X10, &[]);
     let mut fx = start(&dir);
     fx.expect("hold", "held");
+    refused_while_inside(&mut fx, &patch);
+    fx.expect("release", "released");
+    applies(&mut fx, &patch);
+    assert!(fx.alive());
+}
+
+/// As above, with the target's frame 700 KiB up the stack, beyond the 512 KiB the agent copies
+/// of a waiting thread's stack: a walk that stops early on a copy cut short proves nothing.
+#[test]
+fn a_waiting_thread_whose_stack_outgrows_the_copy_is_checked_from_its_registers() {
+    let dir = scratch("unproven-deep");
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let mut fx = start(&dir);
+    fx.expect("deep", "held");
     refused_while_inside(&mut fx, &patch);
     fx.expect("release", "released");
     applies(&mut fx, &patch);

@@ -641,6 +641,17 @@ mod tests {
         assert_eq!(single.find(20), None);
     }
 
+    /// An address equal to a range's end lies outside it, also when a wider range around it
+    /// holds the address: the function named is the one that contains it.
+    #[test]
+    fn a_ranges_end_is_outside_it_inside_a_wider_one() {
+        let r: Ranges = [(100, 300, 0), (150, 200, 1)].into_iter().collect();
+        assert_eq!(r.find(199), Some(1));
+        assert_eq!(r.find(200), Some(0));
+        assert_eq!(r.find(150), Some(1));
+        assert_eq!(r.find(149), Some(0));
+    }
+
     #[test]
     fn return_addresses_match_the_call_before_them() {
         let r: Ranges = [(100, 200, 0)].into_iter().collect();
