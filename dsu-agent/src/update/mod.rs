@@ -631,18 +631,16 @@ impl Engine {
         let mut tally = attempt::Tally::new(names.len());
         loop {
             attempts += 1;
-            // Sized just above for the first attempt; again for each later one (threads come
-            // and go while the update waits).
-            if attempts > 1 {
+            if attempts == 1 {
+                // Up to the first attempt only: time spent waiting for active functions to
+                // return is the rest of `elapsed`. The buffers were sized just above.
+                stages.prepare = started.elapsed();
+            } else {
+                // Threads come and go while the update waits.
                 self.stopper.prepare().map_err(UpdateError::StopPrepare)?;
                 if live {
                     self.live.prepare().map_err(UpdateError::StopPrepare)?;
                 }
-            }
-            if attempts == 1 {
-                // Up to the first attempt only: time spent waiting for active functions to
-                // return is the rest of `elapsed`.
-                stages.prepare = started.elapsed();
             }
             let outcome = if live {
                 attempt::live(
