@@ -96,10 +96,15 @@ pub fn tracer_pid() -> io::Result<i32> {
 
 /// Pure: the `TracerPid:` line of a `status` file.
 fn parse_tracer_pid(status: &[u8]) -> Option<i32> {
-    let line = status
+    parse_decimal(status_field(status, b"TracerPid:")?)
+}
+
+/// Pure: the value of the `status` line starting with `key`, blanks trimmed.
+fn status_field<'a>(status: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    status
         .split(|&b| b == b'\n')
-        .find_map(|l| l.strip_prefix(b"TracerPid:"))?;
-    parse_decimal(line.trim_ascii())
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim_ascii())
 }
 
 /// The thread's name (`comm`), or `?` when it cannot be read. Allocates: for messages, not for
@@ -181,10 +186,7 @@ fn parse_schedstat(text: &[u8]) -> Option<u64> {
 
 /// Pure: a hexadecimal mask line of a `status` file, such as `SigBlk:\t0000000000010000`.
 fn parse_mask(status: &[u8], key: &[u8]) -> Option<u64> {
-    let line = status
-        .split(|&b| b == b'\n')
-        .find_map(|l| l.strip_prefix(key))?;
-    let digits: &[u8] = line.trim_ascii();
+    let digits = status_field(status, key)?;
     if digits.is_empty() || digits.len() > 16 {
         return None;
     }
