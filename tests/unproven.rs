@@ -33,10 +33,21 @@ fn start(dir: &Path) -> Fixture {
     Fixture::start(dir, &program, &[], &[("LD_PRELOAD", &library)])
 }
 
-/// `dsu apply` with a short timeout: refused, naming the target, nothing changed.
-fn refused_while_inside(fx: &mut Fixture, patch: &Path) {
-    let pid = fx.pid.to_string();
+/// Puts the worker inside the target with `enter` (answered `entered`), checks that `dsu
+/// apply` is refused, naming the target, with nothing changed; lets it out with `leave`
+/// (answered `left`) and checks that the same patch then applies.
+fn refused_inside_then_applied(
+    name: &str,
+    (enter, entered): (&str, &str),
+    (leave, left): (&str, &str),
+) {
+    let dir = scratch(name);
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
     let patch = patch.to_str().unwrap();
+    let mut fx = start(&dir);
+    fx.expect(enter, entered);
+
+    let pid = fx.pid.to_string();
     let out = dsu(&["apply", "-p", &pid, patch, "--timeout", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -46,47 +57,34 @@ fn refused_while_inside(fx: &mut Fixture, patch: &Path) {
     );
     assert!(stderr.contains("dsu_fixture_compute"), "{stderr}");
     assert_eq!(fx.compute(), ORIGINAL, "changed by a refused update");
-}
 
-fn applies(fx: &mut Fixture, patch: &Path) {
-    dsu_ok(fx, "apply", &[patch.to_str().unwrap(), "--timeout", "5"]);
+    fx.expect(leave, left);
+    dsu_ok(&fx, "apply", &[patch, "--timeout", "5"]);
     assert_eq!(fx.compute(), 70);
+    assert!(fx.alive());
 }
 
 #[test]
 fn a_waiting_thread_the_copy_cannot_walk_is_checked_from_its_registers() {
-    let dir = scratch("unproven-frame-pointer");
-    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
-    let mut fx = start(&dir);
-    fx.expect("hold", "held");
-    refused_while_inside(&mut fx, &patch);
-    fx.expect("release", "released");
-    applies(&mut fx, &patch);
-    assert!(fx.alive());
+    refused_inside_then_applied(
+        "unproven-frame-pointer",
+        ("hold", "held"),
+        ("release", "released"),
+    );
 }
 
 /// As above, with the target's frame 700 KiB up the stack, beyond the 512 KiB the agent copies
 /// of a waiting thread's stack: a walk that stops early on a copy cut short proves nothing.
 #[test]
 fn a_waiting_thread_whose_stack_outgrows_the_copy_is_checked_from_its_registers() {
-    let dir = scratch("unproven-deep");
-    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
-    let mut fx = start(&dir);
-    fx.expect("deep", "held");
-    refused_while_inside(&mut fx, &patch);
-    fx.expect("release", "released");
-    applies(&mut fx, &patch);
-    assert!(fx.alive());
+    refused_inside_then_applied("unproven-deep", ("deep", "held"), ("release", "released"));
 }
 
 #[test]
 fn a_thread_interrupted_inside_the_target_by_a_waiting_handler_is_active() {
-    let dir = scratch("unproven-signal-frame");
-    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
-    let mut fx = start(&dir);
-    fx.expect("spin", "interrupted");
-    refused_while_inside(&mut fx, &patch);
-    fx.expect("resume", "resumed");
-    applies(&mut fx, &patch);
-    assert!(fx.alive());
+    refused_inside_then_applied(
+        "unproven-signal-frame",
+        ("spin", "interrupted"),
+        ("resume", "resumed"),
+    );
 }
