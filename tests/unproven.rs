@@ -10,7 +10,10 @@
 //!   interrupted instruction lies in the target, and the thread is not held at one of the
 //!   update's breakpoints, so it is active.
 //!
+//!
 //! Each case: the update is refused while the worker waits there, and applies once it left.
+//! And the converse: a copy of an address inside the target kept as data in a waiting frame
+//! of the program is not taken for a return address; the update applies while it waits.
 //! The target is `tests/fixtures/unproven.c`, started with `LD_PRELOAD=libdsu_agent.so`,
 //! patched with the real `dsu`.
 
@@ -87,4 +90,21 @@ fn a_thread_interrupted_inside_the_target_by_a_waiting_handler_is_active() {
         ("spin", "interrupted"),
         ("resume", "resumed"),
     );
+}
+
+/// The walk of a waiting thread's copy proves it outside the target even when a frame of the
+/// program holds a copy of an address just inside it: data, not a return address. Only the
+/// conservative scan, meant for stacks the walk cannot follow, would take it for one (as it
+/// does when the program's own unwind tables are left out of the check).
+#[test]
+fn a_target_address_kept_as_data_in_a_waiting_frame_does_not_hold_the_update() {
+    let dir = scratch("unproven-stale-word");
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let patch = patch.to_str().unwrap();
+    let mut fx = start(&dir);
+    fx.expect("stale", "held");
+    dsu_ok(&fx, "apply", &[patch, "--timeout", "2"]);
+    assert_eq!(fx.compute(), 70);
+    fx.expect("release", "released");
+    assert!(fx.alive());
 }
