@@ -251,3 +251,23 @@ fn functions_of_a_library_loaded_by_dlopen_after_an_update_are_patched_and_rever
     fx.expect("exe", EXE_ORIGINAL);
     assert!(fx.alive(), "{}", fx.log());
 }
+
+/// The references an update takes on loaded libraries, to read their unwind tables safely, are
+/// given back once it is over: a library the program then closes is unloaded, as it would be
+/// without the agent.
+#[test]
+fn a_library_the_program_closes_after_an_update_is_unloaded() {
+    let dir = scratch("modules-dlclose");
+    let exe = larger_patch(&dir, "dsu_exe_compute", 10);
+    let mut fx = start(&dir);
+    let reply = fx.send("dlopen");
+    assert!(reply.starts_with("opened "), "dlopen: {reply}");
+
+    // The update checks every thread against every loaded module, the late library included.
+    apply(&fx, &exe);
+    fx.expect("exe", "exe 70 70");
+    fx.expect("dlclose", "closed unloaded");
+    dsu_ok(&fx, "revert", &[]);
+    fx.expect("exe", EXE_ORIGINAL);
+    assert!(fx.alive(), "{}", fx.log());
+}
