@@ -9,6 +9,10 @@
 //! - Interrupted inside the target by a signal whose handler waits: the signal frame's
 //!   interrupted instruction lies in the target, and the thread is not held at one of the
 //!   update's breakpoints, so it is active.
+//! - Interrupted in a function the target called, by a handler on an alternate signal stack
+//!   that waits under code without unwind information: the walk stops in the handler, and the
+//!   scan must follow the signal frame it finds back to the thread's own stack, where the
+//!   target's return address is.
 //!
 //!
 //! Each case: the update is refused while the worker waits there, and applies once it left.
@@ -81,6 +85,15 @@ fn a_waiting_thread_the_copy_cannot_walk_is_checked_from_its_registers() {
 #[test]
 fn a_waiting_thread_whose_stack_outgrows_the_copy_is_checked_from_its_registers() {
     refused_inside_then_applied("unproven-deep", ("deep", "held"), ("release", "released"));
+}
+
+#[test]
+fn a_handler_on_an_alternate_stack_without_unwind_tables_is_followed_back_to_the_target() {
+    refused_inside_then_applied(
+        "unproven-alternate-stack",
+        ("nocfi", "interrupted"),
+        ("resume", "resumed"),
+    );
 }
 
 #[test]
