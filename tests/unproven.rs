@@ -96,6 +96,25 @@ fn a_handler_on_an_alternate_stack_without_unwind_tables_is_followed_back_to_the
     );
 }
 
+/// The converse: interrupted outside the target, the thread's own stack holds no frame of it,
+/// and the scan that follows the signal frame there from the alternate stack finds none. The
+/// same handler under the target ran first, so the stack below the live frames still holds a
+/// dead return address into the target: the scan must start at the interrupted stack pointer.
+#[test]
+fn a_handler_on_an_alternate_stack_interrupting_other_code_does_not_hold_the_update() {
+    let dir = scratch("unproven-alternate-outside");
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let patch = patch.to_str().unwrap();
+    let mut fx = start(&dir);
+    fx.expect("nocfi", "interrupted");
+    fx.expect("resume", "resumed");
+    fx.expect("outside", "interrupted");
+    dsu_ok(&fx, "apply", &[patch, "--timeout", "2"]);
+    assert_eq!(fx.compute(), 70);
+    fx.expect("resume", "resumed");
+    assert!(fx.alive());
+}
+
 #[test]
 fn a_thread_interrupted_inside_the_target_by_a_waiting_handler_is_active() {
     refused_inside_then_applied(
