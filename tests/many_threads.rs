@@ -53,9 +53,12 @@ fn all_see(fx: &mut Fixture, value: u64, threads: u32) {
 }
 
 /// Applies and reverts two patches in turn (one small enough to be written in place, one
-/// placed in new memory) with `threads` threads calling the function.
-fn apply_and_revert_with(threads: u32) {
-    let dir = scratch(&format!("many-{threads}"));
+/// placed in new memory) with `threads` threads calling the function (`busy`: never sleeping).
+fn apply_and_revert_with(threads: u32, busy: bool) {
+    let dir = scratch(&format!(
+        "many-{threads}{}",
+        if busy { "-busy" } else { "" }
+    ));
     let small = cc_object(
         &dir,
         "small",
@@ -74,7 +77,7 @@ fn apply_and_revert_with(threads: u32) {
     let mut fx = Fixture::start(
         &dir,
         &program,
-        &[&threads.to_string()],
+        &[&threads.to_string(), if busy { "busy" } else { "idle" }],
         &[("LD_PRELOAD", agent.as_path())],
     );
     let tasks = std::fs::read_dir(format!("/proc/{}/task", fx.pid))
@@ -117,10 +120,17 @@ fn no_errors(fx: &mut Fixture) {
 
 #[test]
 fn sixty_four_threads_all_see_each_apply_and_revert() {
-    apply_and_revert_with(64);
+    apply_and_revert_with(64, false);
 }
 
 #[test]
 fn two_hundred_fifty_six_threads_all_see_each_apply_and_revert() {
-    apply_and_revert_with(256);
+    apply_and_revert_with(256, false);
+}
+
+/// 256 threads that never sleep: every one is runnable, so each update parks them all at once
+/// (the stop's slots are sized for every thread of the process, not for the few that run).
+#[test]
+fn two_hundred_fifty_six_busy_threads_all_see_each_apply_and_revert() {
+    apply_and_revert_with(256, true);
 }
