@@ -176,7 +176,7 @@ impl Builder {
 
     /// The policy to use: the builder's, with the hold bound from the builder, else
     /// `DSU_HOLD_BOUND_MS` (milliseconds, at least 1), else the default. Also takes the
-    /// testing-only `DSU_TEST_STALL_BEFORE_WRITE_MS`.
+    /// testing-only `DSU_TEST_STALL_BEFORE_WRITE_MS` and `DSU_TEST_STOP_ALL`.
     pub(crate) fn effective_policy(&self) -> Result<Policy, Error> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let millis = |name: &'static str| -> Result<Option<Duration>, Error> {
@@ -198,6 +198,9 @@ impl Builder {
         }
         if let Some(stall) = millis("DSU_TEST_STALL_BEFORE_WRITE_MS")? {
             crate::gate::set_test_stall(stall);
+        }
+        if var("DSU_TEST_STOP_ALL").is_some_and(|v| v.trim() == "1") {
+            crate::update::set_test_stop_all();
         }
         Ok(policy)
     }

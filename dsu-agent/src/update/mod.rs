@@ -750,6 +750,7 @@ impl Engine {
             && dsu_sys::cpu::sync_core_registered()
             && self.writer.method() == dsu_sys::code::Method::ProcSelfMem
             && !traced()
+            && !TEST_STOP_ALL.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn record(
@@ -823,6 +824,15 @@ fn is_agent_code(name: &str, module: &str) -> bool {
         || name.contains("9dsu_agent")
         || name.contains("7dsu_sys")
         || name == "dsu_install"
+}
+
+/// Testing only (`DSU_TEST_STOP_ALL=1`): every update parks every thread and writes while
+/// they are parked, the path it takes under a debugger or without live writes, so tests reach
+/// it on a machine where live writes work.
+static TEST_STOP_ALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn set_test_stop_all() {
+    TEST_STOP_ALL.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether a tracer (a debugger) is attached: it would take our breakpoints for its own.
