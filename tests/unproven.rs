@@ -30,6 +30,10 @@ use support::{C_X10, Fixture, ORIGINAL, cargo_bin, cc_object, cc_program, dsu, d
 const UNPROVEN_C: &str = include_str!("fixtures/unproven.c");
 
 fn start(dir: &Path) -> Fixture {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, env: &[(&str, &Path)]) -> Fixture {
     let library = cargo_bin("libdsu_agent.so");
     let program = cc_program(
         dir,
@@ -37,7 +41,9 @@ fn start(dir: &Path) -> Fixture {
         &[("unproven.c", UNPROVEN_C)],
         &["-pthread"],
     );
-    Fixture::start(dir, &program, &[], &[("LD_PRELOAD", &library)])
+    let mut all = vec![("LD_PRELOAD", library.as_path())];
+    all.extend_from_slice(env);
+    Fixture::start(dir, &program, &[], &all)
 }
 
 /// Puts the worker inside the target with `enter` (answered `entered`), checks that `dsu
@@ -139,4 +145,34 @@ fn a_target_address_kept_as_data_in_a_waiting_frame_does_not_hold_the_update() {
     assert_eq!(fx.compute(), 70);
     fx.expect("release", "released");
     assert!(fx.alive());
+}
+
+/// The main thread itself waits inside the target, under the -O0 frame, on both paths an update
+/// can take: stopping only the threads that run, and parking every thread (the path under a
+/// debugger, `DSU_TEST_STOP_ALL=1`), where the main thread must be parked and checked like
+/// the others.
+#[test]
+fn the_main_thread_waiting_inside_the_target_holds_the_update_on_either_path() {
+    for stop_all in ["0", "1"] {
+        let dir = scratch(&format!("unproven-main-{stop_all}"));
+        let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+        let patch = patch.to_str().unwrap();
+        let mut fx = start_with(&dir, &[("DSU_TEST_STOP_ALL", Path::new(stop_all))]);
+        fx.expect("mainhold", "holding");
+        let pid = fx.pid.to_string();
+        let out = dsu(&["apply", "-p", &pid, patch, "--timeout", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "applied while the main thread waits inside the target (DSU_TEST_STOP_ALL={stop_all}); \
+             process log:\n{}",
+            fx.log()
+        );
+        assert!(stderr.contains("dsu_fixture_compute"), "{stderr}");
+        // Answered once the main thread is back from its 4 s wait.
+        assert_eq!(fx.compute(), ORIGINAL, "changed by a refused update");
+        dsu_ok(&fx, "apply", &[patch, "--timeout", "5"]);
+        assert_eq!(fx.compute(), 70);
+        assert!(fx.alive());
+    }
 }
