@@ -68,3 +68,26 @@ fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared
     fx.workers_see(70);
     assert!(fx.alive(), "{}", fx.log());
 }
+
+/// The main thread itself waits for its next command on a stack the program mapped: it is not
+/// stopped (it waits in a system call), yet its stack is known, so the update sees it is not
+/// on it and is refused the same way.
+#[test]
+fn a_main_thread_waiting_on_a_stack_of_its_own_making_is_refused() {
+    let dir = scratch("foreign-stack-main");
+    let patch = cc_object(&dir, "x10", C_X10, &[]);
+    let mut fx = start(&dir, &["main"]);
+    assert_eq!(fx.compute(), ORIGINAL);
+    let before = fx.code("compute");
+    let out = apply(&fx, &patch);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("runs on a stack that is not its own")
+            && stderr.contains("dsu_stack_declare"),
+        "{stderr}"
+    );
+    assert_eq!(fx.code("compute"), before);
+    assert_eq!(fx.compute(), ORIGINAL);
+    assert!(fx.alive(), "{}", fx.log());
+}
