@@ -517,8 +517,9 @@ impl SymbolIndex {
 
     /// Every function of `module` with a size: `(address, size)`, sorted, duplicates
     /// (aliases) removed.
-    /// A range of the by-address view, not a pass over every name of the process: a library's
-    /// first update would otherwise spend a tenth of its time here.
+    ///
+    /// A range of the by-address view, not a pass over every name of the process: the first
+    /// update of a library function would otherwise spend a tenth of its time here.
     pub fn functions_in(&self, module: usize) -> Vec<(usize, usize)> {
         let functions = &self.by_address().functions;
         let start = functions.partition_point(|&(m, _, _)| m < module);

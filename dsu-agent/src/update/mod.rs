@@ -143,7 +143,7 @@ impl Engine {
         let _ = crate::stacks::undeclared_switching();
         let _ = main_stack_end();
         // SHA-256 asks the CPU for its features once (`cpuid`, which a virtual machine traps):
-        // a tenth of a library's first update in a rollout on a VM.
+        // 4% of the agents' time in a first rollout on a VM.
         let _ = Sha256::digest([]);
     }
 
