@@ -30,6 +30,17 @@ fn apply(fx: &Fixture, patch: &std::path::Path) -> Output {
     ])
 }
 
+/// Asserts `out` is the refusal of an update over a thread on an undeclared stack, with the hint.
+fn refused_as_foreign(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("runs on a stack that is not its own")
+            && stderr.contains("dsu_stack_declare"),
+        "{stderr}"
+    );
+}
+
 fn start(dir: &std::path::Path, args: &[&str]) -> Fixture {
     let program = cc_program(
         dir,
@@ -48,14 +59,7 @@ fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared
 
     let mut fx = start(&dir, &[]);
     let before = fx.code("compute");
-    let out = apply(&fx, &patch);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        stderr.contains("runs on a stack that is not its own")
-            && stderr.contains("dsu_stack_declare"),
-        "{stderr}"
-    );
+    refused_as_foreign(&apply(&fx, &patch));
     assert_eq!(fx.code_between_attempts("compute", &before), before);
     assert_eq!(fx.compute(), ORIGINAL);
     assert!(fx.alive(), "{}", fx.log());
@@ -79,14 +83,7 @@ fn a_main_thread_waiting_on_a_stack_of_its_own_making_is_refused() {
     let mut fx = start(&dir, &["main"]);
     assert_eq!(fx.compute(), ORIGINAL);
     let before = fx.code("compute");
-    let out = apply(&fx, &patch);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        stderr.contains("runs on a stack that is not its own")
-            && stderr.contains("dsu_stack_declare"),
-        "{stderr}"
-    );
+    refused_as_foreign(&apply(&fx, &patch));
     assert_eq!(fx.code("compute"), before);
     assert_eq!(fx.compute(), ORIGINAL);
     assert!(fx.alive(), "{}", fx.log());
