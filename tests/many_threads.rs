@@ -57,23 +57,19 @@ fn all_see(fx: &mut Fixture, value: u64, threads: u32) {
 /// mostly sleep; `busy`: they never sleep; `churn`: each round ends the thread and starts its
 /// successor).
 fn apply_and_revert_with(threads: u32, mode: &str) {
-    apply_and_revert_in(threads, mode, Path::Live);
+    apply_and_revert_in(threads, mode, Stop::Live);
 }
 
 /// How the updates stop threads: only those that run (the usual path), or every thread at
 /// once (`DSU_TEST_STOP_ALL=1`: the path taken under a debugger).
 #[derive(Clone, Copy, PartialEq)]
-enum Path {
+enum Stop {
     Live,
-    StopAll,
+    All,
 }
 
-fn apply_and_revert_in(threads: u32, mode: &str, path: Path) {
-    let suffix = if path == Path::StopAll {
-        "-stop-all"
-    } else {
-        ""
-    };
+fn apply_and_revert_in(threads: u32, mode: &str, stop: Stop) {
+    let suffix = if stop == Stop::All { "-stop-all" } else { "" };
     let dir = scratch(&format!("many-{threads}-{mode}{suffix}"));
     let small = cc_object(
         &dir,
@@ -98,7 +94,7 @@ fn apply_and_revert_in(threads: u32, mode: &str, path: Path) {
             ("LD_PRELOAD", agent.as_path()),
             (
                 "DSU_TEST_STOP_ALL",
-                std::path::Path::new(if path == Path::StopAll { "1" } else { "0" }),
+                std::path::Path::new(if stop == Stop::All { "1" } else { "0" }),
             ),
         ],
     );
@@ -188,5 +184,5 @@ fn sixty_four_threads_that_come_and_go_all_see_each_apply_and_revert() {
 /// lock a parked thread holds, so the stop times out; see `docs/reliability.md`.)
 #[test]
 fn two_hundred_fifty_six_busy_threads_with_every_thread_parked() {
-    apply_and_revert_in(256, "busy", Path::StopAll);
+    apply_and_revert_in(256, "busy", Stop::All);
 }
