@@ -23,6 +23,9 @@ cd "$(dirname "$0")/.."
 root=$PWD
 TESTS=${TESTS:-"apply waiting unproven in_place debugger_attached stacks foreign_stack own_ground many_threads bounded_wait placement entry_branches races unwind_tables modules"}
 OUT=${OUT:-$root/target/mutants-e2e}
+# Absolute: the mutants are applied and built from inside the copy of the tree.
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 LIMIT=${LIMIT:-150}
 UNIT=${UNIT:-1}
 tree=$OUT/tree
