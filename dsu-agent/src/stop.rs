@@ -8,7 +8,9 @@
 //! 1. opens the round: the slot array's `state` word becomes `(r << 32) | 0` (round, claimed);
 //! 2. lists `/proc/self/task` and `tgkill`s every thread but itself;
 //! 3. publishes how many it signalled and sleeps on the array's `parked` futex until every
-//!    signalled thread has a slot tagged `r` (threads found to have exited are dropped);
+//!    signalled thread has a slot tagged `r` (threads found to have exited are dropped; a
+//!    thread found sleeping with the stop signal blocked ends the round with
+//!    [`StopError::SignalBlocked`]: it may wait for what a parked thread holds);
 //! 4. checks that no thread appeared meanwhile: when `num_threads` of `/proc/self/stat` is
 //!    not exactly itself plus the parked threads, it lists again, signals the new threads and
 //!    waits for them, until a listing shows no new tid *and* is as long as the thread count
@@ -61,7 +63,7 @@ use dsu_sys::raw::Moment as Instant;
 use dsu_sys::futex;
 use dsu_sys::signal::{self, AltStack, BlockDuring, Disposition, NGREG, Registers};
 use dsu_sys::stack::StackMaps;
-use dsu_sys::threads;
+use dsu_sys::{tasks, threads};
 
 use crate::gate;
 
@@ -92,6 +94,11 @@ pub enum StopError {
         "thread {tid} did not stop within {waited:?} (it may block the stop signal, or be traced or stopped)"
     )]
     NotParked { tid: i32, waited: Duration },
+    #[error(
+        "thread {tid} waits in the kernel with the stop signal {sig} blocked, so it cannot stop \
+         until it unblocks it"
+    )]
+    SignalBlocked { tid: i32, sig: i32 },
     #[error(
         "the threads did not settle: {listed} listed but {counted} counted until the timeout \
          (threads exiting or being created without end); retry"
@@ -640,10 +647,13 @@ impl StopWorld {
                 && futex::wait(&array.parked, seen, Some(slice)).ok()
                     != Some(futex::Wake::TimedOut);
             if !woken {
-                self.drop_exited(first_missing);
+                let blocked = self.drop_exited(array, round, first_missing);
                 array
                     .expected
                     .store(self.expected.len() as u32, Ordering::Release);
+                if let Some(tid) = blocked {
+                    return Err(StopError::SignalBlocked { tid, sig: self.sig });
+                }
                 if Instant::now() >= deadline {
                     // Re-check once: the last parker may have arrived with the deadline.
                     if let Some(tid) = self.first_unparked(array, round) {
@@ -659,19 +669,22 @@ impl StopWorld {
 
     /// The first expected thread without a slot in `round`, if any.
     fn first_unparked(&self, array: &SlotArray, round: u32) -> Option<i32> {
-        let claimed = (array.state.load(Ordering::Acquire) as u32 as usize).min(array.slots.len());
-        self.expected.iter().copied().find(|&tid| {
-            !array.slots[..claimed].iter().any(|s| {
-                let tag = s.tag.load(Ordering::Acquire);
-                tag_round(tag) == round && tag_tid(tag) == tid
-            })
-        })
+        self.expected
+            .iter()
+            .copied()
+            .find(|&tid| !parked_in(array, round, tid))
     }
 
     /// Removes from `expected[from..]` the unparked threads that exited (gone, or a zombie
-    /// group leader). `scratch` holds the parked tids, sorted.
-    fn drop_exited(&mut self, from: usize) {
+    /// group leader), and returns the first of the others that sleeps in the kernel with the
+    /// stop signal blocked. Such a thread cannot park until it unblocks the signal, which it
+    /// may not do while the parked threads hold what it waits for: a thread leaving through
+    /// the C library blocks every signal, then takes the lock of the stack cache, which a
+    /// parked thread creating a thread may hold. Waiting longer cannot help; the caller gives
+    /// the round up. `scratch` holds the tids parked when the wait began, sorted.
+    fn drop_exited(&mut self, array: &SlotArray, round: u32, from: usize) -> Option<i32> {
         let pid = threads::getpid();
+        let mut blocked = None;
         let mut i = from;
         while i < self.expected.len() {
             let tid = self.expected[i];
@@ -679,10 +692,10 @@ impl StopWorld {
                 i += 1;
                 continue;
             }
-            let gone = match threads::state(tid) {
-                Ok(None) | Ok(Some(b'Z' | b'X')) => true,
-                Ok(Some(_)) => false,
-                Err(_) => threads::tgkill(tid, 0).is_err(),
+            let (gone, sleeping) = match threads::state(tid) {
+                Ok(None) | Ok(Some(b'Z' | b'X')) => (true, false),
+                Ok(Some(state)) => (false, state == b'S'),
+                Err(_) => (threads::tgkill(tid, 0).is_err(), false),
             };
             if gone {
                 if tid == pid {
@@ -690,9 +703,22 @@ impl StopWorld {
                 }
                 self.expected.remove(i);
             } else {
+                // A thread still leaving an earlier round's handler blocks the signal too,
+                // but it runs; one in an uninterruptible wait (`D`: the kernel's own locks,
+                // which no parked thread holds) goes on by itself. Only a sleeper is given up
+                // on, and not one that has parked since `scratch` was taken: it sleeps in the
+                // handler, every signal blocked, its slot tagged before it slept.
+                if sleeping
+                    && blocked.is_none()
+                    && matches!(tasks::blocks_signal(tid, self.sig), Ok(Some(true)))
+                    && !parked_in(array, round, tid)
+                {
+                    blocked = Some(tid);
+                }
                 i += 1;
             }
         }
+        blocked
     }
 
     /// Copies the slots tagged `round` into `parked`.
@@ -756,6 +782,15 @@ fn reserve_exact<T>(v: &mut Vec<T>, capacity: usize) {
     if v.capacity() < capacity {
         v.reserve_exact(capacity);
     }
+}
+
+/// Whether `tid` has a slot tagged `round` in `array`.
+fn parked_in(array: &SlotArray, round: u32, tid: i32) -> bool {
+    let claimed = (array.state.load(Ordering::Acquire) as u32 as usize).min(array.slots.len());
+    array.slots[..claimed].iter().any(|s| {
+        let tag = s.tag.load(Ordering::Acquire);
+        tag_round(tag) == round && tag_tid(tag) == tid
+    })
 }
 
 fn next_round() -> u32 {

@@ -285,30 +285,56 @@ fn two_hundred_rounds_in_a_row() {
     workers.join();
 }
 
+/// A thread that sleeps with the stop signal blocked ends the round at once (it may wait for
+/// what a parked thread holds), named, however long the stop would wait.
 #[test]
-fn thread_blocking_the_signal_is_named() {
+fn sleeping_thread_blocking_the_signal_ends_the_round() {
+    blocking_the_signal_is_named(false);
+}
+
+/// One that runs with it blocked is waited for until the timeout, then named.
+#[test]
+fn running_thread_blocking_the_signal_is_named_at_the_timeout() {
+    blocking_the_signal_is_named(true);
+}
+
+fn blocking_the_signal_is_named(spin: bool) {
     let _s = serial();
     let workers = Workers::spawn(&[Kind::Spin, Kind::Sleep]);
     let (tid_tx, tid_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go = Arc::new(AtomicBool::new(false));
+    let go_spin = Arc::clone(&go);
     let blocker = std::thread::spawn(move || {
         set_blocked(stop_signal(), true);
         tid_tx.send(threads::gettid()).unwrap();
-        go_rx.recv().unwrap();
+        if spin {
+            while !go_spin.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        } else {
+            go_rx.recv().unwrap();
+        }
         // The pending stop signal arrives now, with no stop in progress: it must return.
         set_blocked(stop_signal(), false);
     });
     let blocked = tid_rx.recv().unwrap();
     let mut w = world();
-    let t = Instant::now();
-    match w.stop(Duration::from_millis(200)) {
-        Err(StopError::NotParked { tid, .. }) => assert_eq!(tid, blocked),
-        other => panic!(
-            "expected NotParked, got {:?}",
+    // A sleeper must be given up on long before this; a spinner only at it.
+    let timeout = if spin {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(30)
+    };
+    match (spin, w.stop(timeout)) {
+        (true, Err(StopError::NotParked { tid, .. }))
+        | (false, Err(StopError::SignalBlocked { tid, .. })) => assert_eq!(tid, blocked),
+        (_, other) => panic!(
+            "spin {spin}: expected {}, got {:?}",
+            if spin { "NotParked" } else { "SignalBlocked" },
             other.map(|s| s.threads().len())
         ),
     }
-    assert!(t.elapsed() < Duration::from_secs(2));
     // The others were let go.
     let progress = PROGRESS.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(20));
@@ -316,6 +342,7 @@ fn thread_blocking_the_signal_is_named() {
         PROGRESS.load(Ordering::SeqCst) > progress,
         "workers still parked"
     );
+    go.store(true, Ordering::SeqCst);
     go_tx.send(()).unwrap();
     blocker.join().unwrap();
     // A late signal left nobody parked, and stopping works again.

@@ -78,8 +78,10 @@ impl Tally {
 pub(super) enum Blocker {
     /// A thread's stack could not be proven free of the code being replaced.
     Unproven(CheckError),
-    /// A running thread blocks the stop signal, so it cannot be parked and checked.
-    StopSignalBlocked { tid: i32 },
+    /// A thread blocks the stop signal, so it cannot be parked and checked: a running one
+    /// (seen by the survey or while parking), or, when every thread is parked (`fallback`),
+    /// one that sleeps with it blocked.
+    StopSignalBlocked { tid: i32, fallback: bool },
     /// A parked or held thread waited the attempt's bound and went on before the agent wrote.
     GaveUp(GaveUp),
 }
@@ -180,6 +182,13 @@ pub(super) fn all_stopped(
         Ok(stopped) => stopped,
         // A thread was created meanwhile and the slots are full: grow, retry.
         Err(StopError::PrepareAgain { .. }) => return Ok(Outcome::PrepareAgain),
+        // It may wait for what a parked thread holds: let them all go, retry later.
+        Err(StopError::SignalBlocked { tid, .. }) => {
+            return Ok(Outcome::Busy(Some(Blocker::StopSignalBlocked {
+                tid,
+                fallback: true,
+            })));
+        }
         Err(e) => return Err(e.into()),
     };
     let t_check = Instant::now();
@@ -376,7 +385,10 @@ pub(super) fn live(
     {
         return Ok(abandon(
             window,
-            Outcome::Busy(Some(Blocker::StopSignalBlocked { tid })),
+            Outcome::Busy(Some(Blocker::StopSignalBlocked {
+                tid,
+                fallback: false,
+            })),
         ));
     }
     // Waiting threads: checked where they wait, from a copy of their stack. One that ran
@@ -457,6 +469,16 @@ pub(super) fn live(
     let stopped = match stopper.stop_threads(bufs.survey.running(), job.policy.park_timeout) {
         Ok(stopped) => stopped,
         Err(StopError::PrepareAgain { .. }) => return Ok(abandon(window, Outcome::PrepareAgain)),
+        // Seen running, it has blocked the signal since and sleeps.
+        Err(StopError::SignalBlocked { tid, .. }) => {
+            return Ok(abandon(
+                window,
+                Outcome::Busy(Some(Blocker::StopSignalBlocked {
+                    tid,
+                    fallback: false,
+                })),
+            ));
+        }
         Err(e) => {
             let _ = abandon(window, Outcome::Busy(None));
             return Err(e.into());

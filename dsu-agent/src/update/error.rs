@@ -97,6 +97,20 @@ pub enum UpdateError {
         waited_ms: u64,
     },
     #[error(
+        "thread {tid} ({name}) sleeps with the stop signal {signal} blocked, and updates of this \
+         process park every thread (a debugger is attached, the program handles SIGTRAP, or \
+         code cannot be written while threads run), so it cannot be stopped; after {attempts} \
+         attempts over {waited_ms} ms nothing was changed. Retry when that thread has unblocked \
+         the signal, or give the agent a stop signal it does not block (DSU_STOP_SIGNAL)"
+    )]
+    StopSignalBlockedAllParked {
+        tid: i32,
+        name: String,
+        signal: i32,
+        attempts: u32,
+        waited_ms: u64,
+    },
+    #[error(
         "thread {tid} ({name}) waited {bound_ms} ms for the agent, the bound on how long a \
          thread stays parked or held, and went on before anything was written (last of \
          {attempts} attempts in {waited_ms} ms); the agent thread was too slow to finish (an \
@@ -199,6 +213,7 @@ impl UpdateError {
             | UpdateError::ActiveOnStack { attempts, .. }
             | UpdateError::Unproven { attempts, .. }
             | UpdateError::StopSignalBlocked { attempts, .. }
+            | UpdateError::StopSignalBlockedAllParked { attempts, .. }
             | UpdateError::WaitBound { attempts, .. }
             | UpdateError::Unsettled { attempts, .. } => *attempts,
             _ => 0,

@@ -876,7 +876,20 @@ fn refusal(
         };
     }
     match blocker {
-        Some(attempt::Blocker::StopSignalBlocked { tid }) => UpdateError::StopSignalBlocked {
+        Some(attempt::Blocker::StopSignalBlocked {
+            tid,
+            fallback: false,
+        }) => UpdateError::StopSignalBlocked {
+            tid,
+            name: dsu_sys::tasks::name(tid),
+            signal: stop_signal,
+            attempts,
+            waited_ms,
+        },
+        Some(attempt::Blocker::StopSignalBlocked {
+            tid,
+            fallback: true,
+        }) => UpdateError::StopSignalBlockedAllParked {
             tid,
             name: dsu_sys::tasks::name(tid),
             signal: stop_signal,
