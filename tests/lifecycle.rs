@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    Fixture, ORIGINAL, RUST_X10, RUST_X10_PLUS_1, cargo_bin, cc_object, finish, rustc_object,
-    scratch,
+    Fixture, ORIGINAL, RUST_X10, RUST_X10_PLUS_1, cargo_bin, cc_object, cc_program, finish,
+    rustc_object, scratch,
 };
+
+const TWO_CALLS_C: &str = include_str!("fixtures/two_calls.c");
 
 /// `dsu_fixture_compute(7)` with each patch (`support::ORIGINAL` before any).
 const X10: u64 = 70;
@@ -348,6 +350,63 @@ fn revert_under_a_newer_patch_of_the_same_function_is_refused() {
 /// a short timeout it is refused naming the function and nothing changes; a revert under way
 /// completes once the thread has left. With a new version small enough to be placed over the
 /// old one (if the engine does that) and with one that cannot be.
+/// A patch whose edit lies under a newer patch's edit of another function cannot be reverted
+/// before the newer one: the first patch rewrote `dsu_h`'s call of `dsu_f`, the second
+/// replaced `dsu_h` over those bytes; writing the call back would tear the second's code.
+#[test]
+fn revert_under_a_newer_patch_that_overwrote_its_call_site_is_refused() {
+    let dir = scratch("lifecycle-overlap");
+    // Larger than dsu_f: redirected, its callers' direct calls rewritten.
+    let f = cc_object(
+        &dir,
+        "f",
+        "long dsu_f(long x) { volatile long k = 10; return x * k + 2; }",
+        &[],
+    );
+    let h = cc_object(&dir, "h", "long dsu_h(long x) { return x * 5 + 3; }", &[]);
+    let program = cc_program(
+        &dir,
+        "two_calls",
+        &[("two_calls.c", TWO_CALLS_C)],
+        &["-ldl"],
+    );
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    assert_eq!(fx.send("h"), "h 16");
+    let original = code(&fx, "h");
+
+    let first = apply(&fx, &f);
+    assert!(
+        first.function_line.contains("2 call sites rewritten"),
+        "main's and dsu_h's: {}",
+        first.function_line
+    );
+    assert_eq!(fx.send("h"), "h 144");
+    let second = apply(&fx, &h);
+    assert_eq!(fx.send("h"), "h 38");
+    let patched = code(&fx, "h");
+
+    let out = dsu(&fx, "revert", &[&first.id.to_string()]);
+    let line = refused(&fx, "dsu revert of the older patch", &out);
+    assert!(
+        line.contains(&format!("patch {} cannot be reverted", first.id))
+            && line.contains(&format!("revert patch {} first", second.id))
+            && line.contains("changes dsu_h again"),
+        "{line}"
+    );
+    assert_eq!(code(&fx, "h"), patched, "the refused revert changed dsu_h");
+    assert_eq!((fx.send("h"), fx.send("f")), ("h 38".into(), "f 72".into()));
+    assert_eq!(status_ids(&fx), [first.id, second.id]);
+
+    // In the right order both go, and dsu_h is what it was.
+    assert_eq!(revert(&fx, Some(second.id)), second.id);
+    assert_eq!(fx.send("h"), "h 144");
+    assert_eq!(revert(&fx, Some(first.id)), first.id);
+    assert_eq!((fx.send("h"), fx.send("f")), ("h 16".into(), "f 8".into()));
+    assert_eq!(code(&fx, "h"), original, "not the original code");
+    assert!(fx.alive(), "{}", fx.log());
+}
+
 #[test]
 fn revert_waits_while_a_thread_is_inside_the_patch() {
     revert_waits_while_blocked("lifecycle-active", C_BLOCK_PLUS_100);
