@@ -352,7 +352,8 @@ fn revert_under_a_newer_patch_of_the_same_function_is_refused() {
 /// old one (if the engine does that) and with one that cannot be.
 /// A patch whose edit lies under a newer patch's edit of another function cannot be reverted
 /// before the newer one: the first patch rewrote `dsu_h`'s call of `dsu_f`, the second
-/// replaced `dsu_h` over those bytes; writing the call back would tear the second's code.
+/// replaced `dsu_h` over those bytes; writing the call back would tear the second's code. One
+/// whose edits lie elsewhere can.
 #[test]
 fn revert_under_a_newer_patch_that_overwrote_its_call_site_is_refused() {
     let dir = scratch("lifecycle-overlap");
@@ -404,6 +405,21 @@ fn revert_under_a_newer_patch_that_overwrote_its_call_site_is_refused() {
     assert_eq!(revert(&fx, Some(first.id)), first.id);
     assert_eq!((fx.send("h"), fx.send("f")), ("h 16".into(), "f 8".into()));
     assert_eq!(code(&fx, "h"), original, "not the original code");
+
+    // A newer patch of a function whose edits lie elsewhere does not hold an older one back.
+    let g = cc_object(
+        &dir,
+        "g",
+        "long dsu_g(long x) { volatile long k = 100; return x * k + 2; }",
+        &[],
+    );
+    let third = apply(&fx, &f);
+    let fourth = apply(&fx, &g);
+    assert_eq!(revert(&fx, Some(third.id)), third.id);
+    let answers = [fx.send("f"), fx.send("g"), fx.send("h")];
+    assert_eq!(answers, ["f 8", "g 702", "h 16"]);
+    assert_eq!(revert(&fx, None), fourth.id);
+    assert_eq!(fx.send("g"), "g 9");
     assert!(fx.alive(), "{}", fx.log());
 }
 

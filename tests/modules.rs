@@ -99,6 +99,20 @@ fn larger_patch(dir: &Path, name: &str, factor: u64) -> PathBuf {
 }
 
 /// The code of each of `names` (as the program printed them), in one vector.
+/// Sends `command`, which loads the late library, expects a reply starting with `prefix`, and
+/// records the addresses it gives.
+fn open_late(fx: &mut Fixture, command: &str, prefix: &str) {
+    let reply = fx.send(command);
+    let fields = reply
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{command}: {reply}"));
+    for field in fields.split_whitespace() {
+        let (name, value) = field.split_once('=').unwrap();
+        let address = usize::from_str_radix(value.trim_start_matches("0x"), 16).unwrap();
+        fx.addresses.insert(name.to_string(), address);
+    }
+}
+
 fn codes(fx: &Fixture, names: &[&str]) -> Vec<Vec<u8>> {
     names.iter().map(|n| fx.code(n)).collect()
 }
@@ -210,15 +224,7 @@ fn functions_of_a_library_loaded_by_dlopen_after_an_update_are_patched_and_rever
     apply(&fx, &exe);
     fx.expect("exe", "exe 70 70");
 
-    let reply = fx.send("dlopen");
-    let fields = reply
-        .strip_prefix("opened ")
-        .unwrap_or_else(|| panic!("dlopen: {reply}"));
-    for field in fields.split_whitespace() {
-        let (name, value) = field.split_once('=').unwrap();
-        let address = usize::from_str_radix(value.trim_start_matches("0x"), 16).unwrap();
-        fx.addresses.insert(name.to_string(), address);
-    }
+    open_late(&mut fx, "dlopen", "opened ");
     fx.expect("late", LATE_ORIGINAL);
     let names = ["late", "late_inner", "late_calls_inner"];
     let original = codes(&fx, &names);
@@ -269,5 +275,43 @@ fn a_library_the_program_closes_after_an_update_is_unloaded() {
     fx.expect("dlclose", "closed unloaded");
     dsu_ok(&fx, "revert", &[]);
     fx.expect("exe", EXE_ORIGINAL);
+    assert!(fx.alive(), "{}", fx.log());
+}
+
+/// A library closed and loaded again at another address has its call sites found in its new
+/// code: what the agent indexed of it before (now unmapped) is dropped with the module.
+#[test]
+fn a_library_loaded_again_elsewhere_has_its_call_sites_indexed_again() {
+    let dir = scratch("modules-reopen");
+    let late_inner = larger_patch(&dir, "dsu_late_inner", 50);
+    let mut fx = start(&dir);
+    open_late(&mut fx, "dlopen", "opened ");
+    let before = fx.addresses["late_calls_inner"];
+
+    // Patched and reverted once: the agent has indexed the library's call sites.
+    let line = apply(&fx, &late_inner);
+    assert!(line.contains("redirect, 1 call site rewritten"), "{line}");
+    fx.expect("late", "late 12 350");
+    dsu_ok(&fx, "revert", &[]);
+    fx.expect("late", LATE_ORIGINAL);
+
+    open_late(&mut fx, "reopen", "reopened moved ");
+    assert_ne!(
+        fx.addresses["late_calls_inner"], before,
+        "loaded at the same place"
+    );
+    fx.expect("late", LATE_ORIGINAL);
+    let names = ["late_inner", "late_calls_inner"];
+    let original = codes(&fx, &names);
+    let line = apply(&fx, &late_inner);
+    assert!(line.contains("redirect, 1 call site rewritten"), "{line}");
+    fx.expect("late", "late 12 350");
+    dsu_ok(&fx, "revert", &[]);
+    fx.expect("late", LATE_ORIGINAL);
+    assert_eq!(
+        codes(&fx, &names),
+        original,
+        "not restored after the revert"
+    );
     assert!(fx.alive(), "{}", fx.log());
 }
