@@ -16,8 +16,10 @@
 #            per mutant: caught | missed | unviable | timeout, then its name
 #   LIMIT    seconds for one mutant's tests before it counts as a timeout (default 150)
 #   STRICT   1: exit 1 when any mutant is missed (CI runs a bounded subset this way)
-#   UNIT     1 (default): a mutant the chosen tests miss is tried against the library's unit
-#            tests (`cargo test -p dsu-agent --lib`) before it counts as missed; 0: not
+#   UNIT     1 (default): a mutant the chosen tests miss is tried against the library's own
+#            tests (`cargo test -p dsu-agent --lib --tests`: its unit tests and the stop and
+#            check tests that run real threads in the test process) before it counts as
+#            missed; 0: not
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -79,12 +81,12 @@ for i in $(seq 0 $((count - 1))); do
             124) outcome=timeout ;;
             *) outcome=caught ;;
         esac
-        # A mutant the end-to-end tests miss may still be caught by the library's own unit
-        # tests (a few seconds: only the survivors pay for them).
+        # A mutant the end-to-end tests miss may still be caught by the library's own tests
+        # (seconds: only the survivors pay for them).
         if [ "$outcome" = missed ] && [ "$UNIT" = 1 ]; then
-            if ! (cd "$tree" && timeout "$LIMIT" cargo test -q -p dsu-agent --lib 2>&1) >>"$log"; then
+            if ! (cd "$tree" && timeout "$LIMIT" cargo test -q -p dsu-agent --lib --tests 2>&1) >>"$log"; then
                 outcome=caught
-                echo "(caught by the library's unit tests)" >>"$log"
+                echo "(caught by the library's own tests)" >>"$log"
             fi
         fi
     fi
