@@ -772,6 +772,19 @@ fn dsu_revert(fx: &Fixture) -> u64 {
         .unwrap_or_else(|| panic!("expected `reverted patch N ..`, got {stdout:?}"))
 }
 
+/// `dsu revert -p PID --timeout SECS` that must exit 1 with one `dsu: ` line; returns it.
+fn dsu_revert_refused(fx: &Fixture, timeout_secs: u32) -> String {
+    let child = Command::new(env!("CARGO_BIN_EXE_dsu"))
+        .args(["revert", "-p", &fx.pid.to_string()])
+        .args(["--timeout", &timeout_secs.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dsu");
+    refused_line(&finish(child, dsu_limit(timeout_secs)))
+}
+
 /// Two patches stacked on a C program's `compute` (one small enough to be written in place,
 /// one placed in new memory with the program's call sites rewritten), and one of `block`,
 /// reverted newest first: each revert gives back the previous behaviour, and at the end every
@@ -834,4 +847,84 @@ fn c_program_with_static_agent_reverts_to_the_original() {
 fn unmodified_c_program_under_ld_preload_reverts_to_the_original() {
     let dir = scratch("apply-preload-revert");
     c_program_reverts(busy_c_preloaded(&dir, 3), &dir);
+}
+
+/// A `spin` that returns 5 (fixtures' contract: mark the state inside, spin until stop),
+/// smaller than the original and without a frame: it is written over the original (in place).
+const C_SPIN_5: &str = "
+#include <stdatomic.h>
+unsigned long dsu_fixture_spin(atomic_uint *state) {
+    unsigned starting = 0;
+    atomic_compare_exchange_strong(state, &starting, 1);
+    while (atomic_load_explicit(state, memory_order_relaxed) != 2) {
+    }
+    return 5;
+}
+";
+
+/// A thread looping inside a version written in place holds the revert back: the revert would
+/// write the old code over the loop it runs. Refused at the timeout, nothing changed; once the
+/// thread leaves, the revert gives back the original bytes.
+#[test]
+fn revert_waits_while_a_thread_runs_the_in_place_version() {
+    let dir = scratch("apply-revert-in-place");
+    let patch = cc_object(&dir, "spin_5", C_SPIN_5, &[]);
+    let mut fx = busy_c_preloaded(&dir, 2);
+    let original = fx.code("spin");
+    let line = dsu_apply(&fx, &patch);
+    assert!(line.contains("in-place"), "{line}");
+    let patched = fx.code("spin");
+    assert_ne!(patched, original);
+
+    fx.expect("spin", "spinning");
+    let line = dsu_revert_refused(&fx, 1);
+    assert!(
+        line.contains("dsu_fixture_spin") && line.contains("active"),
+        "{line}"
+    );
+    assert_eq!(fx.code("spin"), patched, "the refused revert changed code");
+    fx.expect("unspin", "unspun 5");
+
+    dsu_revert(&fx);
+    assert_eq!(fx.code("spin"), original);
+    fx.expect("spin", "spinning");
+    unspin_old(&mut fx);
+    fx.no_worker_errors();
+}
+
+/// A `block` that reads through a helper of the patch's own, reached by a tail call: a thread
+/// blocked in it has no frame in any replaced function, only in the patch's other code.
+const C_BLOCK_THROUGH_HELPER: &str = "
+#include <unistd.h>
+__attribute__((noinline, noipa)) static unsigned long read_one(int fd) {
+    char byte = 0;
+    long n = read(fd, &byte, 1);
+    return (unsigned long)n + 100;
+}
+unsigned long dsu_fixture_block(int fd) { return read_one(fd); }
+";
+
+/// A thread inside a helper of the patch (not a replaced function) holds the revert back: the
+/// revert unmaps the patch's code, which the thread returns into. Refused at the timeout,
+/// naming the patch's code; once the thread has returned, the revert goes through.
+#[test]
+fn revert_waits_while_a_thread_is_in_the_patchs_own_helper() {
+    let dir = scratch("apply-revert-helper");
+    let patch = cc_object(&dir, "block_helper", C_BLOCK_THROUGH_HELPER, &[]);
+    let mut fx = busy_c_preloaded(&dir, 2);
+    let original = fx.code("block");
+    dsu_apply(&fx, &patch);
+    let patched = fx.code("block");
+
+    fx.expect("block", "blocking");
+    let line = dsu_revert_refused(&fx, 1);
+    assert!(line.contains("code of patch"), "{line}");
+    assert_eq!(fx.code("block"), patched, "the refused revert changed code");
+    fx.expect("unblock", "unblocked 101");
+
+    dsu_revert(&fx);
+    assert_eq!(fx.code("block"), original);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 1");
+    fx.no_worker_errors();
 }
