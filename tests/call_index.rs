@@ -76,3 +76,56 @@ fn a_dlopen_between_updates_does_not_send_a_caller_to_another_functions_patch() 
     );
     assert!(fx.alive(), "{}", fx.log());
 }
+
+const F_LARGER: &str = "long dsu_f(long x) { volatile long k = 10; return x * k + 2; }\n";
+const H_SMALLER: &str = "long dsu_h(long x) { return x * 5 + 3; }\n";
+
+/// The line `dsu apply` printed for `function`.
+fn line_of<'a>(out: &'a str, function: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("{function} (")))
+        .unwrap_or_else(|| panic!("no line for {function}: {out}"))
+}
+
+/// A direct call inside a function written over in place is no call site any more: neither
+/// when the caller and the callee are replaced by one patch, nor when the caller was replaced
+/// by an earlier one (the index, decoded before, still lists it). Rewriting it would write a
+/// call's address into the caller's new code.
+#[test]
+fn calls_inside_a_caller_replaced_in_place_are_left_alone() {
+    let dir = scratch("call-index-in-place-caller");
+    let both = cc_object(&dir, "f_and_h", &format!("{F_LARGER}{H_SMALLER}"), &[]);
+    let f = cc_object(&dir, "f", F_LARGER, &[]);
+    let h = cc_object(&dir, "h", H_SMALLER, &[]);
+    let program = cc_program(&dir, "two_calls", &[("two_calls.c", PROGRAM_C)], &["-ldl"]);
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    assert_eq!(fx.send("h"), "h 16");
+    let original = (fx.code("f"), fx.code("h"));
+
+    // One patch: dsu_h in place, dsu_f redirected with main's call (not dsu_h's) rewritten.
+    let out = dsu_on(&fx, &["apply", both.to_str().unwrap()]);
+    assert!(line_of(&out, "dsu_h").contains("in-place"), "{out}");
+    assert!(
+        line_of(&out, "dsu_f").contains("redirect, 1 call site rewritten"),
+        "{out}"
+    );
+    assert_eq!((fx.send("f"), fx.send("h")), ("f 72".into(), "h 38".into()));
+    dsu_on(&fx, &["revert"]);
+    assert_eq!((fx.send("f"), fx.send("h")), ("f 8".into(), "h 16".into()));
+    assert_eq!((fx.code("f"), fx.code("h")), original);
+
+    // Two patches: dsu_h in place first, then dsu_f.
+    let out = dsu_on(&fx, &["apply", h.to_str().unwrap()]);
+    assert!(line_of(&out, "dsu_h").contains("in-place"), "{out}");
+    let out = dsu_on(&fx, &["apply", f.to_str().unwrap()]);
+    assert!(
+        line_of(&out, "dsu_f").contains("redirect, 1 call site rewritten"),
+        "{out}"
+    );
+    assert_eq!((fx.send("f"), fx.send("h")), ("f 72".into(), "h 38".into()));
+    dsu_on(&fx, &["revert"]);
+    dsu_on(&fx, &["revert"]);
+    assert_eq!((fx.code("f"), fx.code("h")), original);
+    assert!(fx.alive(), "{}", fx.log());
+}
