@@ -928,3 +928,47 @@ fn revert_waits_while_a_thread_is_in_the_patchs_own_helper() {
     fx.expect("unblock", "unblocked 1");
     fx.no_worker_errors();
 }
+
+/// `dsu_fixture_block` returning `n + add`, padded so that it is larger than the original and
+/// placed in new memory (redirected).
+fn c_block_plus(add: u32) -> String {
+    format!(
+        "#include <unistd.h>
+unsigned long dsu_fixture_block(int fd) {{
+    volatile unsigned long sink = 0;
+{}    char byte = 0;
+    long n = read(fd, &byte, 1);
+    return (unsigned long)n + {add};
+}}
+",
+        "    sink += 1;\n".repeat(16)
+    )
+}
+
+/// A thread inside an earlier patch's version of a function (in new memory, not in the
+/// original body) holds the next patch of that function back, as a thread in the original
+/// would: it would otherwise run the older version after the newer one took over.
+#[test]
+fn a_thread_in_an_earlier_version_holds_the_next_patch_back() {
+    let dir = scratch("apply-earlier-version");
+    let v1 = cc_object(&dir, "block_plus_100", &c_block_plus(100), &[]);
+    let v2 = cc_object(&dir, "block_plus_200", &c_block_plus(200), &[]);
+    let mut fx = busy_c_preloaded(&dir, 2);
+    let line = dsu_apply(&fx, &v1);
+    assert!(line.contains("redirect"), "{line}");
+    let patched = fx.code("block");
+
+    fx.expect("block", "blocking");
+    let line = dsu_apply_refused(&fx, &v2, 1);
+    assert!(
+        line.contains("dsu_fixture_block") && line.contains("active"),
+        "{line}"
+    );
+    assert_eq!(fx.code("block"), patched, "the refused apply changed code");
+    fx.expect("unblock", "unblocked 101");
+
+    dsu_apply(&fx, &v2);
+    fx.expect("block", "blocking");
+    fx.expect("unblock", "unblocked 201");
+    fx.no_worker_errors();
+}
