@@ -82,19 +82,65 @@ fn libc_syscall_and_pwrite64_are_replaced_in_place_safely() {
 #[test]
 fn the_agents_own_functions_are_refused() {
     let dir = scratch("own-ground-agent");
+    let mut fx = busy_preloaded(&dir);
+    // By name, and any function of the agent's library (`LD_PRELOAD`).
+    for name in ["dsu_install", "dsu_stack_forget"] {
+        refused_as_agent_code(&dir, &mut fx, name);
+    }
+}
+
+/// The agent linked into the program (`libdsu_agent.a`): its Rust functions, and those of its
+/// platform layer, are found by their mangled crate names in the program's own module.
+#[test]
+fn the_agents_own_functions_linked_into_the_program_are_refused() {
+    let dir = scratch("own-ground-agent-linked");
+    let archive = cargo_bin("libdsu_agent.a");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
+    let mut flags = vec![
+        "-pthread".to_string(),
+        "-DDSU_LINKED".to_string(),
+        format!("-I{}", include.display()),
+        archive.display().to_string(),
+    ];
+    flags.extend(support::NATIVE_LIBS.iter().map(|l| l.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let program = cc_program(&dir, "busy_linked", &[("busy.c", BUSY_C)], &flags);
+    let mut fx = Fixture::start(&dir, &program, &["2"], &[]);
+    let symbols = Command::new("nm")
+        .arg("--defined-only")
+        .arg(&program)
+        .output()
+        .unwrap();
+    let symbols = String::from_utf8_lossy(&symbols.stdout);
+    for crate_name in ["9dsu_agent", "7dsu_sys"] {
+        // A plain C identifier (no `$` or `.`), so that a C patch can define it.
+        let name = symbols
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .find(|n| {
+                n.starts_with(&format!("_ZN{crate_name}"))
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+            .unwrap_or_else(|| panic!("no function of {crate_name} in the program"));
+        refused_as_agent_code(&dir, &mut fx, name);
+    }
+}
+
+/// A patch replacing `name` (a C function taking and returning nothing of note) is refused as
+/// the agent's own code, and the program runs on unchanged.
+fn refused_as_agent_code(dir: &Path, fx: &mut Fixture, name: &str) {
     let patch = cc_object(
-        &dir,
-        "install",
-        "int dsu_install(void) { return 0; }\n",
+        dir,
+        name,
+        &format!("int {name}(void) {{ return 0; }}\n"),
         &[],
     );
-    let mut fx = busy_preloaded(&dir);
-    let out = dsu(&fx, &["apply", patch.to_str().unwrap()]);
+    let out = dsu(fx, &["apply", patch.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
     assert!(
-        stderr.contains("dsu_install") && stderr.contains("part of the dsu agent"),
-        "{stderr}"
+        stderr.contains(name) && stderr.contains("part of the dsu agent"),
+        "{name}: {stderr}"
     );
     assert_eq!(fx.compute(), ORIGINAL);
     assert!(fx.alive());
