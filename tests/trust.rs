@@ -280,6 +280,27 @@ fn a_patch_packed_for_another_build_or_other_code_is_refused() {
     let (success, stderr) = apply(fx.pid, &bound);
     assert!(success, "{stderr}");
     assert_eq!(fx.compute(), 70);
+
+    // Without DSU_REQUIRE_BINDING an unbound patch is allowed, but one that carries
+    // expectations is held to them all the same.
+    let unbound_dir = dir.join("unbound");
+    std::fs::create_dir_all(&unbound_dir).unwrap();
+    let mut free = start(&unbound_dir, &running, &log, &[]);
+    refused(
+        &mut free,
+        &mut log,
+        &other_build,
+        "expects build id 33334444",
+    );
+    refused(
+        &mut free,
+        &mut log,
+        &other_code,
+        "the original code of dsu_fixture_compute",
+    );
+    let (success, stderr) = apply(free.pid, &patch);
+    assert!(success, "{stderr}");
+    assert_eq!(free.compute(), 70);
 }
 
 #[test]
