@@ -103,17 +103,7 @@ fn busy_target(dir: &Path, workers: u32) -> Fixture {
 
 /// `tests/fixtures/busy.c` linked with `libdsu_agent.a`, calling `dsu_install()` in `main`.
 fn busy_c_linked(dir: &Path, workers: u32) -> Fixture {
-    let archive = cargo_bin("libdsu_agent.a");
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
-    let mut flags = vec![
-        "-pthread".to_string(),
-        "-DDSU_LINKED".to_string(),
-        format!("-I{}", include.display()),
-        archive.display().to_string(),
-    ];
-    flags.extend(support::NATIVE_LIBS.iter().map(|l| l.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let program = cc_program(dir, "busy_linked", &[("busy.c", BUSY_C)], &flags);
+    let program = support::busy_c_linked_program(dir, "busy_linked");
     Fixture::start(dir, &program, &[&workers.to_string()], &[])
 }
 

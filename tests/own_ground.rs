@@ -94,17 +94,7 @@ fn the_agents_own_functions_are_refused() {
 #[test]
 fn the_agents_own_functions_linked_into_the_program_are_refused() {
     let dir = scratch("own-ground-agent-linked");
-    let archive = cargo_bin("libdsu_agent.a");
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
-    let mut flags = vec![
-        "-pthread".to_string(),
-        "-DDSU_LINKED".to_string(),
-        format!("-I{}", include.display()),
-        archive.display().to_string(),
-    ];
-    flags.extend(support::NATIVE_LIBS.iter().map(|l| l.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let program = cc_program(&dir, "busy_linked", &[("busy.c", BUSY_C)], &flags);
+    let program = support::busy_c_linked_program(&dir, "busy_linked");
     let mut fx = Fixture::start(&dir, &program, &["2"], &[]);
     let symbols = Command::new("nm")
         .arg("--defined-only")

@@ -65,6 +65,23 @@ pub const NATIVE_LIBS: [&str; 7] = [
     "-lc",
 ];
 
+/// `tests/fixtures/busy.c` linked with `libdsu_agent.a`, built as `name` in `dir`: its `main`
+/// calls `dsu_install()`.
+pub fn busy_c_linked_program(dir: &Path, name: &str) -> PathBuf {
+    let archive = cargo_bin("libdsu_agent.a");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("dsu-agent/include");
+    let mut flags = vec![
+        "-pthread".to_string(),
+        "-DDSU_LINKED".to_string(),
+        format!("-I{}", include.display()),
+        archive.display().to_string(),
+    ];
+    flags.extend(NATIVE_LIBS.iter().map(|l| l.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let busy_c = include_str!("../fixtures/busy.c");
+    cc_program(dir, name, &[("busy.c", busy_c)], &flags)
+}
+
 /// Compiles and links C source into an executable.
 pub fn cc_program(dir: &Path, name: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
     let exe = dir.join(name);
