@@ -79,9 +79,9 @@ pub(super) enum Blocker {
     /// A thread's stack could not be proven free of the code being replaced.
     Unproven(CheckError),
     /// A thread blocks the stop signal, so it cannot be parked and checked: a running one
-    /// (seen by the survey or while parking), or, when every thread is parked (`fallback`),
-    /// one that sleeps with it blocked.
-    StopSignalBlocked { tid: i32, fallback: bool },
+    /// (seen by the survey or while parking), or, when every thread is parked, one that sleeps
+    /// with it blocked.
+    StopSignalBlocked { tid: i32 },
     /// A parked or held thread waited the attempt's bound and went on before the agent wrote.
     GaveUp(GaveUp),
 }
@@ -184,10 +184,7 @@ pub(super) fn all_stopped(
         Err(StopError::PrepareAgain { .. }) => return Ok(Outcome::PrepareAgain),
         // It may wait for what a parked thread holds: let them all go, retry later.
         Err(StopError::SignalBlocked { tid, .. }) => {
-            return Ok(Outcome::Busy(Some(Blocker::StopSignalBlocked {
-                tid,
-                fallback: true,
-            })));
+            return Ok(Outcome::Busy(Some(Blocker::StopSignalBlocked { tid })));
         }
         Err(e) => return Err(e.into()),
     };
@@ -385,10 +382,7 @@ pub(super) fn live(
     {
         return Ok(abandon(
             window,
-            Outcome::Busy(Some(Blocker::StopSignalBlocked {
-                tid,
-                fallback: false,
-            })),
+            Outcome::Busy(Some(Blocker::StopSignalBlocked { tid })),
         ));
     }
     // Waiting threads: checked where they wait, from a copy of their stack. One that ran
@@ -473,10 +467,7 @@ pub(super) fn live(
         Err(StopError::SignalBlocked { tid, .. }) => {
             return Ok(abandon(
                 window,
-                Outcome::Busy(Some(Blocker::StopSignalBlocked {
-                    tid,
-                    fallback: false,
-                })),
+                Outcome::Busy(Some(Blocker::StopSignalBlocked { tid })),
             ));
         }
         Err(e) => {

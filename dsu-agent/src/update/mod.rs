@@ -704,6 +704,7 @@ impl Engine {
                     attempts,
                     waited,
                     self.stopper.signal(),
+                    live,
                 ));
             }
             std::thread::sleep(backoff);
@@ -844,6 +845,8 @@ fn traced() -> bool {
 /// The refusal after the timeout: the function that held the update back most often (not
 /// whichever the last check met first: a function every thread calls all the time is active
 /// now and then, the real blocker in every attempt), else why a thread could not be checked.
+/// `live`: the attempts stopped only running threads (else every thread was parked, which
+/// changes what a thread blocking the stop signal can do about it).
 fn refusal(
     tally: &attempt::Tally,
     names: &[&str],
@@ -851,6 +854,7 @@ fn refusal(
     attempts: u32,
     waited: Duration,
     stop_signal: i32,
+    live: bool,
 ) -> UpdateError {
     let waited_ms = waited.as_millis() as u64;
     let busiest = (0..names.len())
@@ -876,26 +880,27 @@ fn refusal(
         };
     }
     match blocker {
-        Some(attempt::Blocker::StopSignalBlocked {
-            tid,
-            fallback: false,
-        }) => UpdateError::StopSignalBlocked {
-            tid,
-            name: dsu_sys::tasks::name(tid),
-            signal: stop_signal,
-            attempts,
-            waited_ms,
-        },
-        Some(attempt::Blocker::StopSignalBlocked {
-            tid,
-            fallback: true,
-        }) => UpdateError::StopSignalBlockedAllParked {
-            tid,
-            name: dsu_sys::tasks::name(tid),
-            signal: stop_signal,
-            attempts,
-            waited_ms,
-        },
+        Some(attempt::Blocker::StopSignalBlocked { tid }) => {
+            let name = dsu_sys::tasks::name(tid);
+            let signal = stop_signal;
+            if live {
+                UpdateError::StopSignalBlocked {
+                    tid,
+                    name,
+                    signal,
+                    attempts,
+                    waited_ms,
+                }
+            } else {
+                UpdateError::StopSignalBlockedAllParked {
+                    tid,
+                    name,
+                    signal,
+                    attempts,
+                    waited_ms,
+                }
+            }
+        }
         Some(attempt::Blocker::GaveUp(g)) => UpdateError::WaitBound {
             tid: g.tid,
             name: dsu_sys::tasks::name(g.tid),
