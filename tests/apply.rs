@@ -764,15 +764,9 @@ fn dsu_revert(fx: &Fixture) -> u64 {
 
 /// `dsu revert -p PID --timeout SECS` that must exit 1 with one `dsu: ` line; returns it.
 fn dsu_revert_refused(fx: &Fixture, timeout_secs: u32) -> String {
-    let child = Command::new(env!("CARGO_BIN_EXE_dsu"))
-        .args(["revert", "-p", &fx.pid.to_string()])
-        .args(["--timeout", &timeout_secs.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dsu");
-    refused_line(&finish(child, dsu_limit(timeout_secs)))
+    let (pid, timeout) = (fx.pid.to_string(), timeout_secs.to_string());
+    let args = ["revert", "-p", &pid, "--timeout", &timeout];
+    refused_line(&support::dsu(&args))
 }
 
 /// Two patches stacked on a C program's `compute` (one small enough to be written in place,

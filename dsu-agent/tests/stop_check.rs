@@ -303,13 +303,11 @@ fn blocking_the_signal_is_named(spin: bool) {
     let workers = Workers::spawn(&[Kind::Spin, Kind::Sleep]);
     let (tid_tx, tid_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
-    let go = Arc::new(AtomicBool::new(false));
-    let go_spin = Arc::clone(&go);
     let blocker = std::thread::spawn(move || {
         set_blocked(stop_signal(), true);
         tid_tx.send(threads::gettid()).unwrap();
         if spin {
-            while !go_spin.load(Ordering::SeqCst) {
+            while go_rx.try_recv().is_err() {
                 std::hint::spin_loop();
             }
         } else {
@@ -342,7 +340,6 @@ fn blocking_the_signal_is_named(spin: bool) {
         PROGRESS.load(Ordering::SeqCst) > progress,
         "workers still parked"
     );
-    go.store(true, Ordering::SeqCst);
     go_tx.send(()).unwrap();
     blocker.join().unwrap();
     // A late signal left nobody parked, and stopping works again.
