@@ -31,7 +31,6 @@ OUT=$(cd "$OUT" && pwd)
 LIMIT=${LIMIT:-150}
 UNIT=${UNIT:-1}
 tree=$OUT/tree
-mkdir -p "$OUT"
 
 mutants=$OUT/mutants.json
 cargo mutants -p dsu-agent --list --json --diff "$@" >"$mutants"
