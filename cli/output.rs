@@ -2,6 +2,7 @@
 
 use dsu_agent::report::{
     AgentInfo, AgentState, FunctionReport, KeptReport, Outcome, Status, StatusReport,
+    ThreadsStopped,
 };
 
 /// Writes `line` and a newline to stdout. A reader that went away (`dsu inspect | head`) is
@@ -72,8 +73,13 @@ pub fn summary_line(pid: u32, outcome: &Outcome) -> String {
         "revert" => "reverted",
         _ => "applied",
     };
+    // The fallback path is worth knowing: it holds every thread, waiting ones included.
+    let every = match outcome.threads_stopped {
+        Some(ThreadsStopped::All) => ", every thread stopped",
+        _ => "",
+    };
     format!(
-        "{verb} patch {} in process {pid} in {} us after {}",
+        "{verb} patch {} in process {pid} in {} us after {}{every}",
         outcome.patch_id.unwrap_or(outcome.seq),
         outcome.elapsed_us,
         attempts(outcome.attempts)
@@ -227,5 +233,24 @@ mod tests {
             function_line(&f),
             "price (/usr/bin/app): 0x1000 -> 0x2000, redirect, 1 call site rewritten"
         );
+    }
+
+    #[test]
+    fn the_summary_says_when_every_thread_was_stopped() {
+        let mut outcome = Outcome::new(4, None, "apply".into(), Status::Applied, None);
+        outcome.attempts = 2;
+        outcome.elapsed_us = 812;
+        outcome.patch_id = Some(4);
+        for (stopped, tail) in [
+            (None, ""),
+            (Some(ThreadsStopped::Running), ""),
+            (Some(ThreadsStopped::All), ", every thread stopped"),
+        ] {
+            outcome.threads_stopped = stopped;
+            assert_eq!(
+                summary_line(77, &outcome),
+                format!("applied patch 4 in process 77 in 812 us after 2 attempts{tail}")
+            );
+        }
     }
 }

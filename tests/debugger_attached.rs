@@ -66,10 +66,19 @@ fn with_a_tracer_attached_updates_place_no_breakpoints() {
 
     let patch = patch.to_str().unwrap();
     for round in 0..5 {
-        dsu_ok(&fx, "apply", &[patch, "--timeout", "10"]);
+        // The path without breakpoints: every thread stopped, which `dsu` says.
+        let out = dsu_ok(&fx, "apply", &[patch, "--timeout", "10"]);
+        assert!(
+            out.contains(", every thread stopped"),
+            "round {round}: {out}"
+        );
         assert_eq!(fx.compute(), 70, "round {round}");
         fx.workers_see(70);
-        dsu_ok(&fx, "revert", &["--timeout", "10"]);
+        let out = dsu_ok(&fx, "revert", &["--timeout", "10"]);
+        assert!(
+            out.contains(", every thread stopped"),
+            "round {round}: {out}"
+        );
         assert_eq!(fx.compute(), ORIGINAL, "round {round}");
         fx.workers_see(ORIGINAL);
     }

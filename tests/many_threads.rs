@@ -109,13 +109,18 @@ fn apply_and_revert_in(threads: u32, mode: &str, stop: Stop) {
     all_see(&mut fx, ORIGINAL, threads);
     let successors_before = successors(&mut fx);
 
+    // `dsu` names the fallback path, so each test knows which path it ran.
+    let path = |out: String| {
+        let all = out.contains(", every thread stopped");
+        assert_eq!(all, stop == Stop::All, "not the path asked for: {out}");
+    };
     for (patch, value) in [(&small, 70), (&large, 71)] {
-        dsu_ok(&fx, "apply", &[patch.to_str().unwrap()]);
+        path(dsu_ok(&fx, "apply", &[patch.to_str().unwrap()]));
         assert_eq!(fx.compute(), value);
         all_see(&mut fx, value, threads);
         assert_ne!(fx.code("compute"), original);
 
-        dsu_ok(&fx, "revert", &[]);
+        path(dsu_ok(&fx, "revert", &[]));
         assert_eq!(fx.compute(), ORIGINAL);
         // Each thread had the new value; now each has the old one again, so each called
         // the function after the revert.

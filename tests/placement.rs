@@ -105,6 +105,8 @@ fn a_shorter_replacement_is_written_in_place() {
     let f = &r["functions"][0];
     assert_eq!(f["name"], "dsu_place_big");
     assert_eq!(f["strategy"], "in-place");
+    // No debugger here: only the running threads were stopped.
+    assert_eq!(r["threads_stopped"], "running", "{r}");
     assert_eq!(
         hex(&f["new_address"]),
         fx.address("big"),

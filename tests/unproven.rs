@@ -171,7 +171,12 @@ fn the_main_thread_waiting_inside_the_target_holds_the_update_on_either_path() {
         assert!(stderr.contains("dsu_fixture_compute"), "{stderr}");
         // Answered once the main thread is back from its 4 s wait.
         assert_eq!(fx.compute(), ORIGINAL, "changed by a refused update");
-        dsu_ok(&fx, "apply", &[patch, "--timeout", "5"]);
+        let out = dsu_ok(&fx, "apply", &[patch, "--timeout", "5"]);
+        assert_eq!(
+            out.contains(", every thread stopped"),
+            stop_all == "1",
+            "not the path asked for: {out}"
+        );
         assert_eq!(fx.compute(), 70);
         assert!(fx.alive());
     }

@@ -27,7 +27,7 @@ use crate::error::Error;
 use crate::persist::Kept;
 use crate::report::{
     AgentState, FunctionReport, KeptReport, Outcome, PatchReport, RecordReport, StagesReport,
-    Status, StatusReport,
+    Status, StatusReport, ThreadsStopped,
 };
 use crate::stop::StopWorld;
 use crate::trigger::{self, Trigger, Waiter, Waker};
@@ -778,6 +778,11 @@ fn report_switch(outcome: &mut Outcome, result: &Result<Switched, UpdateError>) 
             outcome.functions = function_reports(&done.patch);
             outcome.patch_id = Some(done.patch.id);
             outcome.stages_us = Some(stages_report(&done.stages));
+            outcome.threads_stopped = Some(if done.stages.every_thread_stopped {
+                ThreadsStopped::All
+            } else {
+                ThreadsStopped::Running
+            });
             outcome.warnings = done.warnings.clone();
         }
         Err(e) => refuse(outcome, e),

@@ -51,6 +51,16 @@ pub enum Status {
     Failed,
 }
 
+/// Which threads an update stopped ([`Outcome::threads_stopped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreadsStopped {
+    /// Only the threads that ran; waiting ones were checked from copies of their stacks.
+    Running,
+    /// Every thread, parked while the edits were written.
+    All,
+}
+
 impl Status {
     /// The word used on the wire and in messages.
     pub fn as_str(self) -> &'static str {
@@ -94,6 +104,11 @@ pub struct Outcome {
     /// Where the time went, when the update happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages_us: Option<StagesReport>,
+    /// Which threads the update stopped, when it happened: `running` (the usual path: threads
+    /// waiting in system calls were checked from copies of their stacks and kept waiting) or
+    /// `all` (the fallback: every thread parked, as under a debugger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads_stopped: Option<ThreadsStopped>,
     /// For a `status` request over the control socket: the patches in effect and the agent's
     /// state, as `status.json` would hold them now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +167,7 @@ impl Outcome {
             functions: Vec::new(),
             patch_id: None,
             stages_us: None,
+            threads_stopped: None,
             status: None,
             warnings: Vec::new(),
             record: None,
@@ -301,6 +317,7 @@ mod tests {
             }],
             patch_id: None,
             stages_us: None,
+            threads_stopped: None,
             status: None,
             warnings: vec!["a warning".into()],
             record: None,

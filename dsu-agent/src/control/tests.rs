@@ -366,6 +366,7 @@ fn results_are_written_atomically_with_mode_0600() {
         functions: Vec::new(),
         patch_id: Some(1),
         stages_us: None,
+        threads_stopped: None,
         status: None,
         warnings: Vec::new(),
         record: None,

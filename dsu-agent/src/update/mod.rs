@@ -630,7 +630,10 @@ impl Engine {
         };
         let mut backoff = policy.backoff;
         let mut attempts = 0;
-        let mut stages = Stages::default();
+        let mut stages = Stages {
+            every_thread_stopped: !live,
+            ..Stages::default()
+        };
         let mut tally = attempt::Tally::new(names.len());
         loop {
             attempts += 1;

@@ -135,6 +135,10 @@ pub struct Stages {
     pub write: Duration,
     /// Release the parked threads.
     pub resume: Duration,
+    /// The fallback path ran: every thread was parked and each edit written at once (under a
+    /// debugger, or where live writes are unavailable), instead of stopping only the threads
+    /// that run.
+    pub every_thread_stopped: bool,
 }
 
 impl Stages {
