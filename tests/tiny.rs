@@ -8,7 +8,9 @@
 
 mod support;
 
-use support::{Fixture, cargo_bin, cc_object, cc_program, dsu, scratch};
+use std::path::Path;
+
+use support::{Fixture, cargo_bin, cc_object, cc_program, dsu, dsu_ok, scratch};
 
 const PROGRAM_C: &str = r#"
 #include <stdio.h>
@@ -289,4 +291,141 @@ fn a_one_byte_function_is_refused_with_what_to_do_by_inspect_and_apply_alike() {
     );
     assert_eq!(fx.code("ping"), ping, "the process is unchanged");
     assert_eq!(fx.send("go"), "price 700 700 14 14 hits 0");
+}
+
+/// `dsu_short` (4 bytes, `dsu_four` right after it) needs a trampoline; the first free place
+/// its short jump reaches is `dsu_four`'s padding (12 bytes of `int3`), which `dsu_four`'s own
+/// entry jump, 5 bytes over its 4, reaches into by one byte. `dsu_lead` keeps the padding
+/// before it out of the short jump's reach.
+const PAIR_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((noinline, noipa, aligned(64))) int dsu_lead(int q) {
+    __asm__ volatile(".skip 160, 0x90");
+    return q - 1;
+}
+__attribute__((noinline, noipa)) int dsu_short(int q) { return q * 2; }
+__attribute__((noinline, noipa)) int dsu_four(int q) { return q * 100; }
+__asm__(".pushsection .text\n.skip 12, 0xcc\n.popsection");
+__attribute__((noinline, noipa)) int dsu_after(int q) { return q + 1; }
+__attribute__((noinline, noipa, aligned(64))) int dsu_end(int q) { return q - 2; }
+/* Through the entries too: direct calls are rewritten to the new code. */
+int (*volatile short_ptr)(int) = dsu_short;
+int (*volatile four_ptr)(int) = dsu_four;
+int main(void) {
+    if (dsu_lead(1) + dsu_after(0) + dsu_end(2) != 1) return 1;
+    printf("ready %d\naddresses short=%p four=%p after=%p\n", (int)getpid(),
+           (void *)dsu_short, (void *)dsu_four, (void *)dsu_after);
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        printf("values %d %d %d %d\n", dsu_short(7), short_ptr(7), dsu_four(7), four_ptr(7));
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+const SHORT_FIX: &str = "int dsu_short(int q) { return q > 5 ? q * 3 + 1 : q * 2; }\n";
+const FOUR_FIX: &str = "int dsu_four(int q) { return q > 5 ? q * 90 + (q >> 1) : q * 100; }\n";
+
+/// Starts the pair fixture and checks the layout the tests rely on; returns it with the
+/// addresses of `dsu_short` and `dsu_four`.
+fn start_pair(dir: &Path) -> (Fixture, usize, usize) {
+    let program = cc_program(dir, "pair", &[("pair.c", PAIR_C)], PACKED_FLAGS);
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    let (short, four) = (fx.address("short"), fx.address("four"));
+    assert_eq!(fx.code("short").len(), 4, "the fixture's dsu_short");
+    assert_eq!(four, short + 4, "no padding after dsu_short");
+    assert_eq!(fx.code("four").len(), 4, "the fixture's dsu_four");
+    assert_eq!(fx.address("after"), four + 16, "12 bytes after dsu_four");
+    assert_eq!(
+        fx.read_memory(four + 4, 12),
+        [0xcc; 12],
+        "dsu_four's padding"
+    );
+    assert_eq!(fx.send("go"), "values 14 14 700 700");
+    (fx, short, four)
+}
+
+/// Where the short jump at `entry` leads, read from the process.
+fn short_jump_target(fx: &Fixture, entry: usize) -> usize {
+    let jump = fx.read_memory(entry, 2);
+    assert_eq!(jump[0], 0xeb, "a short jump at {entry:#x}: {jump:02x?}");
+    (entry + 2).wrapping_add_signed(jump[1] as i8 as isize)
+}
+
+#[test]
+fn a_trampoline_keeps_clear_of_an_entry_jump_over_padding_in_the_same_patch() {
+    let dir = scratch("tiny-pair-one");
+    // dsu_short first: planned in the patch's order, its trampoline would take the first
+    // place in dsu_four's padding, under dsu_four's entry jump.
+    let patch = cc_object(&dir, "both", &format!("{SHORT_FIX}{FOUR_FIX}"), &[]);
+    let (mut fx, short, four) = start_pair(&dir);
+    let before = fx.read_memory(short, 24);
+
+    dsu_ok(&fx, "apply", &[patch.to_str().unwrap()]);
+    assert_eq!(fx.send("go"), "values 22 22 633 633", "{}", fx.log());
+    let to = short_jump_target(&fx, short);
+    assert_eq!(fx.read_memory(four, 1), [0xe9], "an entry jump at dsu_four");
+    assert!(
+        to >= four + 5 && to + 5 <= four + 16,
+        "the trampoline at {to:#x} is not in dsu_four's padding clear of its jump at {four:#x}"
+    );
+    assert_eq!(
+        fx.read_memory(to, 1),
+        [0xe9],
+        "a jmp rel32 at the trampoline"
+    );
+
+    dsu_ok(&fx, "revert", &[]);
+    assert_eq!(fx.send("go"), "values 14 14 700 700");
+    assert_eq!(
+        fx.read_memory(short, 24),
+        before,
+        "the code and padding are back"
+    );
+    assert!(fx.alive(), "{}", fx.log());
+}
+
+#[test]
+fn a_function_whose_padding_holds_another_trampoline_is_patched_around_it() {
+    let dir = scratch("tiny-pair-two");
+    let short_patch = cc_object(&dir, "short", SHORT_FIX, &[]);
+    let four_patch = cc_object(&dir, "four", FOUR_FIX, &[]);
+    let (mut fx, short, four) = start_pair(&dir);
+    let before = fx.read_memory(short, 24);
+
+    dsu_ok(&fx, "apply", &[short_patch.to_str().unwrap()]);
+    assert_eq!(fx.send("go"), "values 22 22 700 700");
+    let to = short_jump_target(&fx, short);
+    assert_eq!(
+        to,
+        four + 4,
+        "the fixture's point: dsu_short's trampoline right after dsu_four"
+    );
+    let first = fx.read_memory(short, 24);
+
+    // dsu_four's padding is no padding now: its entry jump must not cover the trampoline.
+    dsu_ok(&fx, "apply", &[four_patch.to_str().unwrap()]);
+    assert_eq!(fx.send("go"), "values 22 22 633 633", "{}", fx.log());
+    assert_eq!(
+        fx.read_memory(to, 5),
+        first[to - short..to - short + 5],
+        "dsu_short's trampoline was overwritten"
+    );
+
+    dsu_ok(&fx, "revert", &[]);
+    assert_eq!(fx.send("go"), "values 22 22 700 700");
+    assert_eq!(fx.read_memory(short, 24), first, "back to the first patch");
+    dsu_ok(&fx, "revert", &[]);
+    assert_eq!(fx.send("go"), "values 14 14 700 700");
+    assert_eq!(
+        fx.read_memory(short, 24),
+        before,
+        "the code and padding are back"
+    );
+    assert!(fx.alive(), "{}", fx.log());
 }
