@@ -22,6 +22,7 @@
 mod attempt;
 mod error;
 mod plan;
+mod ranges;
 mod record;
 
 use std::collections::HashMap;
@@ -29,7 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dsu_sys::code::CodeWriter;
-use dsu_sys::x86::JMP_REL32_LEN;
 use sha2::{Digest, Sha256};
 
 pub use self::error::{StaleClones, UpdateError};
@@ -272,16 +272,10 @@ impl Engine {
             .iter()
             .flat_map(|f| f.edits.iter().map(|_| f.name.as_str()))
             .collect();
-        let ranges = self.version_ranges(&functions);
+        let ranges = ranges::of_apply(&functions, &self.patches);
         let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
         // Unwindable before any caller can reach it, with tables checked first.
-        let mut code_ranges = vec![linked.code_range()];
-        code_ranges.extend(
-            functions
-                .iter()
-                .filter(|f| f.strategy == Strategy::InPlace)
-                .map(|f| (f.old_address, f.old_address + f.old_size as usize)),
-        );
+        let code_ranges = ranges::unwind_code(linked.code_range(), &functions);
         for &(start, len) in &linked.eh_frames {
             // SAFETY: the `.eh_frame` lies in the read-only part of the mapped image, which
             // `linked` owns for this whole function.
@@ -491,34 +485,13 @@ impl Engine {
         }
         let mut edits = Vec::new();
         let mut edit_names = Vec::new();
-        let mut ranges = Ranges::new();
-        for (i, f) in patch.functions.iter().enumerate() {
+        for f in &patch.functions {
             for e in write::inverse(&f.edits) {
                 edits.push(e);
                 edit_names.push(f.name.clone());
             }
-            let end = match f.strategy {
-                Strategy::InPlace => f.old_address + f.old_size as usize,
-                Strategy::Redirect => f.new_address + f.new_size as usize,
-            };
-            ranges.push(f.new_address, end, i);
-            if let Some(at) = f.trampoline {
-                ranges.push_held_too(at, at + JMP_REL32_LEN, i);
-            }
         }
-        let mut names: Vec<String> = patch.functions.iter().map(|f| f.name.clone()).collect();
-        // The rest of the patch's code too (its helpers): the image is unmapped afterwards.
-        // Only the parts outside the functions above, so an activity is named precisely.
-        let mut bodies: Vec<(usize, usize)> = ranges.iter().map(|(s, e, _)| (s, e)).collect();
-        bodies.sort_unstable();
-        let mut from = patch.code.0;
-        for (start, end) in bodies.into_iter().chain([(patch.code.1, patch.code.1)]) {
-            if start > from && from < patch.code.1 {
-                ranges.push(from, start.min(patch.code.1), names.len());
-            }
-            from = from.max(end);
-        }
-        names.push(format!("code of patch {}", patch.id));
+        let (ranges, names) = ranges::of_revert(patch);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let edit_names: Vec<&str> = edit_names.iter().map(String::as_str).collect();
         let (attempts, stages) = self.switch(
@@ -558,26 +531,6 @@ impl Engine {
             stages,
             warnings: Vec::new(),
         })
-    }
-
-    /// Every version of every target: the original body and each earlier patch's new code.
-    fn version_ranges(&self, functions: &[AppliedFunction]) -> Ranges {
-        let mut ranges = Ranges::new();
-        for (i, f) in functions.iter().enumerate() {
-            ranges.push(f.old_address, f.old_address + f.old_size as usize, i);
-            for g in self.patches.iter().flat_map(|p| &p.functions) {
-                if g.old_address == f.old_address && g.new_address != g.old_address {
-                    ranges.push(g.new_address, g.new_address + g.new_size as usize, i);
-                }
-                // An earlier version's trampoline still leads to that version.
-                if g.old_address == f.old_address
-                    && let Some(at) = g.trampoline
-                {
-                    ranges.push(at, at + JMP_REL32_LEN, i);
-                }
-            }
-        }
-        ranges
     }
 
     /// Stops the world until nothing in `ranges` is active, then writes the edits. Returns
