@@ -196,6 +196,14 @@ impl SlotArray {
             slots,
         }))
     }
+
+    /// Whether one of the first `claimed` slots is not tagged with `round` yet: a handler that
+    /// claimed it in that round still writes into it.
+    fn claim_unwritten(&self, claimed: usize, round: u32) -> bool {
+        self.slots[..claimed.min(self.slots.len())]
+            .iter()
+            .any(|s| tag_round(s.tag.load(Ordering::Acquire)) != round)
+    }
 }
 
 /// The array the handler claims slots in. Never freed.
@@ -508,21 +516,22 @@ impl StopWorld {
                 .store(self.expected.len() as u32, Ordering::Release);
             self.wait_parked(array, round, deadline, timeout)?;
             let counted = threads::count().map_err(StopError::ListThreads)?;
-            // Every live thread is the caller, parked, or a zombie leader: done.
-            if counted == 1 + self.scratch.len() + usize::from(self.zombie_leader) {
-                break;
-            }
-            // A listing is cut short when a thread exits while the kernel walks the list:
-            // "nothing new" counts only from a listing as long as the thread count.
-            if added == 0 {
-                if listed == counted {
-                    break; // the others are exiting threads, counted until reaped
+            let now = Listing {
+                counted,
+                parked: self.scratch.len(),
+                zombie_leader: self.zombie_leader,
+                listed,
+                added,
+            };
+            match now.next() {
+                NextStep::Done => break,
+                NextStep::ListAgain => {}
+                NextStep::AwaitExits => {
+                    if Instant::now() >= deadline {
+                        return Err(StopError::Unsettled { listed, counted });
+                    }
+                    dsu_sys::raw::yield_now();
                 }
-                if Instant::now() >= deadline {
-                    return Err(StopError::Unsettled { listed, counted });
-                }
-                // Let exiting threads finish before listing again.
-                dsu_sys::raw::yield_now();
             }
         }
         self.collect(array, round)?;
@@ -758,10 +767,7 @@ impl StopWorld {
     fn end_round(&mut self, round: u32) {
         let Some(array) = self.array else { return };
         let prev = array.state.swap(0, Ordering::AcqRel);
-        let claimed = (prev as u32 as usize).min(array.slots.len());
-        let in_flight = array.slots[..claimed]
-            .iter()
-            .any(|s| tag_round(s.tag.load(Ordering::Acquire)) != round);
+        let in_flight = array.claim_unwritten(prev as u32 as usize, round);
         RELEASED.store(round, Ordering::Release);
         let _ = futex::wake_all(&RELEASED);
         if in_flight {
@@ -791,6 +797,53 @@ fn parked_in(array: &SlotArray, round: u32, tid: i32) -> bool {
         let tag = s.tag.load(Ordering::Acquire);
         tag_round(tag) == round && tag_tid(tag) == tid
     })
+}
+
+/// Where the stop that parks every thread stands once the threads of a listing have parked.
+#[derive(Debug, Clone, Copy)]
+struct Listing {
+    /// Threads in the process now (exiting ones are counted until reaped).
+    counted: usize,
+    /// Threads parked in the round.
+    parked: usize,
+    /// Whether the main thread is a zombie (it left with `pthread_exit`): never parks.
+    zombie_leader: bool,
+    /// Threads the last listing named.
+    listed: usize,
+    /// Threads it named that were not signalled before.
+    added: usize,
+}
+
+/// What the stop does after a [`Listing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NextStep {
+    /// Every thread is stopped.
+    Done,
+    /// New threads were signalled: list again for threads they started meanwhile.
+    ListAgain,
+    /// Threads are counted that no listing named: exiting ones, or ones a listing cut short
+    /// missed. Let exiting threads finish, then list again.
+    AwaitExits,
+}
+
+impl Listing {
+    fn next(self) -> NextStep {
+        // Every live thread is the caller, parked, or a zombie leader.
+        if self.counted == 1 + self.parked + usize::from(self.zombie_leader) {
+            return NextStep::Done;
+        }
+        if self.added != 0 {
+            return NextStep::ListAgain;
+        }
+        // A listing is cut short when a thread exits while the kernel walks the list:
+        // "nothing new" counts only from a listing as long as the thread count, and then the
+        // threads neither parked nor the caller are exiting ones.
+        if self.listed == self.counted {
+            NextStep::Done
+        } else {
+            NextStep::AwaitExits
+        }
+    }
 }
 
 fn next_round() -> u32 {
@@ -866,5 +919,80 @@ impl Stopped<'_> {
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
         self.resume_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(counted: usize, parked: usize, listed: usize, added: usize) -> Listing {
+        Listing {
+            counted,
+            parked,
+            zombie_leader: false,
+            listed,
+            added,
+        }
+    }
+
+    #[test]
+    fn the_stop_ends_when_every_counted_thread_is_the_caller_or_parked() {
+        assert_eq!(listing(5, 4, 5, 0).next(), NextStep::Done);
+        // Even right after signalling new threads: they are parked already.
+        assert_eq!(listing(5, 4, 5, 2).next(), NextStep::Done);
+        // A zombie main thread is counted but never parks.
+        let zombie = Listing {
+            zombie_leader: true,
+            ..listing(5, 3, 4, 0)
+        };
+        assert_eq!(zombie.next(), NextStep::Done);
+        let alive = Listing {
+            zombie_leader: false,
+            ..zombie
+        };
+        assert_eq!(alive.next(), NextStep::AwaitExits);
+    }
+
+    #[test]
+    fn new_threads_mean_another_listing() {
+        assert_eq!(listing(9, 4, 9, 3).next(), NextStep::ListAgain);
+        assert_eq!(listing(9, 4, 7, 1).next(), NextStep::ListAgain);
+    }
+
+    #[test]
+    fn a_listing_cut_short_is_not_taken_as_complete() {
+        // Nothing new in a listing as long as the count: the rest are exiting threads.
+        assert_eq!(listing(9, 6, 9, 0).next(), NextStep::Done);
+        // Shorter than the count: a thread exiting during the walk can hide one created
+        // meanwhile, which would run unparked.
+        assert_eq!(listing(9, 6, 8, 0).next(), NextStep::AwaitExits);
+        assert_eq!(listing(9, 6, 0, 0).next(), NextStep::AwaitExits);
+    }
+
+    #[test]
+    fn a_slot_claimed_but_not_yet_tagged_keeps_the_array_from_reuse() {
+        let array = SlotArray::leak(4);
+        let tag = |i: usize, round: u64, tid: u64| {
+            array.slots[i]
+                .tag
+                .store(round << 32 | tid, Ordering::Release)
+        };
+        tag(0, 7, 100);
+        tag(1, 7, 101);
+        assert!(!array.claim_unwritten(0, 7));
+        assert!(!array.claim_unwritten(2, 7), "both claims written");
+        assert!(
+            array.claim_unwritten(3, 7),
+            "the third slot is not written yet"
+        );
+        tag(2, 6, 102);
+        assert!(array.claim_unwritten(3, 7), "written in an earlier round");
+        tag(2, 7, 102);
+        tag(3, 7, 103);
+        assert!(!array.claim_unwritten(4, 7));
+        // More claims than slots: only the slots count.
+        assert!(!array.claim_unwritten(9, 7));
+        assert!(array.claim_unwritten(9, 8));
     }
 }
