@@ -6,7 +6,7 @@
 # stale ones). So this script takes the mutants from `cargo mutants --list`, and for each one:
 # applies it in a copy of the source tree (as it is, without target/ and .git), builds what
 # the tests need, runs the chosen test files, records whether they caught it, and puts the
-# mutated file back.
+# file back as it was in the copy (the working tree may be edited while a run goes on).
 #
 #   scripts/mutants-e2e.sh [cargo mutants selection: --file F --re R ...]
 #
@@ -68,6 +68,8 @@ for i in $(seq 0 $((count - 1))); do
     file=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[int(sys.argv[2])]["file"])' "$mutants" "$i")
     log=$OUT/log/$i.log
     started=$(date +%s)
+    # Put back from the copy as it was, not from the working tree, which may change meanwhile.
+    cp "$tree/$file" "$OUT/unmutated"
     if ! (cd "$tree" && patch -s -p0 <"$OUT/current.diff") >"$log" 2>&1; then
         outcome=unviable
     elif ! build >>"$log"; then
@@ -89,7 +91,7 @@ for i in $(seq 0 $((count - 1))); do
             fi
         fi
     fi
-    cp "$root/$file" "$tree/$file"
+    cp "$OUT/unmutated" "$tree/$file"
     echo "$outcome $name" | tee -a "$outcomes"
     echo "($(($(date +%s) - started)) s)" >>"$log"
 done
