@@ -9,9 +9,7 @@
 
 mod support;
 
-use support::{Fixture, cargo_bin, cc_object, cc_program, dsu, scratch};
-
-const PROGRAM_C: &str = include_str!("fixtures/two_calls.c");
+use support::{Fixture, cc_object, dsu, scratch, start_two_calls};
 
 /// `dsu ARGS[0] -p PID ARGS[1..]`, which must succeed; its standard output.
 fn dsu_on(fx: &Fixture, args: &[&str]) -> String {
@@ -46,9 +44,7 @@ fn a_dlopen_between_updates_does_not_send_a_caller_to_another_functions_patch() 
         "long dsu_g(long x) { volatile long k = 100; return x * k + 3; }",
         &[],
     );
-    let program = cc_program(&dir, "two_calls", &[("two_calls.c", PROGRAM_C)], &["-ldl"]);
-    let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    let mut fx = start_two_calls(&dir);
     assert_eq!(fx.send("f"), "f 8");
 
     let out = dsu_on(&fx, &["apply", f1.to_str().unwrap()]);
@@ -97,9 +93,7 @@ fn calls_inside_a_caller_replaced_in_place_are_left_alone() {
     let both = cc_object(&dir, "f_and_h", &format!("{F_LARGER}{H_SMALLER}"), &[]);
     let f = cc_object(&dir, "f", F_LARGER, &[]);
     let h = cc_object(&dir, "h", H_SMALLER, &[]);
-    let program = cc_program(&dir, "two_calls", &[("two_calls.c", PROGRAM_C)], &["-ldl"]);
-    let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    let mut fx = start_two_calls(&dir);
     assert_eq!(fx.send("h"), "h 16");
     let original = (fx.code("f"), fx.code("h"));
 
@@ -127,5 +121,52 @@ fn calls_inside_a_caller_replaced_in_place_are_left_alone() {
     dsu_on(&fx, &["revert"]);
     dsu_on(&fx, &["revert"]);
     assert_eq!((fx.code("f"), fx.code("h")), original);
+    assert!(fx.alive(), "{}", fx.log());
+}
+
+/// `dsu_oversized` is hand-written assembly whose `.size` (1 GiB) runs past every mapping of
+/// the program, as a wrong `.size` in real assembly does; `dsu_f` has a direct caller.
+const OVERSIZED_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__asm__(".text\n.globl dsu_oversized\n.type dsu_oversized, @function\n"
+        "dsu_oversized:\n ret\n.size dsu_oversized, 0x40000000\n");
+__attribute__((noinline, noipa)) long dsu_f(long x) { return x + 1; }
+int main(void) {
+    printf("ready %d\naddresses f=%p\n", (int)getpid(), (void *)dsu_f);
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        printf("f %ld\n", dsu_f(7));
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn a_function_symbol_larger_than_its_mapping_is_not_decoded() {
+    let dir = scratch("call-index-oversized");
+    let f = cc_object(
+        &dir,
+        "f",
+        "long dsu_f(long x) { volatile long k = 10; return x * k + 2; }",
+        &[],
+    );
+    let program = support::cc_program(&dir, "oversized", &[("oversized.c", OVERSIZED_C)], &[]);
+    let library = support::cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    assert_eq!(fx.send("f"), "f 8");
+    // Redirected: the executable's call sites are indexed, every function but the oversized
+    // one decoded.
+    let out = dsu_on(&fx, &["apply", f.to_str().unwrap()]);
+    assert!(
+        line_of(&out, "dsu_f").contains("redirect, 1 call site rewritten"),
+        "{out}"
+    );
+    assert_eq!(fx.send("f"), "f 72", "{}", fx.log());
+    dsu_on(&fx, &["revert"]);
+    assert_eq!(fx.send("f"), "f 8");
     assert!(fx.alive(), "{}", fx.log());
 }

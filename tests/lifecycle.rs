@@ -19,11 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    Fixture, ORIGINAL, RUST_X10, RUST_X10_PLUS_1, cargo_bin, cc_object, cc_program, finish,
-    rustc_object, scratch,
+    Fixture, ORIGINAL, RUST_X10, RUST_X10_PLUS_1, cargo_bin, cc_object, finish, rustc_object,
+    scratch,
 };
-
-const TWO_CALLS_C: &str = include_str!("fixtures/two_calls.c");
 
 /// `dsu_fixture_compute(7)` with each patch (`support::ORIGINAL` before any).
 const X10: u64 = 70;
@@ -365,14 +363,7 @@ fn revert_under_a_newer_patch_that_overwrote_its_call_site_is_refused() {
         &[],
     );
     let h = cc_object(&dir, "h", "long dsu_h(long x) { return x * 5 + 3; }", &[]);
-    let program = cc_program(
-        &dir,
-        "two_calls",
-        &[("two_calls.c", TWO_CALLS_C)],
-        &["-ldl"],
-    );
-    let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &program, &[], &[("LD_PRELOAD", library.as_path())]);
+    let mut fx = support::start_two_calls(&dir);
     assert_eq!(fx.send("h"), "h 16");
     let original = code(&fx, "h");
 

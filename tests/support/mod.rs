@@ -82,6 +82,15 @@ pub fn busy_c_linked_program(dir: &Path, name: &str) -> PathBuf {
     cc_program(dir, name, &[("busy.c", busy_c)], &flags)
 }
 
+/// `tests/fixtures/two_calls.c` (`dsu_f` and `dsu_h` calling it, a library it can `dlopen`),
+/// built in `dir` and started with `LD_PRELOAD=libdsu_agent.so`.
+pub fn start_two_calls(dir: &Path) -> Fixture {
+    let source = include_str!("../fixtures/two_calls.c");
+    let program = cc_program(dir, "two_calls", &[("two_calls.c", source)], &["-ldl"]);
+    let library = cargo_bin("libdsu_agent.so");
+    Fixture::start(dir, &program, &[], &[("LD_PRELOAD", library.as_path())])
+}
+
 /// Compiles and links C source into an executable.
 pub fn cc_program(dir: &Path, name: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
     let exe = dir.join(name);
