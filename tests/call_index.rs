@@ -125,13 +125,16 @@ fn calls_inside_a_caller_replaced_in_place_are_left_alone() {
 }
 
 /// `dsu_oversized` is hand-written assembly whose `.size` (1 GiB) runs past every mapping of
-/// the program, as a wrong `.size` in real assembly does; `dsu_f` has a direct caller.
+/// the program, as a wrong `.size` in real assembly does. It lies in `.bss`, whose zeros decode
+/// as valid instructions up to the end of the mapping: decoded, it would fault the process
+/// (in `.text` the decoder stops at the first invalid bytes after it). `dsu_f` has a direct
+/// caller.
 const OVERSIZED_C: &str = r#"
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
-__asm__(".text\n.globl dsu_oversized\n.type dsu_oversized, @function\n"
-        "dsu_oversized:\n ret\n.size dsu_oversized, 0x40000000\n");
+__asm__(".bss\n.globl dsu_oversized\n.type dsu_oversized, @function\n"
+        "dsu_oversized:\n.zero 64\n.size dsu_oversized, 0x40000000\n.text\n");
 __attribute__((noinline, noipa)) long dsu_f(long x) { return x + 1; }
 int main(void) {
     printf("ready %d\naddresses f=%p\n", (int)getpid(), (void *)dsu_f);
