@@ -433,6 +433,37 @@ fn refuses_a_signal_with_a_foreign_handler() {
     ));
 }
 
+/// A program that puts its own handler over the stop signal after the agent installed its
+/// own: the next stop names that handler before it signals any thread (signalled, the threads
+/// would run the program's handler and never park).
+#[test]
+fn a_handler_put_over_the_stop_signal_later_is_named_at_the_next_stop() {
+    let _s = serial();
+    let mut w = world();
+    let sig = stop_signal();
+    // SAFETY: zeroed `sigaction`s are valid (no handler, empty mask); `noop` only returns.
+    let (mut ours, mut theirs): (libc::sigaction, libc::sigaction) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    theirs.sa_sigaction = noop as *const () as usize;
+    theirs.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: both point to valid `sigaction`s; the old one is kept to put back.
+    assert_eq!(unsafe { libc::sigaction(sig, &theirs, &mut ours) }, 0);
+    w.prepare().expect("prepare");
+    let got = w.stop(TIMEOUT).map(|_| ());
+    // SAFETY: puts the agent's handler back, as it was.
+    let restored = unsafe { libc::sigaction(sig, &ours, std::ptr::null_mut()) };
+    assert_eq!(restored, 0);
+    match got {
+        Err(StopError::SignalInUse { sig: s, handler }) => {
+            assert_eq!(s, sig);
+            assert_eq!(handler, noop as *const () as usize);
+        }
+        other => panic!("expected SignalInUse, got {other:?}"),
+    }
+    // With its handler back, the world stops again.
+    drop(stop(&mut w, TIMEOUT));
+}
+
 extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 // ---- activeness ----
