@@ -42,6 +42,11 @@ fn refused_as_foreign(out: &Output) {
 }
 
 fn start(dir: &std::path::Path, args: &[&str]) -> Fixture {
+    start_with(dir, args, "0")
+}
+
+/// `stop_all`: `DSU_TEST_STOP_ALL`, "1" to park every thread (the path under a debugger).
+fn start_with(dir: &std::path::Path, args: &[&str], stop_all: &str) -> Fixture {
     let program = cc_program(
         dir,
         "own_switch",
@@ -49,7 +54,11 @@ fn start(dir: &std::path::Path, args: &[&str]) -> Fixture {
         &["-pthread", "-ldl"],
     );
     let library = cargo_bin("libdsu_agent.so");
-    Fixture::start(dir, &program, args, &[("LD_PRELOAD", library.as_path())])
+    let env = [
+        ("LD_PRELOAD", library.as_path()),
+        ("DSU_TEST_STOP_ALL", std::path::Path::new(stop_all)),
+    ];
+    Fixture::start(dir, &program, args, &env)
 }
 
 #[test]
@@ -68,6 +77,31 @@ fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared
     let mut fx = start(&dir, &["declare"]);
     let out = apply(&fx, &patch);
     assert!(out.status.success(), "{out:?}");
+    assert_eq!(fx.compute(), 70);
+    fx.workers_see(70);
+    assert!(fx.alive(), "{}", fx.log());
+}
+
+/// The same thread with every thread parked (the path under a debugger): no breakpoint holds
+/// it, so only its parked registers show the stack is not its own.
+#[test]
+fn a_parked_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared() {
+    let dir = scratch("foreign-stack-parked");
+    let patch = cc_object(&dir, "x10", C_X10, &[]);
+
+    let mut fx = start_with(&dir, &[], "1");
+    let before = fx.code("compute");
+    refused_as_foreign(&apply(&fx, &patch));
+    assert_eq!(fx.code_between_attempts("compute", &before), before);
+    assert_eq!(fx.compute(), ORIGINAL);
+    assert!(fx.alive(), "{}", fx.log());
+    drop(fx);
+
+    let mut fx = start_with(&dir, &["declare"], "1");
+    let out = apply(&fx, &patch);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(", every thread stopped"), "{stdout}");
     assert_eq!(fx.compute(), 70);
     fx.workers_see(70);
     assert!(fx.alive(), "{}", fx.log());
