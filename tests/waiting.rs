@@ -162,37 +162,3 @@ fn a_program_that_takes_sigtrap_is_updated_by_stopping_every_thread() {
     assert_eq!(fx.send("traps"), "traps 0");
     assert!(fx.alive());
 }
-
-/// A process whose user may have no signal pending (`prlimit --sigpending=0`, as when other
-/// processes of the user exhausted the limit): the stop signal, a real-time one, cannot be
-/// queued for a running thread. The update is refused at once, naming the limit, and nothing
-/// changes; the agent is linked into the program, so `prlimit` itself carries no agent.
-#[test]
-fn a_stop_signal_that_cannot_be_queued_is_named() {
-    let dir = scratch("sigpending");
-    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
-    let program = support::busy_c_linked_program(&dir, "busy_linked");
-    let program_arg = program.to_str().unwrap();
-    let mut fx = Fixture::start(
-        &dir,
-        Path::new("prlimit"),
-        &["--sigpending=0", program_arg, "2"],
-        &[],
-    );
-    let before = fx.code("compute");
-    let out = dsu(&fx, &["apply", patch.to_str().unwrap()], 5);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{out:?}\nprocess log:\n{}",
-        fx.log()
-    );
-    assert!(
-        stderr.contains("could not be queued for thread") && stderr.contains("RLIMIT_SIGPENDING"),
-        "{stderr}"
-    );
-    assert_eq!(fx.code("compute"), before, "changed by a refused update");
-    assert_eq!(fx.compute(), ORIGINAL);
-    assert!(fx.alive(), "{}", fx.log());
-}
