@@ -162,3 +162,42 @@ fn a_program_that_takes_sigtrap_is_updated_by_stopping_every_thread() {
     assert_eq!(fx.send("traps"), "traps 0");
     assert!(fx.alive());
 }
+
+/// A process whose user may have no signal pending (`prlimit --sigpending=0`, as when other
+/// processes of the user have used up the limit): the stop signal, a real-time one, cannot be
+/// queued for a running thread. The update is refused at once, naming the limit, and nothing
+/// changes. The thread spins without system calls, so the update must stop it (a waiting
+/// thread would be checked where it waits, with no signal); the program has no other worker.
+/// The agent is linked into the program, so `prlimit` itself carries none.
+#[test]
+fn a_stop_signal_that_cannot_be_queued_is_named() {
+    let dir = scratch("sigpending");
+    let patch = cc_object(&dir, "c_x10", C_X10, &[]);
+    let program = support::busy_c_linked_program(&dir, "busy_linked");
+    let program_arg = program.to_str().unwrap();
+    let mut fx = Fixture::start(
+        &dir,
+        Path::new("prlimit"),
+        &["--sigpending=0", program_arg, "0"],
+        &[],
+    );
+    fx.expect("spin", "spinning");
+    let before = fx.code("compute");
+    let out = dsu(&fx, &["apply", patch.to_str().unwrap()], 5);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{out:?}\nprocess log:\n{}",
+        fx.log()
+    );
+    assert!(
+        stderr.contains("could not be queued for thread") && stderr.contains("RLIMIT_SIGPENDING"),
+        "{stderr}"
+    );
+    assert_eq!(fx.code("compute"), before, "changed by a refused update");
+    assert_eq!(fx.compute(), ORIGINAL);
+    let reply = fx.send("unspin");
+    assert!(reply.starts_with("unspun "), "{reply}");
+    assert!(fx.alive(), "{}", fx.log());
+}

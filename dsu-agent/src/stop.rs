@@ -104,6 +104,12 @@ pub enum StopError {
          (threads exiting or being created without end); retry"
     )]
     Unsettled { listed: usize, counted: usize },
+    #[error(
+        "the stop signal {sig} could not be queued for thread {tid}: the limit on pending \
+         signals (RLIMIT_SIGPENDING) of the process's user is reached; raise it (prlimit \
+         --sigpending) or retry when fewer signals are pending"
+    )]
+    SignalQueueFull { tid: i32, sig: i32 },
     #[error("sending the stop signal to thread {tid}: {source}")]
     Signal { tid: i32, source: io::Error },
     #[error("listing the threads of the process: {0}")]
@@ -578,6 +584,10 @@ impl StopWorld {
         match threads::tgkill(tid, self.sig) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+            // A real-time signal takes a queue entry, counted against the user's limit.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                return Err(StopError::SignalQueueFull { tid, sig: self.sig });
+            }
             Err(source) => return Err(StopError::Signal { tid, source }),
         }
         if self.expected.len() == self.expected.capacity() {
