@@ -61,12 +61,13 @@ fn start_with(dir: &std::path::Path, args: &[&str], stop_all: &str) -> Fixture {
     Fixture::start(dir, &program, args, &env)
 }
 
-#[test]
-fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared() {
-    let dir = scratch("foreign-stack");
+/// Refused while the thread's stack is undeclared, nothing changed; applied once the program
+/// declares it. `stop_all` as for [`start_with`]; `dsu`'s line says which path the update took.
+fn refused_then_applied_once_declared(name: &str, stop_all: &str) {
+    let dir = scratch(name);
     let patch = cc_object(&dir, "x10", C_X10, &[]);
 
-    let mut fx = start(&dir, &[]);
+    let mut fx = start_with(&dir, &[], stop_all);
     let before = fx.code("compute");
     refused_as_foreign(&apply(&fx, &patch));
     assert_eq!(fx.code_between_attempts("compute", &before), before);
@@ -74,37 +75,30 @@ fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared
     assert!(fx.alive(), "{}", fx.log());
     drop(fx);
 
-    let mut fx = start(&dir, &["declare"]);
+    let mut fx = start_with(&dir, &["declare"], stop_all);
     let out = apply(&fx, &patch);
     assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.contains(", every thread stopped"),
+        stop_all == "1",
+        "{stdout}"
+    );
     assert_eq!(fx.compute(), 70);
     fx.workers_see(70);
     assert!(fx.alive(), "{}", fx.log());
+}
+
+#[test]
+fn a_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared() {
+    refused_then_applied_once_declared("foreign-stack", "0");
 }
 
 /// The same thread with every thread parked (the path under a debugger): no breakpoint holds
 /// it, so only its parked registers show the stack is not its own.
 #[test]
 fn a_parked_thread_on_a_stack_of_its_own_making_is_refused_unless_the_stack_is_declared() {
-    let dir = scratch("foreign-stack-parked");
-    let patch = cc_object(&dir, "x10", C_X10, &[]);
-
-    let mut fx = start_with(&dir, &[], "1");
-    let before = fx.code("compute");
-    refused_as_foreign(&apply(&fx, &patch));
-    assert_eq!(fx.code_between_attempts("compute", &before), before);
-    assert_eq!(fx.compute(), ORIGINAL);
-    assert!(fx.alive(), "{}", fx.log());
-    drop(fx);
-
-    let mut fx = start_with(&dir, &["declare"], "1");
-    let out = apply(&fx, &patch);
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(", every thread stopped"), "{stdout}");
-    assert_eq!(fx.compute(), 70);
-    fx.workers_see(70);
-    assert!(fx.alive(), "{}", fx.log());
+    refused_then_applied_once_declared("foreign-stack-parked", "1");
 }
 
 /// The main thread itself waits for its next command on a stack the program mapped: it is not
