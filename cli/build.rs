@@ -63,6 +63,28 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
         None => None,
         Some(against) => Some(check_against(against, &original, &replaced)?),
     };
+    // Clones the fix leaves as they are, vouched for when the program runs the ones compared.
+    let clones: Vec<String> = patch
+        .summary
+        .unchanged_clones
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let vouched: Vec<String> = match &checked {
+        None => Vec::new(),
+        Some((label, program)) => clones
+            .iter()
+            .filter(|&c| {
+                let same =
+                    dsu_build::against::check(&original, program, label, std::slice::from_ref(c));
+                if let Err(e) = &same {
+                    eprintln!("dsu: warning: the unchanged clone {c} is not vouched for: {e}");
+                }
+                same.is_ok()
+            })
+            .cloned()
+            .collect(),
+    };
     // Against a program, the patch is bound to it (`dsu pack`): the agent refuses it in a
     // process that runs another build or other code.
     let mut object = patch.object.clone();
@@ -79,14 +101,15 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
                 }
             }
         };
-        let (packed, expectations) = crate::pack::bind(&object, &label).map_err(|e| match e {
-            crate::pack::BindError::Cli(e) => e,
-            crate::pack::BindError::Object(reason) => CliError::File {
-                what: "cannot bind the patch to",
-                path: PathBuf::from(&label),
-                reason,
-            },
-        })?;
+        let (packed, expectations) =
+            crate::pack::bind(&object, &label, &vouched).map_err(|e| match e {
+                crate::pack::BindError::Cli(e) => e,
+                crate::pack::BindError::Object(reason) => CliError::File {
+                    what: "cannot bind the patch to",
+                    path: PathBuf::from(&label),
+                    reason,
+                },
+            })?;
         object = packed;
         bound = expectations;
     }
@@ -97,7 +120,7 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
     for line in summary_lines(&patch.summary) {
         print_line(line);
     }
-    if let Some(program) = checked {
+    if let Some((program, _)) = checked {
         print_line(format_args!(
             "matches {program}: {} function{} as in ORIGINAL.o",
             replaced.len(),
@@ -105,10 +128,19 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
         ));
     }
     if args.against.is_some() {
+        let clones = bound
+            .iter()
+            .filter(|e| e.kind == dsu_agent::trust::expect::Kind::Unchanged)
+            .count();
+        let functions = bound.len() - clones;
         print_line(format_args!(
-            "bound: {} function{} (build id and code hash, as dsu pack does)",
-            bound.len(),
-            if bound.len() == 1 { "" } else { "s" }
+            "bound: {functions} function{}{} (build id and code hash, as dsu pack does)",
+            if functions == 1 { "" } else { "s" },
+            match clones {
+                0 => String::new(),
+                1 => " and 1 unchanged clone".to_string(),
+                n => format!(" and {n} unchanged clones"),
+            }
         ));
     }
     print_line(format_args!(
@@ -119,12 +151,13 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Checks the replaced functions in the program; returns the file that holds them.
+/// Checks the replaced functions in the program; returns the file that holds them, by name
+/// and its bytes.
 fn check_against(
     against: &Against,
     original: &[u8],
     replaced: &[String],
-) -> Result<String, CliError> {
+) -> Result<(String, Vec<u8>), CliError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| CliError::ReadObject {
             path: path.to_path_buf(),
@@ -154,7 +187,7 @@ fn check_against(
     };
     let label = path.display().to_string();
     dsu_build::against::check(original, &bytes, &label, replaced)?;
-    Ok(label)
+    Ok((label, bytes))
 }
 
 fn summary_lines(summary: &dsu_build::Summary) -> Vec<String> {
@@ -182,13 +215,21 @@ fn summary_lines(summary: &dsu_build::Summary) -> Vec<String> {
     for name in &summary.new_data {
         lines.push(format!("  {name} (data)"));
     }
-    lines.push(format!("references kept {}:", summary.references.len()));
-    for r in &summary.references {
-        lines.push(if r.local {
-            format!("  {} (static in {file})", r.name)
-        } else {
-            format!("  {}", r.name)
-        });
+    for (title, references) in [
+        ("references kept", &summary.references),
+        ("unchanged clones", &summary.unchanged_clones),
+    ] {
+        if title == "unchanged clones" && references.is_empty() {
+            continue;
+        }
+        lines.push(format!("{title} {}:", references.len()));
+        for r in references {
+            lines.push(if r.local {
+                format!("  {} (static in {file})", r.name)
+            } else {
+                format!("  {}", r.name)
+            });
+        }
     }
     for w in &summary.warnings {
         lines.push(format!("warning: {w}"));

@@ -45,23 +45,44 @@ pub fn run(args: &PackArgs) -> Result<(), CliError> {
             args.patch.display()
         );
     }
-    let (packed, expectations) = bind(object_bytes, &args.against).map_err(|e| match e {
-        BindError::Cli(e) => e,
-        BindError::Object(reason) => bad(reason),
-    })?;
+    // Clones a `dsu build --against` vouched for are bound again, to this program.
+    let unchanged: Vec<String> = expect::of_object(object_bytes)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.kind == expect::Kind::Unchanged)
+        .map(|e| e.function)
+        .collect();
+    let (packed, expectations) =
+        bind(object_bytes, &args.against, &unchanged).map_err(|e| match e {
+            BindError::Cli(e) => e,
+            BindError::Object(reason) => bad(reason),
+        })?;
     let out = args.out.as_ref().unwrap_or(&args.patch);
     write_file("cannot write packed patch", out, &packed, 0o644, false)?;
     for e in &expectations {
+        let what = match e.kind {
+            expect::Kind::Replaced => "",
+            expect::Kind::Unchanged => " (unchanged clone)",
+        };
         crate::output::print_line(format_args!(
-            "{}: {} build id {}, code sha256 {}",
+            "{}{what}: {} build id {}, code sha256 {}",
             e.function, e.module, e.build_id, e.code_sha256
         ));
     }
+    let clones = expectations
+        .iter()
+        .filter(|e| e.kind == expect::Kind::Unchanged)
+        .count();
     crate::output::print_line(format_args!(
-        "packed {} against {} ({} functions bound)",
+        "packed {} against {} ({} functions bound{})",
         out.display(),
         args.against,
-        expectations.len()
+        expectations.len() - clones,
+        match clones {
+            0 => String::new(),
+            1 => ", 1 unchanged clone vouched for".to_string(),
+            n => format!(", {n} unchanged clones vouched for"),
+        }
     ));
     Ok(())
 }
@@ -77,8 +98,14 @@ pub enum BindError {
 /// function it defines to its code in `against` (a pid, or a binary's path), and those
 /// expectations. A function the program does not have is new: nothing to bind (a warning). A
 /// name the program defines more than once (`static`s of several files) is not bound either:
-/// the first definition may not be the one the patch replaces (a warning).
-pub fn bind(object_bytes: &[u8], against: &str) -> Result<(Vec<u8>, Vec<Expectation>), BindError> {
+/// the first definition may not be the one the patch replaces (a warning). Each of
+/// `unchanged` (clones of replaced functions that `dsu build` found the fix leaves as they
+/// are) is bound the same way, as an `unchanged` line.
+pub fn bind(
+    object_bytes: &[u8],
+    against: &str,
+    unchanged: &[String],
+) -> Result<(Vec<u8>, Vec<Expectation>), BindError> {
     let patch = object::File::parse(object_bytes).map_err(|e| BindError::Object(e.to_string()))?;
     let wanted: Vec<String> = patch
         .symbols()
@@ -95,10 +122,23 @@ pub fn bind(object_bytes: &[u8], against: &str) -> Result<(Vec<u8>, Vec<Expectat
             );
             continue;
         }
-        match find(name, &modules) {
+        match find(name, expect::Kind::Replaced, &modules) {
             Some(e) => expectations.push(e),
             None => eprintln!(
                 "dsu: warning: {name} is not a function of {against}: it is new, nothing to bind"
+            ),
+        }
+    }
+    for name in unchanged {
+        // Not vouched for, the clone is taken for stale: the agent refuses the patch naming it.
+        let found = (definitions(name, &modules) == 1)
+            .then(|| find(name, expect::Kind::Unchanged, &modules))
+            .flatten();
+        match found {
+            Some(e) => expectations.push(e),
+            None => eprintln!(
+                "dsu: warning: the clone {name} is not defined once in {against}: not vouched \
+                 for (the agent will take it for stale)"
             ),
         }
     }
@@ -153,7 +193,7 @@ fn modules_of(against: &str) -> Result<Vec<(PathBuf, Vec<u8>)>, CliError> {
 }
 
 /// The expectation for function `name`: its first definition among `modules`.
-fn find(name: &str, modules: &[(PathBuf, Vec<u8>)]) -> Option<Expectation> {
+fn find(name: &str, kind: expect::Kind, modules: &[(PathBuf, Vec<u8>)]) -> Option<Expectation> {
     for (path, data) in modules {
         let Ok(file) = object::File::parse(&**data) else {
             continue;
@@ -170,6 +210,7 @@ fn find(name: &str, modules: &[(PathBuf, Vec<u8>)]) -> Option<Expectation> {
             .flatten()
             .map_or_else(|| "none".to_owned(), hex);
         return Some(Expectation {
+            kind,
             function: name.to_owned(),
             build_id,
             code_sha256: expect::code_hash(code),

@@ -24,6 +24,7 @@ long tick(void);
 long scaled(long x);
 long checkout(long total);
 const char *grade(long x);
+long audited(long x);
 int main(void) {
     printf("ready %d\naddresses price=%p\n", (int)getpid(), (void *)price);
     fflush(stdout);
@@ -37,6 +38,9 @@ int main(void) {
         else if (!strcmp(cmd, "scaled")) printf("scaled %ld\n", scaled(n));
         else if (!strcmp(cmd, "checkout")) printf("checkout %ld\n", checkout(n));
         else if (!strcmp(cmd, "grade")) printf("grade %s\n", grade(n));
+#ifdef WITH_AUDIT
+        else if (!strcmp(cmd, "audit")) printf("audit %ld\n", audited(n));
+#endif
         else printf("unknown %s\n", cmd);
         fflush(stdout);
     }
@@ -58,6 +62,27 @@ long scaled(long x) { return scale(x, 3); }
 @discount@
 @grade@
 @table@
+"#;
+
+/// audit.c, a file of its own: a quick test before a long body, which gcc splits off as
+/// `audit.part.0` (partial inlining) for `audit` and `audited` to call. The fix changes the
+/// quick test's bound (`@bound@`); the body split off stays the same.
+const AUDIT_C: &str = r#"
+#include <stdio.h>
+long audit_total;
+long audit(long x) {
+    if (__builtin_expect(x < @bound@, 1)) return x + 1;
+    char buf[64];
+    long r = 0;
+    for (int i = 0; i < 8; i++) {
+        snprintf(buf, sizeof buf, "%ld-%d", x, i);
+        r += buf[0] + buf[1] * i;
+        if (r > 1000000) puts("large");
+    }
+    audit_total += r;
+    return 1000 + x;
+}
+long audited(long x) { return audit(x); }
 "#;
 
 /// (name, original, fixed)
@@ -358,6 +383,112 @@ fn a_static_local_counter_keeps_counting_across_the_update() {
     applied(&fx, &patch);
     fx.expect("tick", "tick 1005");
     fx.expect("tick", "tick 1006");
+}
+
+/// A fix of `audit`'s quick test leaves the body gcc split off (`audit.part.0`) as it was.
+/// Built against the process, the patch vouches for that clone (its build id and code hash):
+/// the apply takes it for what the fixed build runs, not for a stale copy, and the program
+/// runs the fix. `dsu pack` binds it again. Without `--against` nothing vouches for it: the
+/// apply is refused naming the clone, as `dsu inspect` says; a voucher whose hash does not
+/// match the program's clone is refused naming the clone.
+#[test]
+fn an_unchanged_clone_of_a_fixed_function_is_vouched_for_by_a_build_against_the_process() {
+    let dir = scratch("build-unchanged-clone");
+    let audit = |bound: &str| AUDIT_C.replace("@bound@", bound);
+    let original = object_named(&dir, "orig", "audit.c", &audit("100"));
+    let fixed = object_named(&dir, "fixed", "audit.c", &audit("50"));
+    let shop_o = object(&dir, "shop-src", &shop(&[]), &[]);
+    let main = dir.join("main.c");
+    std::fs::write(&main, MAIN_C).unwrap();
+    let exe = dir.join("shop");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-DWITH_AUDIT")
+        .arg("-o")
+        .arg(&exe)
+        .args([&main, &shop_o, &original]));
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    let pid = fx.pid.to_string();
+
+    // Unbound: refused, naming the clone and what to do, nothing changed.
+    let unbound = dir.join("unbound.o");
+    let summary = build(&original, &fixed, &unbound);
+    assert_eq!(
+        listed(&summary, "unchanged clones"),
+        ["audit.part.0 (static in audit.c)"],
+        "{summary}"
+    );
+    let inspected = dsu(&["inspect", unbound.to_str().unwrap(), "--against", &pid]);
+    assert!(
+        text(&inspected.stdout).contains("compiler clones in")
+            && text(&inspected.stdout).contains("(audit.part.0)"),
+        "{inspected:?}"
+    );
+    let out = apply(&fx, &unbound);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("that the patch does not replace (audit.part.0)")
+            && stderr.contains("dsu build --against"),
+        "{stderr}"
+    );
+    fx.expect("audit 60", "audit 61");
+
+    // A voucher that does not match the program's clone: refused, naming it.
+    let bound = dir.join("fix.o");
+    let summary = build_with(&original, &fixed, &bound, &["--against", &pid]);
+    assert!(
+        summary.contains("bound: 2 functions and 1 unchanged clone"),
+        "{summary}"
+    );
+    let inspected = dsu(&["inspect", bound.to_str().unwrap(), "--against", &pid]);
+    assert!(
+        inspected.status.success() && !text(&inspected.stdout).contains("compiler clones"),
+        "{inspected:?}"
+    );
+    let mut bytes = std::fs::read(&bound).unwrap();
+    let line = text(&bytes)
+        .lines()
+        .find(|l| l.starts_with("unchanged audit.part.0 "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no voucher for audit.part.0 in {}", bound.display()));
+    let hash = line.split(' ').nth(3).unwrap().to_owned();
+    let at = bytes
+        .windows(hash.len())
+        .position(|w| w == hash.as_bytes())
+        .unwrap();
+    bytes[at..at + hash.len()].fill(b'0');
+    let forged = dir.join("forged.o");
+    std::fs::write(&forged, &bytes).unwrap();
+    let out = apply(&fx, &forged);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the original code of audit.part.0") && stderr.contains("differs"),
+        "{stderr}"
+    );
+    fx.expect("audit 60", "audit 61");
+
+    // Vouched for: applied, and every caller runs the fix.
+    applied(&fx, &bound);
+    fx.expect("audit 60", "audit 1060");
+    fx.expect("audit 150", "audit 1150");
+    fx.expect("audit 7", "audit 8");
+    let packed = dir.join("packed.o");
+    let out = dsu(&[
+        "pack",
+        bound.to_str().unwrap(),
+        "--against",
+        &pid,
+        "-o",
+        packed.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&out.stdout).contains("audit.part.0 (unchanged clone): ")
+            && text(&out.stdout).contains("1 unchanged clone vouched for"),
+        "{out:?}"
+    );
 }
 
 #[test]

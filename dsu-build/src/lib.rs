@@ -69,6 +69,10 @@ pub struct Summary {
     pub new_data: Vec<String>,
     /// The program's functions and variables the patch uses, unchanged.
     pub references: Vec<Reference>,
+    /// Compiler clones of replaced functions that the fix leaves as they are (the same code
+    /// and references in both objects), sorted by name: the program's copies stay, and
+    /// `dsu build --against` vouches for them so the agent does not take them for stale.
+    pub unchanged_clones: Vec<Reference>,
     /// Things the user should know that do not stop the build.
     pub warnings: Vec<String>,
 }

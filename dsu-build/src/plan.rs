@@ -207,6 +207,25 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
     if changed.is_empty() && added.is_empty() {
         return Err(BuildError::NothingChanged);
     }
+    // Clones of a replaced function present and the same in both objects: what they run is
+    // what the fixed build runs.
+    let unchanged_clones: Vec<Reference> = old
+        .iter()
+        .filter(|&(&name, &o)| {
+            original.symbols[o].role == Role::Function
+                && !changed.contains(name)
+                && new.contains_key(name)
+                && is_clone(name)
+                && changed.iter().any(|f| {
+                    name.strip_prefix(f)
+                        .is_some_and(|rest| rest.starts_with('.') && is_clone(rest))
+                })
+        })
+        .map(|(&name, &o)| Reference {
+            name: name.to_string(),
+            local: original.symbols[o].local,
+        })
+        .collect();
 
     let mut builder = Builder {
         original,
@@ -221,6 +240,7 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
             eh_frame: None,
             summary: Summary {
                 file: original.file.clone(),
+                unchanged_clones,
                 ..Summary::default()
             },
         },

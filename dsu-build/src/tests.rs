@@ -546,3 +546,34 @@ fn a_rust_object_of_the_whole_program_after_lto_is_refused() {
     assert!(matches!(err, BuildError::RustLto { .. }), "{err}");
     assert!(err.to_string().contains("lto = false"), "{err}");
 }
+
+#[test]
+fn the_unchanged_clones_of_changed_functions_are_listed() {
+    // `audit` changes; of its clones `part.0` stays and `constprop.1` changes; `tally.part.0`
+    // stays but `tally` does not change; `audit.part.2` is gone from the fixed object;
+    // `auditor.part.0` is no clone of `audit`.
+    let file = |audit: &[u8], constprop: &[u8], with_part_2: bool| {
+        let mut o = Obj::new();
+        o.function("audit", false, audit);
+        o.function("audit.part.0", true, &[0x31, 0xc0, 0xc3]);
+        o.function("audit.constprop.1", true, constprop);
+        if with_part_2 {
+            o.function("audit.part.2", true, &[0x31, 0xd2, 0xc3]);
+        }
+        o.function("tally", false, &[0x31, 0xf6, 0xc3]);
+        o.function("tally.part.0", true, &[0x31, 0xff, 0xc3]);
+        o.function("auditor.part.0", true, &[0x31, 0xdb, 0xc3]);
+        o.bytes()
+    };
+    let original = file(&[0x31, 0xc0, 0xc3], &[0x31, 0xc9, 0xc3], true);
+    let fixed = file(&[0x31, 0xc9, 0xc3], &[0x31, 0xc0, 0xc3], false);
+    let patch = build(&original, &fixed).unwrap();
+    let names: Vec<&str> = patch
+        .summary
+        .unchanged_clones
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["audit.part.0"]);
+    assert!(patch.summary.unchanged_clones[0].local);
+}

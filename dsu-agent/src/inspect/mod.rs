@@ -127,6 +127,8 @@ pub struct Inspection {
 /// the report.
 pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectError> {
     let patch = load::parse(bytes)?;
+    // A malformed section is the apply's refusal to report; here it only vouches for nothing.
+    let expectations = crate::trust::expect::of_object(bytes).unwrap_or_default();
     let mut out = Inspection {
         against: match against {
             Against::Nothing => None,
@@ -205,12 +207,20 @@ pub fn inspect(bytes: &[u8], against: &Against) -> Result<Inspection, InspectErr
                 }
                 // Clones the patch leaves alone keep their callers on the old code: apply
                 // refuses unless told to accept it.
-                let stale: Vec<&str> = index
-                    .clones_of(t.module, &sym.name)
-                    .into_iter()
-                    .map(|(name, _)| name)
-                    .filter(|&clone| !patch.replacement_candidates().any(|(_, p)| p.name == clone))
-                    .collect();
+                let mut stale: Vec<&str> = Vec::new();
+                for (clone, d) in index.clones_of(t.module, &sym.name) {
+                    if patch.replacement_candidates().any(|(_, p)| p.name == clone) {
+                        continue;
+                    }
+                    match vouched(&expectations, module, clone, d) {
+                        Ok(true) => {}
+                        Ok(false) => stale.push(clone),
+                        Err(e) => {
+                            out.errors.push(e.to_string());
+                            stale.push(clone);
+                        }
+                    }
+                }
                 if !stale.is_empty() {
                     out.errors.push(
                         crate::update::StaleClones {
@@ -401,6 +411,42 @@ fn aliases(index: &SymbolIndex, name: &str, address: usize) -> Vec<String> {
 }
 
 /// The bytes of `[address, address + size)` from the module's file.
+/// Whether the patch's `unchanged` line for the clone `name` (defined by `d` in `module`)
+/// matches the clone's code and build id in the module's file, as apply checks them in memory.
+fn vouched(
+    expectations: &[crate::trust::Expectation],
+    module: &ModuleInfo,
+    name: &str,
+    d: &crate::resolve::ProcessSymbol,
+) -> Result<bool, crate::trust::BindingError> {
+    use crate::trust::expect;
+    if !expectations
+        .iter()
+        .any(|e| e.kind == expect::Kind::Unchanged && e.function == name)
+    {
+        return Ok(false);
+    }
+    let Some(code) = code_of(module, d.address, d.size) else {
+        return Ok(false);
+    };
+    let build_id = File::open(&module.path)
+        .ok()
+        .and_then(|f| crate::persist::build_id::of_file(&f).ok().flatten())
+        .and_then(|hex| {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()
+        });
+    let found = expect::Found {
+        function: name,
+        module: &module.name,
+        build_id: build_id.as_deref(),
+        pristine: &code,
+    };
+    expect::vouches_for(expectations, &found)
+}
+
 fn code_of(module: &ModuleInfo, address: usize, size: u64) -> Option<Vec<u8>> {
     let file = File::open(&module.path).ok()?;
     let cache = ReadCache::new(file);

@@ -1,17 +1,24 @@
 //! Expectations: what a patch was built for, in its `.dsu.expect` section.
 //!
 //! The section (`SHT_PROGBITS`, not allocated: the loader ignores it) holds text, one line
-//! each, written by `dsu pack`:
+//! each, written by `dsu pack` and `dsu build --against`:
 //!
 //! ```text
 //! dsu-expect 1
 //! function <symbol> <build id, hex> <SHA-256 of the original code, hex> <module path>
+//! unchanged <symbol> <build id, hex> <SHA-256 of the code, hex> <module path>
 //! ```
 //!
 //! For each function the patch replaces, the agent compares the GNU build id of the module
 //! that holds it (read from the module's `PT_NOTE` segments in memory, so a binary replaced on
 //! disk after start does not fool it) and the SHA-256 of the function's original code (the
 //! pristine bytes, before any patch of this agent). The module path is only for messages.
+//!
+//! An `unchanged` line vouches for a compiler clone of a replaced function (`f.part.0`,
+//! `f.constprop.1`) that the patch does not replace: `dsu build` compared it in the objects
+//! before and after the fix, found it the same, and found the program's copy to be the one it
+//! compared. Its callers then run the code the fixed build would run, so the clone is not
+//! stale ([`vouches_for`]); the agent holds the clone's code to the same build id and hash.
 
 use object::{Object, ObjectSection};
 use sha2::{Digest, Sha256};
@@ -24,9 +31,28 @@ pub const SECTION: &str = ".dsu.expect";
 /// Its first line.
 pub const HEADER: &str = "dsu-expect 1";
 
-/// What one replaced function was packed against.
+/// What an expectation line is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A function the patch replaces (`function`).
+    Replaced,
+    /// A compiler clone of a replaced function that the fix leaves as it is (`unchanged`).
+    Unchanged,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Replaced => "function",
+            Kind::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// What one replaced function (or one clone vouched for) was packed against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expectation {
+    pub kind: Kind,
     pub function: String,
     /// The GNU build id of its module, hex.
     pub build_id: String,
@@ -74,8 +100,12 @@ pub fn encode(expectations: &[Expectation]) -> String {
     let mut text = format!("{HEADER}\n");
     for e in expectations {
         text.push_str(&format!(
-            "function {} {} {} {}\n",
-            e.function, e.build_id, e.code_sha256, e.module
+            "{} {} {} {} {}\n",
+            e.kind.word(),
+            e.function,
+            e.build_id,
+            e.code_sha256,
+            e.module
         ));
     }
     text
@@ -111,14 +141,17 @@ pub fn parse(text: &str) -> Result<Vec<Expectation>, String> {
     let mut out = Vec::new();
     for (i, line) in lines.filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |what: &str| format!("line {}: {what}", i + 1);
+        const SHAPE: &str = "expected `function|unchanged NAME BUILD_ID SHA256 MODULE`";
         let mut words = line.splitn(5, ' ');
-        if words.next() != Some("function") {
-            return Err(bad("expected `function NAME BUILD_ID SHA256 MODULE`"));
-        }
+        let kind = match words.next() {
+            Some("function") => Kind::Replaced,
+            Some("unchanged") => Kind::Unchanged,
+            _ => return Err(bad(SHAPE)),
+        };
         let (Some(function), Some(build_id), Some(code), Some(module)) =
             (words.next(), words.next(), words.next(), words.next())
         else {
-            return Err(bad("expected `function NAME BUILD_ID SHA256 MODULE`"));
+            return Err(bad(SHAPE));
         };
         if build_id.is_empty() || build_id.len() > 128 || !is_hex(build_id, build_id.len()) {
             return Err(bad("the build id is not hex"));
@@ -127,6 +160,7 @@ pub fn parse(text: &str) -> Result<Vec<Expectation>, String> {
             return Err(bad("the code hash is not 64 hex digits"));
         }
         out.push(Expectation {
+            kind,
             function: function.to_owned(),
             build_id: build_id.to_ascii_lowercase(),
             code_sha256: code.to_ascii_lowercase(),
@@ -155,7 +189,7 @@ pub fn check(
     required: bool,
 ) -> Result<(), BindingError> {
     for f in found {
-        let Some(e) = expectations.iter().find(|e| e.function == f.function) else {
+        let Some(e) = find(expectations, Kind::Replaced, f.function) else {
             if required {
                 return Err(BindingError::Unbound {
                     function: f.function.to_owned(),
@@ -163,24 +197,47 @@ pub fn check(
             }
             continue;
         };
-        let build_id = f.build_id.map_or_else(|| "none".to_owned(), hex);
-        if build_id != e.build_id {
-            return Err(BindingError::BuildId {
-                module: f.module.to_owned(),
-                packed: e.module.clone(),
-                expected: e.build_id.clone(),
-                found: build_id,
-            });
-        }
-        let code = code_hash(f.pristine);
-        if code != e.code_sha256 {
-            return Err(BindingError::Code {
-                function: f.function.to_owned(),
-                module: f.module.to_owned(),
-                expected: e.code_sha256.clone(),
-                found: code,
-            });
-        }
+        holds(e, f)?;
+    }
+    Ok(())
+}
+
+/// Whether the expectations vouch for `clone`, a compiler clone of a replaced function that
+/// the patch does not replace: an `unchanged` line names it and its module's build id and its
+/// code match. A line that names it but does not match is an error: the program is not the
+/// one the patch was built against.
+pub fn vouches_for(expectations: &[Expectation], clone: &Found<'_>) -> Result<bool, BindingError> {
+    match find(expectations, Kind::Unchanged, clone.function) {
+        None => Ok(false),
+        Some(e) => holds(e, clone).map(|()| true),
+    }
+}
+
+fn find<'e>(expectations: &'e [Expectation], kind: Kind, name: &str) -> Option<&'e Expectation> {
+    expectations
+        .iter()
+        .find(|e| e.kind == kind && e.function == name)
+}
+
+/// `f` has the build id and the code `e` expects.
+fn holds(e: &Expectation, f: &Found<'_>) -> Result<(), BindingError> {
+    let build_id = f.build_id.map_or_else(|| "none".to_owned(), hex);
+    if build_id != e.build_id {
+        return Err(BindingError::BuildId {
+            module: f.module.to_owned(),
+            packed: e.module.clone(),
+            expected: e.build_id.clone(),
+            found: build_id,
+        });
+    }
+    let code = code_hash(f.pristine);
+    if code != e.code_sha256 {
+        return Err(BindingError::Code {
+            function: f.function.to_owned(),
+            module: f.module.to_owned(),
+            expected: e.code_sha256.clone(),
+            found: code,
+        });
     }
     Ok(())
 }
@@ -243,6 +300,7 @@ mod tests {
     fn expectations_round_trip_and_mismatches_name_what_differs() {
         let code = b"\x55\x48\x89\xe5\xc3";
         let e = Expectation {
+            kind: Kind::Replaced,
             function: "price".into(),
             build_id: "abcd".into(),
             code_sha256: code_hash(code),
@@ -273,5 +331,51 @@ mod tests {
         for bad in ["", "dsu-expect 2\n", "dsu-expect 1\nfunction f zz 00 m\n"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_unchanged_clone_is_vouched_for_only_by_its_own_line_and_only_when_it_matches() {
+        let code = b"\x55\x48\x89\xe5\xc3";
+        let line = |kind, function: &str| Expectation {
+            kind,
+            function: function.into(),
+            build_id: "abcd".into(),
+            code_sha256: code_hash(code),
+            module: "/usr/bin/shop".into(),
+        };
+        let both = vec![
+            line(Kind::Replaced, "audit"),
+            line(Kind::Unchanged, "audit.part.0"),
+        ];
+        let text = encode(&both);
+        assert!(text.contains("\nunchanged audit.part.0 abcd "), "{text}");
+        assert_eq!(parse(&text).unwrap(), both);
+        let found = |function: &'static str, id: &'static [u8], code: &'static [u8]| Found {
+            function,
+            module: "/usr/bin/shop",
+            build_id: Some(id),
+            pristine: code,
+        };
+        let clone = found("audit.part.0", &[0xab, 0xcd], code);
+        assert_eq!(vouches_for(&both, &clone), Ok(true));
+        // A `function` line is no voucher, and an `unchanged` one binds no replaced function.
+        assert_eq!(vouches_for(&both[..1], &clone), Ok(false));
+        assert!(matches!(
+            check(
+                &both[1..],
+                &[found("audit.part.0", &[0xab, 0xcd], code)],
+                true
+            ),
+            Err(BindingError::Unbound { .. })
+        ));
+        assert!(matches!(
+            vouches_for(&both, &found("audit.part.0", &[0xab, 0xcd], b"\xc3")),
+            Err(BindingError::Code { function, .. }) if function == "audit.part.0"
+        ));
+        assert!(matches!(
+            vouches_for(&both, &found("audit.part.0", &[0xab, 0xce], code)),
+            Err(BindingError::BuildId { .. })
+        ));
+        assert!(parse("dsu-expect 1\nsame f abcd 00 m\n").is_err());
     }
 }

@@ -12,8 +12,9 @@ use crate::stop::StopError;
 #[error(
     "{function} has compiler clones in {module} that the patch does not replace ({}){}: the \
      code that calls them would keep running the old version; nothing was changed. Build the \
-     patch with `dsu build` from the original and fixed objects (it carries the changed \
-     clones), or accept that with `dsu apply --allow-stale-clones` (Policy::allow_stale_clones)",
+     patch with `dsu build --against PID` from the original and fixed objects (it carries the \
+     changed clones and vouches for those the fix leaves as they are), or accept that with \
+     `dsu apply --allow-stale-clones` (Policy::allow_stale_clones)",
     .clones.join(", "),
     if .callers.is_empty() { String::new() } else { format!(", called from {}", .callers.join(", ")) }
 )]

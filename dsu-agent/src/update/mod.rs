@@ -208,7 +208,7 @@ impl Engine {
                 module: t.module.clone(),
             });
         }
-        let stale = self.stale_clones(&resolved, &index, &maps);
+        let stale = self.stale_clones(&resolved, &index, &maps, &expectations);
         let mut clone_warnings = Vec::new();
         for e in stale {
             if !policy.allow_stale_clones {
@@ -329,6 +329,7 @@ impl Engine {
         resolved: &link::Resolved,
         index: &SymbolIndex,
         maps: &[dsu_sys::maps::MapEntry],
+        expectations: &[expect::Expectation],
     ) -> Vec<UpdateError> {
         let replaced: Vec<(&str, usize)> = resolved
             .targets()
@@ -340,12 +341,21 @@ impl Engine {
             let Some(module) = index.module_named(&t.module) else {
                 continue;
             };
-            let clones: Vec<(&str, usize)> = index
-                .clones_of(module, &t.name)
-                .into_iter()
-                .map(|(name, d)| (name, d.address))
-                .filter(|c| !replaced.iter().any(|r| r.1 == c.1))
-                .collect();
+            let mut clones: Vec<(&str, usize)> = Vec::new();
+            for (name, d) in index.clones_of(module, &t.name) {
+                if replaced.iter().any(|r| r.1 == d.address) {
+                    continue;
+                }
+                // `dsu build` vouched for it: the fix leaves it as it is.
+                match self.vouched_for(name, &t.module, d, index, maps, expectations) {
+                    Ok(true) => continue,
+                    Ok(false) => clones.push((name, d.address)),
+                    Err(e) => {
+                        out.push(e);
+                        clones.push((name, d.address));
+                    }
+                }
+            }
             if clones.is_empty() {
                 continue;
             }
@@ -372,6 +382,37 @@ impl Engine {
             })));
         }
         out
+    }
+
+    /// Whether the patch's expectations vouch for the clone `name` (defined by `d` in
+    /// `module`): an `unchanged` line of `dsu build` whose build id and code hash match its
+    /// pristine code. A line that does not match is an error naming what differs.
+    fn vouched_for(
+        &self,
+        name: &str,
+        module: &str,
+        d: &crate::resolve::ProcessSymbol,
+        index: &SymbolIndex,
+        maps: &[dsu_sys::maps::MapEntry],
+        expectations: &[expect::Expectation],
+    ) -> Result<bool, UpdateError> {
+        if !expectations
+            .iter()
+            .any(|e| e.kind == expect::Kind::Unchanged && e.function == name)
+        {
+            return Ok(false);
+        }
+        let now = prepare::read_code(name, module, d.address, d.size, maps)?;
+        let pristine = plan::pristine_code(&now, d.address, &self.patches);
+        let build_id = module_build_id(index, maps, module);
+        let found = expect::Found {
+            function: name,
+            module,
+            build_id: build_id.as_deref(),
+            pristine: &pristine,
+        };
+        expect::vouches_for(expectations, &found)
+            .map_err(|e| UpdateError::from(trust::TrustError::from(e)))
     }
 
     /// Adds call-site edits to each planned function: direct calls to its old entry (or to an
