@@ -637,11 +637,8 @@ fn objects_compiled_with_different_flags_are_refused() {
     );
 }
 
-/// A function split by gcc into `check` and `check.cold` (a cold call on a rare path): both
-/// parts change, both are replaced, and the rare path takes the new cold code.
-#[test]
-fn a_fix_of_a_split_function_replaces_its_cold_part() {
-    const MAIN: &str = r#"
+/// The program of the split-function tests: `check` (from check.c) on each line's number.
+const CHECK_MAIN: &str = r#"
 #include <stdio.h>
 #include <unistd.h>
 long check(long x);
@@ -662,7 +659,10 @@ int main(void) {
     return 0;
 }
 "#;
-    const COLD: &str = r#"
+
+/// check.c: gcc splits `check` into its hot part and `check.cold` (the rare path, from the
+/// cold call), which jumps back into the hot part for the multiplication.
+const CHECK_C: &str = r#"
 extern void report(const char *what) __attribute__((cold));
 extern long work(long);
 long check(long x) {
@@ -674,8 +674,12 @@ long check(long x) {
     return r * @FACTOR@;
 }
 "#;
-    let cold = |what: &str, factor: &str| COLD.replace("@WHAT@", what).replace("@FACTOR@", factor);
-    let dir = scratch("build-cold");
+
+/// check.c as the program was built (`big`, factor 2) and as fixed, and the program started
+/// with the agent preloaded.
+fn start_check(dir: &Path, what: &str, factor: &str) -> (Fixture, PathBuf, PathBuf) {
+    let source =
+        |what: &str, factor: &str| CHECK_C.replace("@WHAT@", what).replace("@FACTOR@", factor);
     let compile = |sub: &str, source: &str| {
         let sub = dir.join(sub);
         std::fs::create_dir_all(&sub).unwrap();
@@ -687,10 +691,10 @@ long check(long x) {
             .args(["check.c", "-o", "check.o"]));
         sub.join("check.o")
     };
-    let original = compile("orig", &cold("big", "2"));
-    let fixed = compile("fixed", &cold("too big", "3"));
+    let original = compile("orig", &source("big", "2"));
+    let fixed = compile("fixed", &source(what, factor));
     let main = dir.join("main.c");
-    std::fs::write(&main, MAIN).unwrap();
+    std::fs::write(&main, CHECK_MAIN).unwrap();
     let exe = dir.join("check");
     run(Command::new("cc")
         .args(FLAGS)
@@ -699,8 +703,16 @@ long check(long x) {
         .arg(&main)
         .arg(&original));
     let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    let fx = Fixture::start(dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    (fx, original, fixed)
+}
 
+/// A function split by gcc into `check` and `check.cold` (a cold call on a rare path): both
+/// parts change, both are replaced, and the rare path takes the new cold code.
+#[test]
+fn a_fix_of_a_split_function_replaces_its_cold_part() {
+    let dir = scratch("build-cold");
+    let (mut fx, original, fixed) = start_check(&dir, "too big", "3");
     let patch = dir.join("fix.o");
     let summary = build(&original, &fixed, &patch);
     assert_eq!(listed(&summary, "changed"), ["check"], "{summary}");
@@ -714,4 +726,30 @@ long check(long x) {
     applied(&fx, &patch);
     fx.expect("check 5", "check 18 big");
     fx.expect("check 2000", "check 6027 too big");
+}
+
+/// A fix of the hot part only: `check.cold` is the same bytes in both objects, but it jumps
+/// back into the hot part's body, which changed. Kept as the program's, it would bring the
+/// rare path back into the old hot part (the old factor); it goes into the patch instead,
+/// tied to the new body, and the rare path takes the fix too.
+#[test]
+fn a_cold_part_that_jumps_back_into_a_fixed_body_goes_with_it() {
+    let dir = scratch("build-cold-tied");
+    let (mut fx, original, fixed) = start_check(&dir, "big", "3");
+    let patch = dir.join("fix.o");
+    let summary = build(&original, &fixed, &patch);
+    assert_eq!(listed(&summary, "changed"), ["check"], "{summary}");
+    assert_eq!(
+        listed(&summary, "clones"),
+        ["check.cold (static in check.c)"],
+        "{summary}"
+    );
+    assert!(
+        !listed(&summary, "references kept").contains(&"check.cold (static in check.c)".into()),
+        "{summary}"
+    );
+    fx.expect("check 2000", "check 4018 big");
+    applied(&fx, &patch);
+    fx.expect("check 5", "check 18 big");
+    fx.expect("check 2000", "check 6027 big");
 }

@@ -136,6 +136,13 @@ pub(crate) fn target(unit: &Unit, reloc: &Reloc, what: &str) -> Result<Target, B
 /// plus the 4 bytes a PC-relative field is measured from (the end of a `lea` or `mov`
 /// displacement, where a string address is loaded).
 fn landing(reloc: &Reloc) -> u64 {
+    u64::try_from(offset_into(reloc, reloc.addend)).unwrap_or(0)
+}
+
+/// Where a relocation whose target resolved at `addend` from a symbol's start lands in that
+/// symbol: a PC-relative field is 4 bytes before the next instruction, which the addend
+/// makes up for (`call f` is `f - 4`).
+pub(crate) fn offset_into(reloc: &Reloc, addend: i64) -> i64 {
     use object::elf;
     let pc_relative = [
         elf::R_X86_64_PC32,
@@ -146,12 +153,11 @@ fn landing(reloc: &Reloc) -> u64 {
     ]
     .iter()
     .any(|t| t.0 == reloc.r_type);
-    let at = if pc_relative {
-        reloc.addend.saturating_add(4)
+    if pc_relative {
+        addend.saturating_add(4)
     } else {
-        reloc.addend
-    };
-    u64::try_from(at).unwrap_or(0)
+        addend
+    }
 }
 
 /// The start of the NUL-terminated string of `section` that holds byte `at`.

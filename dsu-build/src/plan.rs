@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::compare::{Target, describe_symbol, target};
+use crate::compare::{Target, describe_symbol, offset_into, target};
 use crate::error::BuildError;
 use crate::read::{Reloc, Role, Unit};
 use crate::unwind;
@@ -207,6 +207,26 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
     if changed.is_empty() && added.is_empty() {
         return Err(BuildError::NothingChanged);
     }
+    // A function that branches into the body of a changed one (a `.cold` part jumping back
+    // into its hot part) is tied to that body's layout: kept, the new code's branch to it
+    // would come back into the old code. It goes into the patch, branching into the new body.
+    loop {
+        let mut tied = Vec::new();
+        for (&name, &n) in &new {
+            let function = &fixed.symbols[n];
+            if function.role == Role::Function
+                && !changed.contains(name)
+                && old.contains_key(name)
+                && enters_body_of(fixed, n, &changed)?
+            {
+                tied.push(name);
+            }
+        }
+        if tied.is_empty() {
+            break;
+        }
+        changed.extend(tied);
+    }
     // Clones of a replaced function present and the same in both objects: what they run is
     // what the fixed build runs.
     let unchanged_clones: Vec<Reference> = old
@@ -288,6 +308,31 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
         })
         .collect();
     Ok(builder.plan)
+}
+
+/// Whether function `symbol` of `unit` has a relocation that lands inside (not at the start
+/// of) one of the `changed` functions.
+fn enters_body_of(
+    unit: &Unit,
+    symbol: usize,
+    changed: &BTreeSet<&str>,
+) -> Result<bool, BuildError> {
+    let s = &unit.symbols[symbol];
+    let Some(section) = s.section.and_then(|i| unit.section(i)) else {
+        return Ok(false);
+    };
+    for reloc in &section.relocs {
+        if let Target::Named { symbol: to, addend } = target(unit, reloc, &s.name)? {
+            let to = &unit.symbols[to];
+            if to.role == Role::Function
+                && changed.contains(to.name.as_str())
+                && offset_into(reloc, addend) != 0
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// A new static local whose base name ORIGINAL.o had under another number is the same

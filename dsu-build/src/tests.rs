@@ -577,3 +577,31 @@ fn the_unchanged_clones_of_changed_functions_are_listed() {
     assert_eq!(names, ["audit.part.0"]);
     assert!(patch.summary.unchanged_clones[0].local);
 }
+
+#[test]
+fn a_part_that_branches_into_a_changed_body_changes_with_it_and_a_call_to_its_start_does_not() {
+    // `hot.cold` jumps back into `hot` 16 bytes in (through `.text.hot`, as gcc writes it);
+    // `caller` and `tail` call `hot` at its start. Only `hot`'s bytes change.
+    const JMP: [u8; 5] = [0xe9, 0, 0, 0, 0];
+    let file = |hot: u8| {
+        let mut o = Obj::new();
+        let (hot_text, hot_symbol) = o.function("hot", false, &[0x90; 24].map(|b| b ^ hot));
+        let (cold, _) = o.function("hot.cold", true, &JMP);
+        let hot_section = o.0.section_symbol(hot_text);
+        o.reloc(cold, 1, hot_section, 16 - 4, PC32);
+        let (caller, _) = o.function("caller", false, &CALL);
+        o.reloc(caller, 1, hot_symbol, -4, PLT32);
+        let (tail, _) = o.function("tail", false, &JMP);
+        o.reloc(tail, 1, hot_section, -4, PC32);
+        o.bytes()
+    };
+    let patch = build(&file(0), &file(1)).unwrap();
+    let changed: Vec<&str> = patch
+        .summary
+        .changed
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(changed, ["hot", "hot.cold"]);
+    assert!(patch.summary.unchanged_clones.is_empty());
+}
