@@ -231,6 +231,13 @@ fn summary_lines(summary: &dsu_build::Summary) -> Vec<String> {
             });
         }
     }
+    if !summary.line_only.is_empty() {
+        // Kept as the program's: they report the lines of the source it was built from.
+        lines.push(format!("line numbers only {}:", summary.line_only.len()));
+        for name in &summary.line_only {
+            lines.push(format!("  {name}"));
+        }
+    }
     for w in &summary.warnings {
         lines.push(format!("warning: {w}"));
     }

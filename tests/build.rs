@@ -753,3 +753,123 @@ fn a_cold_part_that_jumps_back_into_a_fixed_body_goes_with_it() {
     fx.expect("check 5", "check 18 big");
     fx.expect("check 2000", "check 6027 big");
 }
+
+/// lines.c: `fee` takes the fix; `below` asserts further down the file, so a fix that adds a
+/// line above moves the `__LINE__` it reports; `rate` passes a constant (an immediate, like a
+/// line number) that a fix may change.
+const LINES_C: &str = r#"
+void report_line(int line);
+#define CHECK(c) do { if (!(c)) report_line(__LINE__); } while (0)
+long fee(long x) {
+    long f = x / 10;@extra@
+    return f;
+}
+long rate(long x) { CHECK(x < 100000); if (x == 7) report_line(@rate@); return x * 2; }
+long below(long x) {
+    CHECK(x < 1000);
+    return x + 1;
+}
+"#;
+
+/// The program of `LINES_C`: `below N` prints below's result and the line it reported.
+const LINES_MAIN: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+long fee(long x);
+long below(long x);
+static int reported;
+void report_line(int line) { reported = line; }
+int main(void) {
+    printf("ready %d\naddresses fee=%p\n", (int)getpid(), (void *)fee);
+    fflush(stdout);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        long n = 0;
+        char cmd[16] = "";
+        sscanf(line, "%15s %ld", cmd, &n);
+        if (cmd[0] == 'f') printf("fee %ld\n", fee(n));
+        else { long r = below(n); printf("below %ld line %d\n", r, reported); }
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+/// A fix that adds a line moves the `__LINE__` of the assertions below it: `below` then
+/// differs only in the line it reports, which `.debug_line` confirms, so it stays the
+/// program's (it reports the program's own line) and the patch holds `fee` alone. A constant
+/// the fix changes below is a change (`rate`), and without line tables (`-g0`) the line
+/// numbers count as changes too.
+#[test]
+fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
+    let dir = scratch("build-lines");
+    let source =
+        |extra: &str, rate: &str| LINES_C.replace("@extra@", extra).replace("@rate@", rate);
+    let original = object_named(&dir, "orig", "lines.c", &source("", "3"));
+    let fixed = object_named(&dir, "fixed", "lines.c", &source("\n    f += 1;", "3"));
+    let summary = build(&original, &fixed, &dir.join("fix.o"));
+    assert_eq!(listed(&summary, "changed"), ["fee"], "{summary}");
+    assert_eq!(
+        listed(&summary, "line numbers only"),
+        ["below", "rate"],
+        "{summary}"
+    );
+
+    // The same fix, with a constant changed below it.
+    let rated = object_named(&dir, "rated", "lines.c", &source("\n    f += 1;", "4"));
+    let summary = build(&original, &rated, &dir.join("rated.o"));
+    assert_eq!(listed(&summary, "changed"), ["fee", "rate"], "{summary}");
+    assert_eq!(
+        listed(&summary, "line numbers only"),
+        ["below"],
+        "{summary}"
+    );
+
+    // No line tables: compared byte for byte.
+    let bare = |sub: &str, source: &str| {
+        let sub = dir.join(sub);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("lines.c"), source).unwrap();
+        run(Command::new("cc")
+            .current_dir(&sub)
+            .arg("-c")
+            .args(FLAGS)
+            .args(["-g0", "lines.c", "-o", "out.o"]));
+        sub.join("out.o")
+    };
+    let summary = build(
+        &bare("orig-bare", &source("", "3")),
+        &bare("fixed-bare", &source("\n    f += 1;", "3")),
+        &dir.join("bare.o"),
+    );
+    assert_eq!(
+        listed(&summary, "changed"),
+        ["below", "fee", "rate"],
+        "{summary}"
+    );
+
+    // Applied: `fee` takes the fix, `below` is the program's and reports its own line.
+    let main = dir.join("main.c");
+    std::fs::write(&main, LINES_MAIN).unwrap();
+    let exe = dir.join("lines");
+    run(Command::new("cc")
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&exe)
+        .args([&main, &original]));
+    let library = cargo_bin("libdsu_agent.so");
+    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    let patch = dir.join("bound.o");
+    let summary = build_with(
+        &original,
+        &fixed,
+        &patch,
+        &["--against", &fx.pid.to_string()],
+    );
+    assert!(summary.contains("bound: 1 function "), "{summary}");
+    fx.expect("below 5000", "below 5001 line 10");
+    fx.expect("fee 50", "fee 5");
+    applied(&fx, &patch);
+    fx.expect("fee 50", "fee 6");
+    fx.expect("below 7000", "below 7001 line 10");
+}

@@ -31,6 +31,7 @@ mod checks;
 mod compare;
 mod emit;
 mod error;
+mod lines;
 mod plan;
 mod read;
 mod unwind;
@@ -73,6 +74,9 @@ pub struct Summary {
     /// and references in both objects), sorted by name: the program's copies stay, and
     /// `dsu build --against` vouches for them so the agent does not take them for stale.
     pub unchanged_clones: Vec<Reference>,
+    /// Functions that differ only in the line numbers they pass on (`__LINE__` moved by the
+    /// fix, `.debug_line` says so): not replaced, the program's report its own lines.
+    pub line_only: Vec<String>,
     /// Things the user should know that do not stop the build.
     pub warnings: Vec<String>,
 }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::compare::{Target, describe_symbol, offset_into, target};
 use crate::error::BuildError;
+use crate::lines::{Lines, line_only_differences};
 use crate::read::{Reloc, Role, Unit};
 use crate::unwind;
 use crate::{Function, Reference, Summary};
@@ -145,6 +146,8 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
     // Variables keep the program's layout and values; functions are compared.
     let mut changed = BTreeSet::new();
     let mut added = BTreeSet::new();
+    let mut line_only = Vec::new();
+    let lines = Lines::of(original).zip(Lines::of(fixed));
     for (&name, &n) in &new {
         let ns = &fixed.symbols[n];
         let Some(&o) = old.get(name) else {
@@ -178,6 +181,10 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
         }
         let same = describe_symbol(original, o)? == describe_symbol(fixed, n)?;
         if same {
+            continue;
+        }
+        if ns.role == Role::Function && same_but_lines(original, o, fixed, n, lines.as_ref())? {
+            line_only.push(name.to_string());
             continue;
         }
         match ns.role {
@@ -261,6 +268,7 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
             summary: Summary {
                 file: original.file.clone(),
                 unchanged_clones,
+                line_only,
                 ..Summary::default()
             },
         },
@@ -308,6 +316,40 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
         })
         .collect();
     Ok(builder.plan)
+}
+
+/// Whether function `o` of ORIGINAL.o and `n` of FIXED.o differ only in the line numbers they
+/// pass on ([`crate::lines`]): everything else, relocations included, the same.
+fn same_but_lines(
+    original: &Unit,
+    o: usize,
+    fixed: &Unit,
+    n: usize,
+    lines: Option<&(Lines, Lines)>,
+) -> Result<bool, BuildError> {
+    let Some((old_lines, new_lines)) = lines else {
+        return Ok(false);
+    };
+    let Some(differing) = line_only_differences((original, old_lines, o), (fixed, new_lines, n))
+    else {
+        return Ok(false);
+    };
+    let old = describe_symbol(original, o)?;
+    let mut new = describe_symbol(fixed, n)?;
+    let (old_start, new_start) = (
+        original.symbols[o].value as usize,
+        fixed.symbols[n].value as usize,
+    );
+    for at in differing {
+        match (
+            old.bytes.get(old_start + at),
+            new.bytes.get_mut(new_start + at),
+        ) {
+            (Some(&was), Some(now)) => *now = was,
+            _ => return Ok(false),
+        }
+    }
+    Ok(old == new)
 }
 
 /// Whether function `symbol` of `unit` has a relocation that lands inside (not at the start
