@@ -17,9 +17,11 @@
 #   LIMIT    seconds for one mutant's tests before it counts as a timeout (default 150)
 #   STRICT   1: exit 1 when any mutant is missed (CI runs a bounded subset this way)
 #   UNIT     1 (default): a mutant the chosen tests miss is tried against the library's own
-#            tests (`cargo test -p dsu-agent --lib --tests`: its unit tests and the stop and
-#            check tests that run real threads in the test process) before it counts as
-#            missed; 0: not
+#            tests (`cargo test -p PACKAGE --lib --tests`: for the agent, its unit tests and
+#            the stop and check tests that run real threads in the test process) before it
+#            counts as missed; 0: not
+#   PACKAGE  the crate whose mutants are taken: dsu-agent (default) or dsu-build (`dsu build`,
+#            which the `dsu` binary the tests run is built with)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -30,10 +32,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LIMIT=${LIMIT:-150}
 UNIT=${UNIT:-1}
+PACKAGE=${PACKAGE:-dsu-agent}
 tree=$OUT/tree
 
 mutants=$OUT/mutants.json
-cargo mutants -p dsu-agent --list --json --diff "$@" >"$mutants"
+cargo mutants -p "$PACKAGE" --list --json --diff "$@" >"$mutants"
 count=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$mutants")
 echo "== $count mutants; tests: $TESTS"
 
@@ -85,7 +88,7 @@ for i in $(seq 0 $((count - 1))); do
         # A mutant the end-to-end tests miss may still be caught by the library's own tests
         # (seconds: only the survivors pay for them).
         if [ "$outcome" = missed ] && [ "$UNIT" = 1 ]; then
-            if ! (cd "$tree" && timeout "$LIMIT" cargo test -q -p dsu-agent --lib --tests 2>&1) >>"$log"; then
+            if ! (cd "$tree" && timeout "$LIMIT" cargo test -q -p "$PACKAGE" --lib --tests 2>&1) >>"$log"; then
                 outcome=caught
                 echo "(caught by the library's own tests)" >>"$log"
             fi

@@ -143,11 +143,12 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     );
     // A test file run alone (`cargo test --test NAME`) does not rebuild the agent's libraries,
     // `dsu` or the examples: refuse to run an artifact older than the code it is built from
-    // (and only that code: a change to `cli/` rebuilds `dsu`, not the examples).
+    // (and only that code: a change to `cli/` or `dsu-build/` rebuilds `dsu`, not the
+    // examples).
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
     let example = format!("examples/{name}.rs");
     let sources: &[&str] = match name {
-        "dsu" => &["dsu-agent/src", "dsu-sys/src", "cli"],
+        "dsu" => &["dsu-agent/src", "dsu-sys/src", "dsu-build/src", "cli"],
         _ if name.starts_with("libdsu_agent.") => &["dsu-agent/src", "dsu-sys/src"],
         _ => &["dsu-agent/src", "dsu-sys/src", &example],
     };
