@@ -756,15 +756,17 @@ fn a_cold_part_that_jumps_back_into_a_fixed_body_goes_with_it() {
 
 /// lines.c: `fee` takes the fix; `below` asserts further down the file, so a fix that adds a
 /// line above moves the `__LINE__` it reports; `rate` passes a constant (an immediate, like a
-/// line number) that a fix may change.
+/// line number) that a fix may change: as built, 10, its own line.
 const LINES_C: &str = r#"
 void report_line(int line);
+void report_rate(int rate);
 #define CHECK(c) do { if (!(c)) report_line(__LINE__); } while (0)
 long fee(long x) {
     long f = x / 10;@extra@
     return f;
 }
-long rate(long x) { CHECK(x < 100000); if (x == 7) report_line(@rate@); return x * 2; }
+long rate(long x) { CHECK(x < 100000);
+    if (x == 7) report_rate(@rate@); return x * 2; }
 long below(long x) {
     CHECK(x < 1000);
     return x + 1;
@@ -779,6 +781,7 @@ long fee(long x);
 long below(long x);
 static int reported;
 void report_line(int line) { reported = line; }
+void report_rate(int rate) { reported = -rate; }
 int main(void) {
     printf("ready %d\naddresses fee=%p\n", (int)getpid(), (void *)fee);
     fflush(stdout);
@@ -805,8 +808,8 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
     let dir = scratch("build-lines");
     let source =
         |extra: &str, rate: &str| LINES_C.replace("@extra@", extra).replace("@rate@", rate);
-    let original = object_named(&dir, "orig", "lines.c", &source("", "3"));
-    let fixed = object_named(&dir, "fixed", "lines.c", &source("\n    f += 1;", "3"));
+    let original = object_named(&dir, "orig", "lines.c", &source("", "10"));
+    let fixed = object_named(&dir, "fixed", "lines.c", &source("\n    f += 1;", "10"));
     let summary = build(&original, &fixed, &dir.join("fix.o"));
     assert_eq!(listed(&summary, "changed"), ["fee"], "{summary}");
     assert_eq!(
@@ -815,8 +818,8 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
         "{summary}"
     );
 
-    // The same fix, with a constant changed below it.
-    let rated = object_named(&dir, "rated", "lines.c", &source("\n    f += 1;", "4"));
+    // The same fix, with a constant changed below it: one that was its own line as built.
+    let rated = object_named(&dir, "rated", "lines.c", &source("\n    f += 1;", "5"));
     let summary = build(&original, &rated, &dir.join("rated.o"));
     assert_eq!(listed(&summary, "changed"), ["fee", "rate"], "{summary}");
     assert_eq!(
@@ -838,8 +841,8 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
         sub.join("out.o")
     };
     let summary = build(
-        &bare("orig-bare", &source("", "3")),
-        &bare("fixed-bare", &source("\n    f += 1;", "3")),
+        &bare("orig-bare", &source("", "10")),
+        &bare("fixed-bare", &source("\n    f += 1;", "10")),
         &dir.join("bare.o"),
     );
     assert_eq!(
@@ -867,9 +870,9 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
         &["--against", &fx.pid.to_string()],
     );
     assert!(summary.contains("bound: 1 function "), "{summary}");
-    fx.expect("below 5000", "below 5001 line 10");
+    fx.expect("below 5000", "below 5001 line 12");
     fx.expect("fee 50", "fee 5");
     applied(&fx, &patch);
     fx.expect("fee 50", "fee 6");
-    fx.expect("below 7000", "below 7001 line 10");
+    fx.expect("below 7000", "below 7001 line 12");
 }

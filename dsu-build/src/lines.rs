@@ -149,10 +149,16 @@ pub(crate) fn line_only_differences(
         };
         let old_line = old_lines.line_at(old_section, old_start + at as u64)?;
         let new_line = new_lines.line_at(new_section, new_start + at as u64)?;
-        if value(x) != old_line || value(y) != new_line {
+        if !both_lines((value(x), old_line), (value(y), new_line)) {
             return None;
         }
         differing.extend((at + imm..at + imm + size).filter(|&i| old[i] != new[i]));
     }
     Some(differing)
+}
+
+/// Whether an immediate is its instruction's own source line in both objects: `(value,
+/// line)` as built, then as fixed. One side alone is a constant the fix changed.
+fn both_lines(original: (u64, u64), fixed: (u64, u64)) -> bool {
+    original.0 == original.1 && fixed.0 == fixed.1
 }
