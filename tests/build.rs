@@ -707,35 +707,11 @@ fn start_check(dir: &Path, what: &str, factor: &str) -> (Fixture, PathBuf, PathB
     (fx, original, fixed)
 }
 
-/// A function split by gcc into `check` and `check.cold` (a cold call on a rare path): both
-/// parts change, both are replaced, and the rare path takes the new cold code.
-#[test]
-fn a_fix_of_a_split_function_replaces_its_cold_part() {
-    let dir = scratch("build-cold");
-    let (mut fx, original, fixed) = start_check(&dir, "too big", "3");
-    let patch = dir.join("fix.o");
-    let summary = build(&original, &fixed, &patch);
-    assert_eq!(listed(&summary, "changed"), ["check"], "{summary}");
-    assert_eq!(
-        listed(&summary, "clones"),
-        ["check.cold (static in check.c)"],
-        "{summary}"
-    );
-    fx.expect("check 5", "check 12 none");
-    fx.expect("check 2000", "check 4018 big");
-    applied(&fx, &patch);
-    fx.expect("check 5", "check 18 big");
-    fx.expect("check 2000", "check 6027 too big");
-}
-
-/// A fix of the hot part only: `check.cold` is the same bytes in both objects, but it jumps
-/// back into the hot part's body, which changed. Kept as the program's, it would bring the
-/// rare path back into the old hot part (the old factor); it goes into the patch instead,
-/// tied to the new body, and the rare path takes the fix too.
-#[test]
-fn a_cold_part_that_jumps_back_into_a_fixed_body_goes_with_it() {
-    let dir = scratch("build-cold-tied");
-    let (mut fx, original, fixed) = start_check(&dir, "big", "3");
+/// Builds the fix of check.c (`what`, factor 3), checks that `check.cold` goes into the patch
+/// with `check`, applies it and checks that the rare path takes it: `check 2000` gives `rare`.
+fn split_fix_reaches_the_rare_path(name: &str, what: &str, rare: &str) {
+    let dir = scratch(name);
+    let (mut fx, original, fixed) = start_check(&dir, what, "3");
     let patch = dir.join("fix.o");
     let summary = build(&original, &fixed, &patch);
     assert_eq!(listed(&summary, "changed"), ["check"], "{summary}");
@@ -748,10 +724,27 @@ fn a_cold_part_that_jumps_back_into_a_fixed_body_goes_with_it() {
         !listed(&summary, "references kept").contains(&"check.cold (static in check.c)".into()),
         "{summary}"
     );
+    fx.expect("check 5", "check 12 none");
     fx.expect("check 2000", "check 4018 big");
     applied(&fx, &patch);
     fx.expect("check 5", "check 18 big");
-    fx.expect("check 2000", "check 6027 big");
+    fx.expect("check 2000", rare);
+}
+
+/// A function split by gcc into `check` and `check.cold` (a cold call on a rare path): both
+/// parts change, both are replaced, and the rare path takes the new cold code.
+#[test]
+fn a_fix_of_a_split_function_replaces_its_cold_part() {
+    split_fix_reaches_the_rare_path("build-cold", "too big", "check 6027 too big");
+}
+
+/// A fix of the hot part only: `check.cold` is the same bytes in both objects, but it jumps
+/// back into the hot part's body, which changed. Kept as the program's, it would bring the
+/// rare path back into the old hot part (the old factor: `check 4018`); it goes into the
+/// patch instead, tied to the new body, and the rare path takes the fix too.
+#[test]
+fn a_cold_part_that_jumps_back_into_a_fixed_body_goes_with_it() {
+    split_fix_reaches_the_rare_path("build-cold-tied", "big", "check 6027 big");
 }
 
 /// lines.c: `fee` takes the fix; `below` asserts further down the file, so a fix that adds a
