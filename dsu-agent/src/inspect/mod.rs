@@ -410,7 +410,6 @@ fn aliases(index: &SymbolIndex, name: &str, address: usize) -> Vec<String> {
     )]
 }
 
-/// The bytes of `[address, address + size)` from the module's file.
 /// Whether the patch's `unchanged` line for the clone `name` (defined by `d` in `module`)
 /// matches the clone's code and build id in the module's file, as apply checks them in memory.
 fn vouched(
@@ -420,10 +419,7 @@ fn vouched(
     d: &crate::resolve::ProcessSymbol,
 ) -> Result<bool, crate::trust::BindingError> {
     use crate::trust::expect;
-    if !expectations
-        .iter()
-        .any(|e| e.kind == expect::Kind::Unchanged && e.function == name)
-    {
+    if expect::find(expectations, expect::Kind::Unchanged, name).is_none() {
         return Ok(false);
     }
     let Some(code) = code_of(module, d.address, d.size) else {
@@ -431,13 +427,7 @@ fn vouched(
     };
     let build_id = File::open(&module.path)
         .ok()
-        .and_then(|f| crate::persist::build_id::of_file(&f).ok().flatten())
-        .and_then(|hex| {
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-                .collect::<Option<Vec<u8>>>()
-        });
+        .and_then(|f| crate::persist::build_id::bytes_of_file(&f).ok().flatten());
     let found = expect::Found {
         function: name,
         module: &module.name,
@@ -447,6 +437,7 @@ fn vouched(
     expect::vouches_for(expectations, &found)
 }
 
+/// The bytes of `[address, address + size)` from the module's file.
 fn code_of(module: &ModuleInfo, address: usize, size: u64) -> Option<Vec<u8>> {
     let file = File::open(&module.path).ok()?;
     let cache = ReadCache::new(file);

@@ -40,6 +40,11 @@ pub fn of_this_process() -> Option<String> {
 /// The build id of the ELF64 little-endian executable or library `file`; `Ok(None)` when it
 /// has none, `InvalidData` when it is not such a file.
 pub fn of_file(file: &File) -> io::Result<Option<String>> {
+    bytes_of_file(file).map(|id| id.as_deref().map(hex))
+}
+
+/// [`of_file`]'s build id as its bytes, as a patch's binding compares it.
+pub fn bytes_of_file(file: &File) -> io::Result<Option<Vec<u8>>> {
     let read = |at: u64, len: usize| -> io::Result<Vec<u8>> {
         let mut bytes = vec![0; len];
         file.read_exact_at(&mut bytes, at)?;
@@ -62,7 +67,7 @@ pub fn of_file(file: &File) -> io::Result<Option<String>> {
         };
         let notes = read(offset, size.min(MAX_NOTES) as usize)?;
         if let Some(id) = expect::build_id_in_notes(&notes) {
-            return Ok(Some(hex(id)));
+            return Ok(Some(id.to_vec()));
         }
     }
     Ok(None)

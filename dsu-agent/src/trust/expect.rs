@@ -213,7 +213,12 @@ pub fn vouches_for(expectations: &[Expectation], clone: &Found<'_>) -> Result<bo
     }
 }
 
-fn find<'e>(expectations: &'e [Expectation], kind: Kind, name: &str) -> Option<&'e Expectation> {
+/// The line of `kind` that names `name`, if any.
+pub fn find<'e>(
+    expectations: &'e [Expectation],
+    kind: Kind,
+    name: &str,
+) -> Option<&'e Expectation> {
     expectations
         .iter()
         .find(|e| e.kind == kind && e.function == name)

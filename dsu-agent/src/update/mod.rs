@@ -396,10 +396,7 @@ impl Engine {
         maps: &[dsu_sys::maps::MapEntry],
         expectations: &[expect::Expectation],
     ) -> Result<bool, UpdateError> {
-        if !expectations
-            .iter()
-            .any(|e| e.kind == expect::Kind::Unchanged && e.function == name)
-        {
+        if expect::find(expectations, expect::Kind::Unchanged, name).is_none() {
             return Ok(false);
         }
         let now = prepare::read_code(name, module, d.address, d.size, maps)?;
