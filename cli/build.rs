@@ -128,10 +128,7 @@ pub fn run(args: &BuildArgs) -> Result<(), CliError> {
         ));
     }
     if args.against.is_some() {
-        let clones = bound
-            .iter()
-            .filter(|e| e.kind == dsu_agent::trust::expect::Kind::Unchanged)
-            .count();
+        let clones = crate::pack::unchanged_count(&bound);
         let functions = bound.len() - clones;
         print_line(format_args!(
             "bound: {functions} function{}{} (build id and code hash, as dsu pack does)",
@@ -215,13 +212,7 @@ fn summary_lines(summary: &dsu_build::Summary) -> Vec<String> {
     for name in &summary.new_data {
         lines.push(format!("  {name} (data)"));
     }
-    for (title, references) in [
-        ("references kept", &summary.references),
-        ("unchanged clones", &summary.unchanged_clones),
-    ] {
-        if title == "unchanged clones" && references.is_empty() {
-            continue;
-        }
+    let listing = |lines: &mut Vec<String>, title: &str, references: &[dsu_build::Reference]| {
         lines.push(format!("{title} {}:", references.len()));
         for r in references {
             lines.push(if r.local {
@@ -230,6 +221,10 @@ fn summary_lines(summary: &dsu_build::Summary) -> Vec<String> {
                 format!("  {}", r.name)
             });
         }
+    };
+    listing(&mut lines, "references kept", &summary.references);
+    if !summary.unchanged_clones.is_empty() {
+        listing(&mut lines, "unchanged clones", &summary.unchanged_clones);
     }
     if !summary.line_only.is_empty() {
         // Kept as the program's: they report the lines of the source it was built from.

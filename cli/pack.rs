@@ -69,10 +69,7 @@ pub fn run(args: &PackArgs) -> Result<(), CliError> {
             e.function, e.module, e.build_id, e.code_sha256
         ));
     }
-    let clones = expectations
-        .iter()
-        .filter(|e| e.kind == expect::Kind::Unchanged)
-        .count();
+    let clones = unchanged_count(&expectations);
     crate::output::print_line(format_args!(
         "packed {} against {} ({} functions bound{})",
         out.display(),
@@ -85,6 +82,14 @@ pub fn run(args: &PackArgs) -> Result<(), CliError> {
         }
     ));
     Ok(())
+}
+
+/// How many of `expectations` vouch for unchanged clones (the rest bind replaced functions).
+pub fn unchanged_count(expectations: &[Expectation]) -> usize {
+    expectations
+        .iter()
+        .filter(|e| e.kind == expect::Kind::Unchanged)
+        .count()
 }
 
 /// Why a patch could not be bound.

@@ -242,7 +242,6 @@ pub(crate) fn plan(original: &Unit, fixed: &Unit) -> Result<Plan, BuildError> {
             original.symbols[o].role == Role::Function
                 && !changed.contains(name)
                 && new.contains_key(name)
-                && is_clone(name)
                 && changed.iter().any(|f| {
                     name.strip_prefix(f)
                         .is_some_and(|rest| rest.starts_with('.') && is_clone(rest))
