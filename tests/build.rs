@@ -134,34 +134,55 @@ fn shop(fixed: &[&str]) -> String {
 /// Compiles `source` as `DIR/SUB/shop.c` to `DIR/SUB/shop.o` with the program's flags plus
 /// `extra`; the same file name in both versions, as in a real source tree.
 fn object(dir: &Path, sub: &str, source: &str, extra: &[&str]) -> PathBuf {
+    object_named(dir, sub, "shop.c", source, extra)
+}
+
+/// Compiles `source` as `DIR/SUB/FILE` to the object of that name (`.o`) with the program's
+/// flags plus `extra`.
+fn object_named(dir: &Path, sub: &str, file: &str, source: &str, extra: &[&str]) -> PathBuf {
     let sub = dir.join(sub);
     std::fs::create_dir_all(&sub).unwrap();
-    std::fs::write(sub.join("shop.c"), source).unwrap();
+    std::fs::write(sub.join(file), source).unwrap();
+    let out = Path::new(file).with_extension("o");
     run(Command::new("cc")
         .current_dir(&sub)
         .arg("-c")
         .args(FLAGS)
         .args(extra)
-        .args(["shop.c", "-o", "shop.o"]));
-    sub.join("shop.o")
+        .arg(file)
+        .arg("-o")
+        .arg(&out));
+    sub.join(out)
+}
+
+/// `main` (as `DIR/main.c`) linked with `objects` into `DIR/NAME` with the program's flags
+/// plus `extra`.
+fn link(dir: &Path, name: &str, main: &str, objects: &[&Path], extra: &[&str]) -> PathBuf {
+    let main_c = dir.join("main.c");
+    std::fs::write(&main_c, main).unwrap();
+    let exe = dir.join(name);
+    run(Command::new("cc")
+        .args(FLAGS)
+        .args(extra)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&main_c)
+        .args(objects));
+    exe
+}
+
+/// `exe` started with the agent preloaded.
+fn preloaded(dir: &Path, exe: &Path) -> Fixture {
+    let library = cargo_bin("libdsu_agent.so");
+    Fixture::start(dir, exe, &[], &[("LD_PRELOAD", &library)])
 }
 
 /// The program linked from `main.c` and the original object, started with the agent
 /// preloaded. Returns it with ORIGINAL.o.
 fn start(dir: &Path) -> (Fixture, PathBuf) {
     let original = object(dir, "orig", &shop(&[]), &[]);
-    let main = dir.join("main.c");
-    std::fs::write(&main, MAIN_C).unwrap();
-    let exe = dir.join("shop");
-    run(Command::new("cc")
-        .args(FLAGS)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&main)
-        .arg(&original));
-    let library = cargo_bin("libdsu_agent.so");
-    let fx = Fixture::start(dir, &exe, &[], &[("LD_PRELOAD", &library)]);
-    (fx, original)
+    let exe = link(dir, "shop", MAIN_C, &[&original], &[]);
+    (preloaded(dir, &exe), original)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -272,22 +293,12 @@ long other(long x) { static long count; count += x; return margin(count); }
 fn statics_named_alike_in_two_files_are_told_apart_by_their_file() {
     let dir = scratch("build-two-files");
     let original = object(&dir, "orig", &shop(&[]), &[]);
-    let other = object_named(&dir, "other", "other.c", OTHER_C);
-    let main = dir.join("main.c");
-    std::fs::write(&main, MAIN_C).unwrap();
-    let exe = dir.join("shop");
-    run(Command::new("cc")
-        .args(FLAGS)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&main)
-        .arg(&original)
-        .arg(&other));
+    let other = object_named(&dir, "other", "other.c", OTHER_C, &[]);
+    let exe = link(&dir, "shop", MAIN_C, &[&original, &other], &[]);
     let symbols = run(Command::new("nm").arg(&exe));
     assert_eq!(symbols.matches(" margin\n").count(), 2, "{symbols}");
     assert_eq!(symbols.matches(" count.0\n").count(), 2, "{symbols}");
-    let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    let mut fx = preloaded(&dir, &exe);
 
     let fixed = object(&dir, "fixed", &shop(&["price", "tick"]), &[]);
     let patch = dir.join("fix.o");
@@ -304,19 +315,6 @@ fn statics_named_alike_in_two_files_are_told_apart_by_their_file() {
     // shop.c's margin (8 / 4 + 1), not other.c's (8 * 1000); shop.c's counter goes on.
     fx.expect("price 8", "price 75");
     fx.expect("tick", "tick 1002");
-}
-
-/// Compiles `source` as `DIR/SUB/FILE` to an object with the program's flags.
-fn object_named(dir: &Path, sub: &str, file: &str, source: &str) -> PathBuf {
-    let sub = dir.join(sub);
-    std::fs::create_dir_all(&sub).unwrap();
-    std::fs::write(sub.join(file), source).unwrap();
-    run(Command::new("cc")
-        .current_dir(&sub)
-        .arg("-c")
-        .args(FLAGS)
-        .args([file, "-o", "out.o"]));
-    sub.join("out.o")
 }
 
 #[test]
@@ -395,20 +393,17 @@ fn a_static_local_counter_keeps_counting_across_the_update() {
 fn an_unchanged_clone_of_a_fixed_function_is_vouched_for_by_a_build_against_the_process() {
     let dir = scratch("build-unchanged-clone");
     let audit = |bound: &str| AUDIT_C.replace("@bound@", bound);
-    let original = object_named(&dir, "orig", "audit.c", &audit("100"));
-    let fixed = object_named(&dir, "fixed", "audit.c", &audit("50"));
+    let original = object_named(&dir, "orig", "audit.c", &audit("100"), &[]);
+    let fixed = object_named(&dir, "fixed", "audit.c", &audit("50"), &[]);
     let shop_o = object(&dir, "shop-src", &shop(&[]), &[]);
-    let main = dir.join("main.c");
-    std::fs::write(&main, MAIN_C).unwrap();
-    let exe = dir.join("shop");
-    run(Command::new("cc")
-        .args(FLAGS)
-        .arg("-DWITH_AUDIT")
-        .arg("-o")
-        .arg(&exe)
-        .args([&main, &shop_o, &original]));
-    let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    let exe = link(
+        &dir,
+        "shop",
+        MAIN_C,
+        &[&shop_o, &original],
+        &["-DWITH_AUDIT"],
+    );
+    let mut fx = preloaded(&dir, &exe);
     let pid = fx.pid.to_string();
 
     // Unbound: refused, naming the clone and what to do, nothing changed.
@@ -560,15 +555,7 @@ fn a_program_built_from_other_sources_is_refused_against_its_binary() {
     // The program's price differs from ORIGINAL.o's (another multiplier).
     let other = shop(&[]).replace("qty * 10", "qty * 11");
     let other = object(&dir, "other", &other, &[]);
-    let main = dir.join("main.c");
-    std::fs::write(&main, MAIN_C).unwrap();
-    let exe = dir.join("shop");
-    run(Command::new("cc")
-        .args(FLAGS)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&main)
-        .arg(&other));
+    let exe = link(&dir, "shop", MAIN_C, &[&other], &[]);
     let line = build_refused_with(
         &original,
         &fixed,
@@ -680,31 +667,10 @@ long check(long x) {
 fn start_check(dir: &Path, what: &str, factor: &str) -> (Fixture, PathBuf, PathBuf) {
     let source =
         |what: &str, factor: &str| CHECK_C.replace("@WHAT@", what).replace("@FACTOR@", factor);
-    let compile = |sub: &str, source: &str| {
-        let sub = dir.join(sub);
-        std::fs::create_dir_all(&sub).unwrap();
-        std::fs::write(sub.join("check.c"), source).unwrap();
-        run(Command::new("cc")
-            .current_dir(&sub)
-            .arg("-c")
-            .args(FLAGS)
-            .args(["check.c", "-o", "check.o"]));
-        sub.join("check.o")
-    };
-    let original = compile("orig", &source("big", "2"));
-    let fixed = compile("fixed", &source(what, factor));
-    let main = dir.join("main.c");
-    std::fs::write(&main, CHECK_MAIN).unwrap();
-    let exe = dir.join("check");
-    run(Command::new("cc")
-        .args(FLAGS)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&main)
-        .arg(&original));
-    let library = cargo_bin("libdsu_agent.so");
-    let fx = Fixture::start(dir, &exe, &[], &[("LD_PRELOAD", &library)]);
-    (fx, original, fixed)
+    let original = object_named(dir, "orig", "check.c", &source("big", "2"), &[]);
+    let fixed = object_named(dir, "fixed", "check.c", &source(what, factor), &[]);
+    let exe = link(dir, "check", CHECK_MAIN, &[&original], &[]);
+    (preloaded(dir, &exe), original, fixed)
 }
 
 /// Builds the fix of check.c (`what`, factor 3), checks that `check.cold` goes into the patch
@@ -801,8 +767,14 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
     let dir = scratch("build-lines");
     let source =
         |extra: &str, rate: &str| LINES_C.replace("@extra@", extra).replace("@rate@", rate);
-    let original = object_named(&dir, "orig", "lines.c", &source("", "10"));
-    let fixed = object_named(&dir, "fixed", "lines.c", &source("\n    f += 1;", "10"));
+    let original = object_named(&dir, "orig", "lines.c", &source("", "10"), &[]);
+    let fixed = object_named(
+        &dir,
+        "fixed",
+        "lines.c",
+        &source("\n    f += 1;", "10"),
+        &[],
+    );
     let summary = build(&original, &fixed, &dir.join("fix.o"));
     assert_eq!(listed(&summary, "changed"), ["fee"], "{summary}");
     assert_eq!(
@@ -812,7 +784,7 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
     );
 
     // The same fix, with a constant changed below it: one that was its own line as built.
-    let rated = object_named(&dir, "rated", "lines.c", &source("\n    f += 1;", "5"));
+    let rated = object_named(&dir, "rated", "lines.c", &source("\n    f += 1;", "5"), &[]);
     let summary = build(&original, &rated, &dir.join("rated.o"));
     assert_eq!(listed(&summary, "changed"), ["fee", "rate"], "{summary}");
     assert_eq!(
@@ -822,17 +794,7 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
     );
 
     // No line tables: compared byte for byte.
-    let bare = |sub: &str, source: &str| {
-        let sub = dir.join(sub);
-        std::fs::create_dir_all(&sub).unwrap();
-        std::fs::write(sub.join("lines.c"), source).unwrap();
-        run(Command::new("cc")
-            .current_dir(&sub)
-            .arg("-c")
-            .args(FLAGS)
-            .args(["-g0", "lines.c", "-o", "out.o"]));
-        sub.join("out.o")
-    };
+    let bare = |sub: &str, source: &str| object_named(&dir, sub, "lines.c", source, &["-g0"]);
     let summary = build(
         &bare("orig-bare", &source("", "10")),
         &bare("fixed-bare", &source("\n    f += 1;", "10")),
@@ -845,16 +807,8 @@ fn functions_that_differ_only_in_line_numbers_are_not_replaced() {
     );
 
     // Applied: `fee` takes the fix, `below` is the program's and reports its own line.
-    let main = dir.join("main.c");
-    std::fs::write(&main, LINES_MAIN).unwrap();
-    let exe = dir.join("lines");
-    run(Command::new("cc")
-        .args(FLAGS)
-        .arg("-o")
-        .arg(&exe)
-        .args([&main, &original]));
-    let library = cargo_bin("libdsu_agent.so");
-    let mut fx = Fixture::start(&dir, &exe, &[], &[("LD_PRELOAD", &library)]);
+    let exe = link(&dir, "lines", LINES_MAIN, &[&original], &[]);
+    let mut fx = preloaded(&dir, &exe);
     let patch = dir.join("bound.o");
     let summary = build_with(
         &original,
